@@ -1,0 +1,378 @@
+//! Everything the XDP program and the agent must agree on, defined once: capacities,
+//! flag bits, map and global names, the layout of every map key and value, counter
+//! indices and the flow hash.
+//!
+//! Architecture invariant: this crate is `no_std` and depends on `aya` only under the
+//! `user` feature (for `aya::Pod`). Every struct is `#[repr(C)]` with explicit padding
+//! fields, so kernel and userspace see the same bytes.
+#![no_std]
+
+// ---------------------------------------------------------------------------------------
+// Capacities
+// ---------------------------------------------------------------------------------------
+
+/// Default Maglev lookup-table size per VIP (prime, as the Maglev paper requires).
+pub const DEFAULT_RING_SIZE: u32 = 65_537;
+/// Largest ring size the agent accepts (prime). Bounds the ring map's memory.
+pub const MAX_RING_SIZE: u32 = 1_048_573;
+/// Default number of VIP slots (listeners) the maps are sized for.
+pub const DEFAULT_MAX_VIPS: u32 = 64;
+/// Hard upper bound for VIP slots (each slot holds two rings: double buffering).
+pub const MAX_VIPS: u32 = 512;
+/// Backend (target) slots. Id 0 is reserved: it means "no backend" in a ring slot.
+pub const MAX_BACKENDS: u32 = 4_096;
+/// Default size of the connection table (flows remembered, LRU evicted).
+pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Interfaces a backend can sit behind (entries of the redirect DevMapHash).
+pub const MAX_TX_PORTS: u32 = 64;
+/// Rings per VIP slot: the active one and the one the agent writes next.
+pub const RINGS_PER_VIP: u32 = 2;
+
+// ---------------------------------------------------------------------------------------
+// Map and global names (the XDP program's `#[map]` statics carry exactly these names;
+// the agent checks at load time that every one of them exists in the object).
+// ---------------------------------------------------------------------------------------
+
+pub mod maps {
+    /// `HashMap<VipKey, VipMeta>`: the VIPs, keyed by (address, port, protocol).
+    pub const VIPS: &str = "LB_VIPS";
+    /// `Array<u32>`: `2 * max_vips` Maglev rings of `RING_SIZE` backend ids each.
+    pub const RINGS: &str = "LB_RINGS";
+    /// `Array<Backend>`: backend id -> where to send (MAC, interface, flags).
+    pub const BACKENDS: &str = "LB_BACKENDS";
+    /// `LruHashMap<FlowKey, FlowValue>` (no common LRU: per-CPU LRU lists): known flows.
+    pub const CONNS: &str = "LB_CONNS";
+    /// `DevMapHash` keyed by ifindex: interfaces that frames can be redirected to.
+    pub const TX_PORTS: &str = "LB_TX_PORTS";
+    /// `PerCpuArray<u64>` indexed by [`GlobalCounter`](super::GlobalCounter).
+    pub const GLOBAL_STATS: &str = "LB_GLOBAL_STATS";
+    /// `PerCpuArray<Counter>` indexed by VIP slot.
+    pub const VIP_STATS: &str = "LB_VIP_STATS";
+    /// `PerCpuArray<Counter>` indexed by backend id.
+    pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
+
+    /// Every map, for the load-time presence check and for pinning.
+    pub const ALL: [&str; 8] =
+        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+}
+
+/// Read-only globals the agent sets at load time (`EbpfLoader::set_global`).
+pub mod globals {
+    /// `u32`: the Maglev ring size M (prime). Ring `r` occupies `[r*M, (r+1)*M)`.
+    pub const RING_SIZE: &str = "LB_RING_SIZE";
+}
+
+/// Program names in the object.
+pub mod programs {
+    /// The load balancer.
+    pub const LB: &str = "lb_xdp";
+    /// Returns XDP_PASS. Attached to a veth peer to give it NAPI so that native-mode
+    /// XDP_TX/redirect frames are received (used by the tests and the demo topology).
+    pub const PASS: &str = "lb_pass";
+}
+
+// ---------------------------------------------------------------------------------------
+// Flags
+// ---------------------------------------------------------------------------------------
+
+/// VipMeta.flags: hash the client (source) address only, so every flow of one client
+/// goes to the same backend (client stickiness).
+pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+
+/// Backend.flags: the slot holds a configured backend. A ring never points at a slot
+/// without it; the datapath still checks and counts `DropNoBackend` if it does.
+pub const BACKEND_F_VALID: u32 = 1 << 0;
+
+/// IP protocol numbers used in [`VipKey::proto`].
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+// ---------------------------------------------------------------------------------------
+// Map keys and values
+// ---------------------------------------------------------------------------------------
+
+/// An IP address as 16 bytes: IPv6 as is, IPv4 as IPv4-mapped IPv6 (`::ffff:a.b.c.d`),
+/// so one key type serves both families without collisions.
+pub type Addr = [u8; 16];
+
+/// Returns the IPv4-mapped form of an IPv4 address.
+#[inline(always)]
+pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
+}
+
+/// Key of [`maps::VIPS`]. `port` is in network byte order; port 0 is an all-ports VIP.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct VipKey {
+    pub addr: Addr,
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of [`maps::VIPS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipMeta {
+    /// VIP slot: index into [`maps::VIP_STATS`].
+    pub id: u32,
+    /// Ring currently in use (index in units of ring size into [`maps::RINGS`]).
+    pub ring: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`maps::BACKENDS`]: how to reach one backend by L2 direct server return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Backend {
+    /// The backend's address (for stats and tunnelling; L2 DSR does not read it).
+    pub addr: Addr,
+    /// Destination MAC: the backend's.
+    pub dst_mac: [u8; 6],
+    /// Source MAC: the LB interface the backend sits behind.
+    pub src_mac: [u8; 6],
+    /// Interface the backend sits behind: XDP_TX if it is the receiving interface,
+    /// else a redirect through [`maps::TX_PORTS`].
+    pub ifindex: u32,
+    /// `BACKEND_F_*` bits.
+    pub flags: u32,
+}
+
+/// Key of [`maps::CONNS`]: the 5-tuple. Ports in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of [`maps::CONNS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FlowValue {
+    pub backend: u32,
+    pub _pad: u32,
+}
+
+/// A packets/bytes pair: value of [`maps::VIP_STATS`] and [`maps::BACKEND_STATS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Counter {
+    pub packets: u64,
+    /// Bytes of the whole frame as received (Ethernet header included).
+    pub bytes: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)], made of integers and byte arrays, with every
+    // padding byte an explicit field: any bit pattern is valid.
+    unsafe impl aya::Pod for super::VipKey {}
+    unsafe impl aya::Pod for super::VipMeta {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowValue {}
+    unsafe impl aya::Pod for super::Counter {}
+}
+
+// ---------------------------------------------------------------------------------------
+// Counters
+// ---------------------------------------------------------------------------------------
+
+/// Index into [`maps::GLOBAL_STATS`]. Every verdict and every drop reason has one.
+/// `Pass*`, `Drop*`, `Tx` and `Redirect*` are verdicts: each frame bumps exactly one of
+/// them. The others (`Vlan`, `Ipv4Options`, `Conn*`) are observations.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GlobalCounter {
+    /// Every frame the program saw.
+    Rx = 0,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): to the kernel.
+    PassNotIp,
+    /// IP, but not TCP/UDP to a VIP (host traffic): to the kernel.
+    PassNotVip,
+    /// ICMP/ICMPv6 and other L4 protocols: to the kernel.
+    PassNotL4,
+    /// IPv4 or IPv6 fragment: to the kernel (no ports to hash; see ARCHITECTURE.md).
+    PassFragment,
+    /// IPv6 with extension headers before L4: to the kernel.
+    PassIpv6ExtHdr,
+    /// Frame shorter than an Ethernet header.
+    DropTruncEth,
+    /// 802.1Q tag cut short.
+    DropTruncVlan,
+    /// IPv4 header (or its options) cut short.
+    DropTruncIpv4,
+    /// IPv6 header cut short.
+    DropTruncIpv6,
+    /// TCP or UDP header cut short.
+    DropTruncL4,
+    /// IPv4 header with a bad version or IHL < 5.
+    DropBadIpv4,
+    /// IPv6 header with a bad version.
+    DropBadIpv6,
+    /// VIP found but its ring slot has no valid backend (empty target group).
+    DropNoBackend,
+    /// Redirect target missing from the DevMap.
+    DropRedirectFailed,
+    /// Forwarded with XDP_TX (backend behind the receiving interface).
+    Tx,
+    /// Forwarded with a DevMap redirect (backend behind another interface).
+    Redirect,
+    /// Frames with one 802.1Q tag (forwarded with the tag kept).
+    Vlan,
+    /// IPv4 headers with options (parsed past; forwarded like any other).
+    Ipv4Options,
+    /// VIP frames whose flow was in the connection table.
+    ConnHit,
+    /// VIP frames whose flow was not: backend picked from the Maglev ring.
+    ConnMiss,
+    /// Connection-table insert failed (the flow still goes to the picked backend).
+    ConnInsertFailed,
+}
+
+impl GlobalCounter {
+    /// Number of counters (size of [`maps::GLOBAL_STATS`]).
+    pub const COUNT: u32 = GlobalCounter::ConnInsertFailed as u32 + 1;
+
+    /// All counters in index order.
+    pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
+        GlobalCounter::Rx,
+        GlobalCounter::PassNotIp,
+        GlobalCounter::PassNotVip,
+        GlobalCounter::PassNotL4,
+        GlobalCounter::PassFragment,
+        GlobalCounter::PassIpv6ExtHdr,
+        GlobalCounter::DropTruncEth,
+        GlobalCounter::DropTruncVlan,
+        GlobalCounter::DropTruncIpv4,
+        GlobalCounter::DropTruncIpv6,
+        GlobalCounter::DropTruncL4,
+        GlobalCounter::DropBadIpv4,
+        GlobalCounter::DropBadIpv6,
+        GlobalCounter::DropNoBackend,
+        GlobalCounter::DropRedirectFailed,
+        GlobalCounter::Tx,
+        GlobalCounter::Redirect,
+        GlobalCounter::Vlan,
+        GlobalCounter::Ipv4Options,
+        GlobalCounter::ConnHit,
+        GlobalCounter::ConnMiss,
+        GlobalCounter::ConnInsertFailed,
+    ];
+
+    /// Stable snake_case name (stats output, metrics labels).
+    pub const fn name(self) -> &'static str {
+        match self {
+            GlobalCounter::Rx => "rx",
+            GlobalCounter::PassNotIp => "pass_not_ip",
+            GlobalCounter::PassNotVip => "pass_not_vip",
+            GlobalCounter::PassNotL4 => "pass_not_l4",
+            GlobalCounter::PassFragment => "pass_fragment",
+            GlobalCounter::PassIpv6ExtHdr => "pass_ipv6_ext_hdr",
+            GlobalCounter::DropTruncEth => "drop_truncated_eth",
+            GlobalCounter::DropTruncVlan => "drop_truncated_vlan",
+            GlobalCounter::DropTruncIpv4 => "drop_truncated_ipv4",
+            GlobalCounter::DropTruncIpv6 => "drop_truncated_ipv6",
+            GlobalCounter::DropTruncL4 => "drop_truncated_l4",
+            GlobalCounter::DropBadIpv4 => "drop_bad_ipv4",
+            GlobalCounter::DropBadIpv6 => "drop_bad_ipv6",
+            GlobalCounter::DropNoBackend => "drop_no_backend",
+            GlobalCounter::DropRedirectFailed => "drop_redirect_failed",
+            GlobalCounter::Tx => "tx",
+            GlobalCounter::Redirect => "redirect",
+            GlobalCounter::Vlan => "vlan",
+            GlobalCounter::Ipv4Options => "ipv4_options",
+            GlobalCounter::ConnHit => "conn_hit",
+            GlobalCounter::ConnMiss => "conn_miss",
+            GlobalCounter::ConnInsertFailed => "conn_insert_failed",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Flow hash (shared so that userspace tests can predict the datapath's pick)
+// ---------------------------------------------------------------------------------------
+
+const HASH_SEED: u32 = 0x9e37_79b9;
+
+#[inline(always)]
+const fn mix(h: u32, w: u32) -> u32 {
+    // murmur3's per-block step.
+    let k = w.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
+    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+}
+
+#[inline(always)]
+const fn fmix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
+}
+
+#[inline(always)]
+const fn word(a: &Addr, i: usize) -> u32 {
+    u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]])
+}
+
+/// Hash of a flow for the Maglev ring. With `src_only`, only the client address counts
+/// (client stickiness). Fixed work, no loops: usable in the XDP program as is.
+#[inline(always)]
+pub const fn flow_hash(key: &FlowKey, src_only: bool) -> u32 {
+    let mut h = HASH_SEED;
+    h = mix(h, word(&key.src, 0));
+    h = mix(h, word(&key.src, 4));
+    h = mix(h, word(&key.src, 8));
+    h = mix(h, word(&key.src, 12));
+    if !src_only {
+        h = mix(h, word(&key.dst, 0));
+        h = mix(h, word(&key.dst, 4));
+        h = mix(h, word(&key.dst, 8));
+        h = mix(h, word(&key.dst, 12));
+        h = mix(h, ((key.sport as u32) << 16) | key.dport as u32);
+        h = mix(h, key.proto as u32);
+    }
+    fmix(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_table_is_dense_and_ordered() {
+        for (i, c) in GlobalCounter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{} out of order", c.name());
+        }
+    }
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipMeta>(), 16);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<Counter>(), 16);
+    }
+
+    #[test]
+    fn src_only_hash_ignores_ports_and_destination() {
+        let mut a = FlowKey { src: v4_mapped([198, 18, 0, 1]), sport: 1000, ..Default::default() };
+        let h = flow_hash(&a, true);
+        a.sport = 2000;
+        a.dst = v4_mapped([198, 18, 1, 1]);
+        assert_eq!(flow_hash(&a, true), h);
+        assert_ne!(flow_hash(&a, false), flow_hash(&FlowKey { sport: 1000, ..a }, false));
+    }
+}

@@ -1,0 +1,87 @@
+//! The program's maps, one definition each. Names, capacities and layouts come from
+//! `lb_common`; the agent resizes `LB_RINGS` and `LB_CONNS` at load time from its config.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_COMMON_LRU,
+    macros::map,
+    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey,
+    FlowValue, GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey,
+    VipMeta,
+};
+
+/// VIPs keyed by (address, port, protocol).
+#[map(name = "LB_VIPS")]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
+
+/// Maglev rings, `RINGS_PER_VIP` per VIP slot, `LB_RING_SIZE` backend ids each.
+#[map(name = "LB_RINGS")]
+pub static RINGS: Array<u32> =
+    Array::with_max_entries(RINGS_PER_VIP * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+
+/// Backend id -> MACs, interface, flags. Id 0 is never valid.
+#[map(name = "LB_BACKENDS")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
+
+/// Known flows -> backend id. LRU with per-CPU LRU lists (no common LRU): a CPU evicts
+/// from its own list without touching the other CPUs' locks; the table itself is shared,
+/// so a flow keeps its backend whichever CPU its packets land on.
+#[map(name = "LB_CONNS")]
+pub static CONNS: LruHashMap<FlowKey, FlowValue> =
+    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+
+/// Interfaces (by ifindex) that frames may be redirected to.
+#[map(name = "LB_TX_PORTS")]
+pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+#[map(name = "LB_GLOBAL_STATS")]
+static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GlobalCounter::COUNT, 0);
+
+#[map(name = "LB_VIP_STATS")]
+static VIP_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_VIPS, 0);
+
+#[map(name = "LB_BACKEND_STATS")]
+static BACKEND_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_BACKENDS, 0);
+
+/// Maglev ring size M, set by the agent at load time.
+#[unsafe(no_mangle)]
+static LB_RING_SIZE: u32 = DEFAULT_RING_SIZE;
+
+#[inline(always)]
+pub fn ring_size() -> u32 {
+    // SAFETY: a plain read of a global the loader initialised; volatile so that the
+    // compiler does not fold in the default value.
+    unsafe { core::ptr::read_volatile(&LB_RING_SIZE) }
+}
+
+/// Bumps a global counter. Per-CPU values: no atomics needed.
+#[inline(always)]
+pub fn count(c: GlobalCounter) {
+    if let Some(p) = GLOBAL_STATS.get_ptr_mut(c as u32) {
+        // SAFETY: pointer from a successful per-CPU array lookup.
+        unsafe { *p += 1 }
+    }
+}
+
+#[inline(always)]
+fn add(map: &PerCpuArray<Counter>, index: u32, bytes: u64) {
+    if let Some(p) = map.get_ptr_mut(index) {
+        // SAFETY: pointer from a successful per-CPU array lookup.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+pub fn vip_stats(vip: u32, bytes: u64) {
+    add(&VIP_STATS, vip, bytes)
+}
+
+#[inline(always)]
+pub fn backend_stats(backend: u32, bytes: u64) {
+    add(&BACKEND_STATS, backend, bytes)
+}

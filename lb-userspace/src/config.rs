@@ -1,0 +1,523 @@
+//! The agent's TOML configuration: listeners (VIPs), target groups, targets, and the
+//! dataplane settings. `Config::load` parses and validates; a config that fails
+//! validation is never applied. See docs/configuration.md for the reference.
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
+
+use lb_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use serde::{Deserialize, Serialize};
+
+use crate::maglev::is_prime;
+
+/// The only config format version so far.
+pub const CONFIG_VERSION: u32 = 1;
+/// Largest target weight accepted.
+pub const MAX_WEIGHT: u32 = 1_000;
+/// Default pin directory for the maps of a running agent.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config version {found} is not supported (this lb reads version {CONFIG_VERSION}); set `version = {CONFIG_VERSION}`")]
+    Version { found: u32 },
+    #[error("no interface to attach to: list at least one in `dataplane.interfaces`, e.g. interfaces = [\"eth0\"]")]
+    NoInterfaces,
+    #[error("interface `{name}` is listed twice in `dataplane.interfaces`")]
+    DuplicateInterface { name: String },
+    #[error("ring_size {ring_size} is not a prime number: Maglev needs a prime table size (e.g. 65537, 131071, 262139)")]
+    RingNotPrime { ring_size: u32 },
+    #[error("ring_size {ring_size} is out of range: use a prime between 3 and {MAX_RING_SIZE}")]
+    RingSize { ring_size: u32 },
+    #[error("max_vips {max_vips} is out of range: use 1..={MAX_VIPS}")]
+    MaxVips { max_vips: u32 },
+    #[error("conn_table_size {size} is out of range: use 1024..=16777216")]
+    ConnTableSize { size: u32 },
+    #[error("{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners")]
+    TooManyListeners { count: usize, max: u32 },
+    #[error("{count} distinct targets exceed the capacity of {max}: remove targets")]
+    TooManyTargets { count: usize, max: u32 },
+    #[error("listener name `{name}` is used twice: listener names must be unique")]
+    DuplicateListener { name: String },
+    #[error("listeners `{first}` and `{second}` both claim {vip}: each (address, port, protocol) can have one listener")]
+    DuplicateVip { first: String, second: String, vip: String },
+    #[error("listener `{listener}` names target group `{group}`, which is not defined: add a [[target_groups]] entry named `{group}` or fix the name")]
+    UnknownTargetGroup { listener: String, group: String },
+    #[error("target group name `{name}` is used twice")]
+    DuplicateTargetGroup { name: String },
+    #[error("target {ip} appears twice in target group `{group}`")]
+    DuplicateTarget { group: String, ip: IpAddr },
+    #[error("target {ip} in group `{group}` has weight {weight}: weights go from 1 to {MAX_WEIGHT}")]
+    Weight { group: String, ip: IpAddr, weight: u32 },
+    #[error("target {ip} in group `{group}`: {reason}")]
+    BadTarget { group: String, ip: IpAddr, reason: &'static str },
+    #[error("listener `{listener}` address {address}: {reason}")]
+    BadVip { listener: String, address: IpAddr, reason: &'static str },
+    #[error("target group `{group}` has {count} targets, more than ring_size {ring_size}: raise ring_size")]
+    RingTooSmall { group: String, count: usize, ring_size: u32 },
+    #[error("target {ip} is given MAC {a} in one group and {b} in another")]
+    ConflictingMac { ip: IpAddr, a: MacAddr, b: MacAddr },
+}
+
+/// How the program is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// In the driver, before any skb is allocated (fastest; needs driver support).
+    #[default]
+    Native,
+    /// In the kernel's generic path (works on any interface, slower).
+    Generic,
+    /// Native, falling back to generic with a logged warning.
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => lb_common::IPPROTO_TCP,
+            Protocol::Udp => lb_common::IPPROTO_UDP,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
+    }
+}
+
+/// How a new flow's backend is chosen from the Maglev ring.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashMode {
+    /// Hash source and destination address, ports and protocol.
+    #[default]
+    FiveTuple,
+    /// Hash the client address only: every flow of a client goes to one backend.
+    SourceIp,
+}
+
+/// A MAC address, written `02:00:5e:00:53:01`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct MacAddr(pub [u8; 6]);
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a MAC address (expected six hex bytes like 02:00:5e:00:53:01)");
+        let mut out = [0u8; 6];
+        let mut parts = s.split(':');
+        for byte in &mut out {
+            let p = parts.next().ok_or_else(bad)?;
+            if p.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl TryFrom<String> for MacAddr {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<MacAddr> for String {
+    fn from(m: MacAddr) -> String {
+        m.to_string()
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Config format version.
+    #[serde(default = "default_version")]
+    pub version: u32,
+    #[serde(default)]
+    pub dataplane: Dataplane,
+    #[serde(default)]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub target_groups: Vec<TargetGroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dataplane {
+    /// Interfaces the program is attached to (where VIP traffic arrives).
+    pub interfaces: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// bpffs directory where the maps of the running agent are pinned (`lb stats` reads them).
+    pub pin_dir: PathBuf,
+    /// Maglev table size per VIP (prime).
+    pub ring_size: u32,
+    /// VIP slots the maps are sized for.
+    pub max_vips: u32,
+    /// Flows the connection table remembers (LRU).
+    pub conn_table_size: u32,
+}
+
+impl Default for Dataplane {
+    fn default() -> Self {
+        Dataplane {
+            interfaces: Vec::new(),
+            xdp_mode: XdpMode::Native,
+            pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            ring_size: DEFAULT_RING_SIZE,
+            max_vips: DEFAULT_MAX_VIPS,
+            conn_table_size: DEFAULT_CONN_TABLE_SIZE,
+        }
+    }
+}
+
+/// A VIP: where clients connect.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: String,
+    pub address: IpAddr,
+    /// 0 means every port of `address` for this protocol.
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_group: String,
+    #[serde(default)]
+    pub hash: HashMode,
+}
+
+impl Listener {
+    /// `198.18.1.100:80/tcp`, `[fd00::100]:*/udp`.
+    pub fn vip_display(&self) -> String {
+        vip_display(self.address, self.port, self.protocol.number())
+    }
+}
+
+/// Formats a VIP for humans.
+pub fn vip_display(address: IpAddr, port: u16, proto: u8) -> String {
+    let port = if port == 0 { "*".to_string() } else { port.to_string() };
+    let proto = match proto {
+        lb_common::IPPROTO_TCP => "tcp".to_string(),
+        lb_common::IPPROTO_UDP => "udp".to_string(),
+        p => format!("proto{p}"),
+    };
+    match address {
+        IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetGroup {
+    pub name: String,
+    #[serde(default)]
+    pub targets: Vec<Target>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub ip: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// The target's MAC; resolved from the kernel's neighbour table when absent.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+fn default_version() -> u32 {
+    CONFIG_VERSION
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that can be checked without touching the system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.version != CONFIG_VERSION {
+            return Err(ConfigError::Version { found: self.version });
+        }
+        let dp = &self.dataplane;
+        if dp.interfaces.is_empty() {
+            return Err(ConfigError::NoInterfaces);
+        }
+        let mut seen = HashSet::new();
+        for name in &dp.interfaces {
+            if !seen.insert(name) {
+                return Err(ConfigError::DuplicateInterface { name: name.clone() });
+            }
+        }
+        if !(3..=MAX_RING_SIZE).contains(&dp.ring_size) {
+            return Err(ConfigError::RingSize { ring_size: dp.ring_size });
+        }
+        if !is_prime(dp.ring_size) {
+            return Err(ConfigError::RingNotPrime { ring_size: dp.ring_size });
+        }
+        if !(1..=MAX_VIPS).contains(&dp.max_vips) {
+            return Err(ConfigError::MaxVips { max_vips: dp.max_vips });
+        }
+        if !(1024..=16_777_216).contains(&dp.conn_table_size) {
+            return Err(ConfigError::ConnTableSize { size: dp.conn_table_size });
+        }
+        if self.listeners.len() > dp.max_vips as usize {
+            return Err(ConfigError::TooManyListeners { count: self.listeners.len(), max: dp.max_vips });
+        }
+
+        let mut groups = HashMap::new();
+        let mut macs: HashMap<IpAddr, MacAddr> = HashMap::new();
+        for g in &self.target_groups {
+            if groups.insert(g.name.as_str(), g).is_some() {
+                return Err(ConfigError::DuplicateTargetGroup { name: g.name.clone() });
+            }
+            if g.targets.len() > dp.ring_size as usize {
+                return Err(ConfigError::RingTooSmall {
+                    group: g.name.clone(),
+                    count: g.targets.len(),
+                    ring_size: dp.ring_size,
+                });
+            }
+            let mut ips = HashSet::new();
+            for t in &g.targets {
+                if !ips.insert(t.ip) {
+                    return Err(ConfigError::DuplicateTarget { group: g.name.clone(), ip: t.ip });
+                }
+                if !(1..=MAX_WEIGHT).contains(&t.weight) {
+                    return Err(ConfigError::Weight { group: g.name.clone(), ip: t.ip, weight: t.weight });
+                }
+                if let Some(reason) = unusable_unicast(t.ip) {
+                    return Err(ConfigError::BadTarget { group: g.name.clone(), ip: t.ip, reason });
+                }
+                if let Some(mac) = t.mac {
+                    if mac.0 == [0; 6] || mac.0[0] & 1 == 1 {
+                        return Err(ConfigError::BadTarget {
+                            group: g.name.clone(),
+                            ip: t.ip,
+                            reason: "its MAC must be a unicast, non-zero address",
+                        });
+                    }
+                    if let Some(prev) = macs.insert(t.ip, mac) {
+                        if prev != mac {
+                            return Err(ConfigError::ConflictingMac { ip: t.ip, a: prev, b: mac });
+                        }
+                    }
+                }
+            }
+        }
+        let distinct: HashSet<IpAddr> =
+            self.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
+        // Backend id 0 is reserved.
+        if distinct.len() >= MAX_BACKENDS as usize {
+            return Err(ConfigError::TooManyTargets { count: distinct.len(), max: MAX_BACKENDS - 1 });
+        }
+
+        let mut names = HashSet::new();
+        let mut vips: HashMap<(IpAddr, u16, Protocol), &str> = HashMap::new();
+        for l in &self.listeners {
+            if !names.insert(l.name.as_str()) {
+                return Err(ConfigError::DuplicateListener { name: l.name.clone() });
+            }
+            if let Some(reason) = unusable_unicast(l.address) {
+                return Err(ConfigError::BadVip { listener: l.name.clone(), address: l.address, reason });
+            }
+            if let Some(first) = vips.insert((l.address, l.port, l.protocol), &l.name) {
+                return Err(ConfigError::DuplicateVip {
+                    first: first.to_string(),
+                    second: l.name.clone(),
+                    vip: l.vip_display(),
+                });
+            }
+            if !groups.contains_key(l.target_group.as_str()) {
+                return Err(ConfigError::UnknownTargetGroup {
+                    listener: l.name.clone(),
+                    group: l.target_group.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    pub fn target_group(&self, name: &str) -> Option<&TargetGroup> {
+        self.target_groups.iter().find(|g| g.name == name)
+    }
+}
+
+/// Why an address cannot be a VIP or a target, if it cannot.
+fn unusable_unicast(ip: IpAddr) -> Option<&'static str> {
+    if ip.is_unspecified() {
+        Some("the unspecified address (0.0.0.0 / ::) is not usable here")
+    } else if ip.is_multicast() {
+        Some("a multicast address is not usable here")
+    } else if ip.is_loopback() {
+        Some("a loopback address is not usable here")
+    } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
+        Some("the broadcast address is not usable here")
+    } else {
+        None
+    }
+}
+
+/// A commented example config, printed by `lb example-config`.
+pub const EXAMPLE: &str = include_str!("../../docs/lb.example.toml");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+        [dataplane]
+        interfaces = ["eth0"]
+        [[listeners]]
+        name = "web"
+        address = "198.18.1.100"
+        port = 80
+        protocol = "tcp"
+        target_group = "web"
+        [[target_groups]]
+        name = "web"
+        targets = [{ ip = "198.18.0.11" }, { ip = "198.18.0.12", weight = 3, mac = "02:00:00:00:00:12" }]
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.version, 1);
+        assert_eq!(c.dataplane.ring_size, DEFAULT_RING_SIZE);
+        assert_eq!(c.dataplane.xdp_mode, XdpMode::Native);
+        assert_eq!(c.dataplane.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.listeners[0].hash, HashMode::FiveTuple);
+        let g = c.target_group("web").expect("group");
+        assert_eq!(g.targets[0].weight, 1);
+        assert_eq!(g.targets[1].mac, Some(MacAddr([2, 0, 0, 0, 0, 0x12])));
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        parse(EXAMPLE).expect("docs/lb.example.toml must validate");
+    }
+
+    #[test]
+    fn errors_name_the_cause() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("unknown group", r#"target_group = "web""#, r#"target_group = "nope""#),
+            ("weight", "weight = 3", "weight = 0"),
+            ("ring", "interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nring_size = 65536"),
+            ("mac", "02:00:00:00:00:12", "02:00:00:00:00"),
+            ("address", "198.18.1.100", "198.18.1.300"),
+            ("no interface", "interfaces = [\"eth0\"]", "interfaces = []"),
+            ("dup target", r#"{ ip = "198.18.0.11" }"#, r#"{ ip = "198.18.0.12" }"#),
+            ("unknown key", "[dataplane]", "[dataplane]\nfoo = 1"),
+            ("multicast vip", "198.18.1.100", "224.0.0.1"),
+        ];
+        for (what, from, to) in cases {
+            let text = MINIMAL.replacen(from, to, 1);
+            assert_ne!(text, MINIMAL, "{what}: replacement did not apply");
+            let err = parse(&text).expect_err(what).to_string();
+            let expect = match *what {
+                "unknown group" => "target group `nope`",
+                "weight" => "weights go from 1 to",
+                "ring" => "not a prime",
+                "mac" => "not a MAC address",
+                "address" => "invalid IP address",
+                "no interface" => "no interface",
+                "dup target" => "appears twice",
+                "unknown key" => "unknown field `foo`",
+                "multicast vip" => "multicast",
+                _ => unreachable!(),
+            };
+            assert!(err.contains(expect), "{what}: {err}");
+        }
+    }
+
+    #[test]
+    fn duplicate_vip_is_rejected() {
+        let text = format!(
+            "{MINIMAL}\n[[listeners]]\nname = \"web2\"\naddress = \"198.18.1.100\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"web\"\n"
+        );
+        let err = parse(&text).expect_err("duplicate").to_string();
+        assert!(err.contains("both claim 198.18.1.100:80/tcp"), "{err}");
+    }
+
+    #[test]
+    fn too_many_listeners() {
+        let text = MINIMAL.replacen("interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nmax_vips = 0", 1);
+        assert!(parse(&text).expect_err("max_vips").to_string().contains("max_vips 0"));
+    }
+
+    #[test]
+    fn mac_round_trip() {
+        let m: MacAddr = "02:00:5e:00:53:0a".parse().expect("mac");
+        assert_eq!(m.to_string(), "02:00:5e:00:53:0a");
+        assert!("02:00:5e:00:53:0a:00".parse::<MacAddr>().is_err());
+        assert!("0g:00:5e:00:53:0a".parse::<MacAddr>().is_err());
+    }
+
+    #[test]
+    fn vip_display_formats() {
+        assert_eq!(vip_display("fd00::1".parse().expect("ip"), 0, 17), "[fd00::1]:*/udp");
+    }
+}

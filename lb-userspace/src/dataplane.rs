@@ -1,0 +1,435 @@
+//! The only module that touches `aya::Ebpf`: loads the XDP object, attaches it, writes
+//! a [`Plan`] into the maps, pins the maps, and detaches on drop.
+//!
+//! Map updates are ordered so that a packet never sees a dangling reference: backends
+//! first, then each VIP's new ring into its spare ring slot, then the VIP entry switched
+//! to it in one map update, and only then are removed backends invalidated.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData},
+    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+};
+use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
+use tracing::{debug, info, warn};
+
+use crate::{config::XdpMode, netinfo::Interface, plan::Plan};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the XDP object failed: {source}{hint}")]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+        hint: &'static str,
+    },
+    #[error("the XDP object has no map `{name}` (lb-ebpf and lb-common disagree: rebuild)")]
+    MissingMap { name: &'static str },
+    #[error("the XDP object has no program `{name}` (rebuild)")]
+    MissingProgram { name: &'static str },
+    #[error("the kernel rejected the XDP program `{name}`: {source}{hint}")]
+    Verify {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("interface `{iface}` already has an XDP program attached (id {prog_id}): stop the agent that owns it, or detach it with `ip link set dev {iface} xdp off`")]
+    AlreadyAttached { iface: String, prog_id: u32 },
+    #[error("attaching to `{iface}` in {mode} mode failed: {source}{hint}")]
+    Attach {
+        iface: String,
+        mode: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+        hint: &'static str,
+    },
+    #[error("map `{name}`: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("redirect port (ifindex {ifindex}): {source}")]
+    TxPort {
+        ifindex: u32,
+        #[source]
+        source: aya::maps::xdp::XdpMapError,
+    },
+    #[error("pinning map `{name}` at {path}: {source}; is a bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: aya::pin::PinError,
+    },
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VIP slot {slot} is outside the {max_vips} slots the maps were sized for")]
+    SlotOutOfRange { slot: u32, max_vips: u32 },
+}
+
+const PERMISSION_HINT: &str =
+    " (permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
+
+/// `hint` if the error chain holds EPERM/EACCES.
+fn permission_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return PERMISSION_HINT;
+            }
+        }
+        cur = err.source();
+    }
+    ""
+}
+
+/// Sizes fixed at load time.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub ring_size: u32,
+    pub max_vips: u32,
+    pub conn_table_size: u32,
+}
+
+/// What is in the maps now, so that the next apply writes only differences.
+#[derive(Debug, Default)]
+struct Applied {
+    vips: HashMap<VipKey, VipMeta>,
+    /// Ring index -> contents, for every ring written so far.
+    rings: HashMap<u32, Vec<u32>>,
+    backends: BTreeMap<u32, Backend>,
+    tx_ports: BTreeSet<u32>,
+}
+
+/// Counts of what one apply changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub vips_switched: usize,
+    pub vips_removed: usize,
+    pub ring_slots_written: usize,
+    pub backends_written: usize,
+    pub backends_removed: usize,
+}
+
+pub struct Dataplane {
+    ebpf: Ebpf,
+    opts: LoadOptions,
+    applied: Applied,
+    links: Vec<(String, XdpLinkId)>,
+    pinned: Option<PathBuf>,
+}
+
+impl Dataplane {
+    /// Loads the object with its maps sized from `opts`, and verifies the LB program.
+    pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
+        let ring_entries = RINGS_PER_VIP * opts.max_vips * opts.ring_size;
+        let mut ebpf = EbpfLoader::new()
+            .override_global(globals::RING_SIZE, &opts.ring_size, true)
+            .map_max_entries(maps::RINGS, ring_entries)
+            .map_max_entries(maps::CONNS, opts.conn_table_size)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|source| {
+                let hint = permission_hint(&source);
+                DataplaneError::Load { source, hint }
+            })?;
+        for name in maps::ALL {
+            if ebpf.map(name).is_none() {
+                return Err(DataplaneError::MissingMap { name });
+            }
+        }
+        load_program(&mut ebpf, programs::LB)?;
+        Ok(Dataplane { ebpf, opts, applied: Applied::default(), links: Vec::new(), pinned: None })
+    }
+
+    pub fn options(&self) -> LoadOptions {
+        self.opts
+    }
+
+    /// The loaded LB program (for BPF_PROG_RUN).
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let p = self.ebpf.program(programs::LB).ok_or(DataplaneError::MissingProgram { name: programs::LB })?;
+        p.try_into().map_err(|source| DataplaneError::Verify { name: programs::LB, source, hint: "" })
+    }
+
+    /// A map of the loaded object, by its lb-common name.
+    pub fn map(&self, name: &'static str) -> Result<&Map, DataplaneError> {
+        self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
+        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap { name })
+    }
+
+    /// Attaches the LB program to `iface`. Returns the mode actually used.
+    pub fn attach(&mut self, iface: &Interface, mode: XdpMode) -> Result<&'static str, DataplaneError> {
+        if let Some(prog_id) = iface.xdp_prog {
+            return Err(DataplaneError::AlreadyAttached { iface: iface.name.clone(), prog_id });
+        }
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(programs::LB)
+            .ok_or(DataplaneError::MissingProgram { name: programs::LB })?
+            .try_into()
+            .map_err(|source| DataplaneError::Verify { name: programs::LB, source, hint: "" })?;
+        let attempt = |prog: &mut Xdp, m: AyaXdpMode, label: &'static str| {
+            prog.attach_to_if_index(iface.ifindex, m).map_err(|source| {
+                let hint = attach_hint(&source, &iface.name);
+                DataplaneError::Attach { iface: iface.name.clone(), mode: label, source, hint }
+            })
+        };
+        let (id, used) = match mode {
+            XdpMode::Native => (attempt(prog, AyaXdpMode::Driver, "native")?, "native"),
+            XdpMode::Generic => (attempt(prog, AyaXdpMode::Skb, "generic")?, "generic"),
+            XdpMode::Auto => match attempt(prog, AyaXdpMode::Driver, "native") {
+                Ok(id) => (id, "native"),
+                Err(e) => {
+                    warn!(interface = %iface.name, error = %e, "native XDP failed; falling back to generic mode");
+                    (attempt(prog, AyaXdpMode::Skb, "generic")?, "generic")
+                }
+            },
+        };
+        info!(interface = %iface.name, ifindex = iface.ifindex, mode = used, "XDP program attached");
+        self.links.push((iface.name.clone(), id));
+        Ok(used)
+    }
+
+    /// Writes `plan` into the maps, changing only what differs from the last apply.
+    pub fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, DataplaneError> {
+        let mut report = ApplyReport::default();
+        let m = self.opts.ring_size;
+
+        // 1. Redirect ports and backends that the new rings may point at.
+        {
+            let mut ports: DevMapHash<&mut MapData> = typed(self.ebpf.map_mut(maps::TX_PORTS), maps::TX_PORTS)?;
+            for &ifindex in &plan.tx_ports {
+                if !self.applied.tx_ports.contains(&ifindex) {
+                    ports
+                        .insert(ifindex, ifindex, None, 0)
+                        .map_err(|source| DataplaneError::TxPort { ifindex, source })?;
+                    self.applied.tx_ports.insert(ifindex);
+                }
+            }
+        }
+        {
+            let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
+            for (&id, (_, b)) in &plan.backends {
+                if self.applied.backends.get(&id) != Some(b) {
+                    backends.set(id, b, 0).map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source })?;
+                    self.applied.backends.insert(id, *b);
+                    report.backends_written += 1;
+                }
+            }
+        }
+
+        // 2. Each VIP: new ring into the spare slot, then one VIPS update switches to it.
+        for vip in &plan.vips {
+            if vip.slot >= self.opts.max_vips {
+                return Err(DataplaneError::SlotOutOfRange { slot: vip.slot, max_vips: self.opts.max_vips });
+            }
+            let current = self.applied.vips.get(&vip.key).copied();
+            let target_ring = match current {
+                Some(meta) if meta.id == vip.slot => {
+                    let unchanged = meta.flags == vip.flags
+                        && self.applied.rings.get(&meta.ring).is_some_and(|r| *r == vip.ring);
+                    if unchanged {
+                        continue;
+                    }
+                    if meta.ring == vip.slot * RINGS_PER_VIP { meta.ring + 1 } else { vip.slot * RINGS_PER_VIP }
+                }
+                _ => vip.slot * RINGS_PER_VIP,
+            };
+            report.ring_slots_written += self.write_ring(target_ring, &vip.ring, m)?;
+            let meta = VipMeta { id: vip.slot, ring: target_ring, flags: vip.flags, _pad: 0 };
+            let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> = typed(self.ebpf.map_mut(maps::VIPS), maps::VIPS)?;
+            vips.insert(vip.key, meta, 0).map_err(|source| DataplaneError::Map { name: maps::VIPS, source })?;
+            self.applied.vips.insert(vip.key, meta);
+            report.vips_switched += 1;
+            debug!(vip = %vip.name, ring = target_ring, "VIP switched to new ring");
+        }
+
+        // 3. VIPs no longer configured.
+        let keep: std::collections::HashSet<VipKey> = plan.vips.iter().map(|v| v.key).collect();
+        let stale: Vec<VipKey> = self.applied.vips.keys().filter(|k| !keep.contains(k)).copied().collect();
+        if !stale.is_empty() {
+            let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> = typed(self.ebpf.map_mut(maps::VIPS), maps::VIPS)?;
+            for key in stale {
+                vips.remove(&key).map_err(|source| DataplaneError::Map { name: maps::VIPS, source })?;
+                self.applied.vips.remove(&key);
+                report.vips_removed += 1;
+            }
+        }
+
+        // 4. Backends no longer configured: no ring points at them any more.
+        let stale: Vec<u32> = self.applied.backends.keys().filter(|id| !plan.backends.contains_key(id)).copied().collect();
+        if !stale.is_empty() {
+            let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
+            for id in stale {
+                backends
+                    .set(id, Backend::default(), 0)
+                    .map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source })?;
+                self.applied.backends.remove(&id);
+                report.backends_removed += 1;
+            }
+        }
+
+        // 5. Redirect ports no longer needed.
+        let stale: Vec<u32> = self.applied.tx_ports.iter().filter(|i| !plan.tx_ports.contains(i)).copied().collect();
+        if !stale.is_empty() {
+            let mut ports: DevMapHash<&mut MapData> = typed(self.ebpf.map_mut(maps::TX_PORTS), maps::TX_PORTS)?;
+            for ifindex in stale {
+                ports.remove(ifindex).map_err(|source| DataplaneError::Map { name: maps::TX_PORTS, source })?;
+                self.applied.tx_ports.remove(&ifindex);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Writes the slots of ring `ring` that differ from what it holds. Returns how many.
+    fn write_ring(&mut self, ring: u32, table: &[u32], m: u32) -> Result<usize, DataplaneError> {
+        let old = self.applied.rings.remove(&ring).unwrap_or_else(|| vec![0; m as usize]);
+        let map = self.map_mut(maps::RINGS)?;
+        let mut rings: Array<&mut MapData, u32> = typed(Some(map), maps::RINGS)?;
+        let base = ring * m;
+        let mut written = 0;
+        for (i, (&new, &was)) in table.iter().zip(&old).enumerate() {
+            if new != was {
+                rings.set(base + i as u32, new, 0).map_err(|source| DataplaneError::Map { name: maps::RINGS, source })?;
+                written += 1;
+            }
+        }
+        self.applied.rings.insert(ring, table.to_vec());
+        Ok(written)
+    }
+
+    /// Pins every map under `dir` (replacing stale pins of an earlier run).
+    pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
+        std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
+        for name in maps::ALL {
+            let path = dir.join(name);
+            if path.exists() {
+                warn!(path = %path.display(), "removing a stale pin from an earlier run");
+                std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
+            }
+            self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin { name, path, source })?;
+        }
+        self.pinned = Some(dir.to_owned());
+        Ok(())
+    }
+
+    /// Removes the pins (the maps go away with the last reference).
+    pub fn unpin(&mut self) {
+        if let Some(dir) = self.pinned.take() {
+            for name in maps::ALL {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// Detaches from every interface.
+    pub fn detach_all(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        if let Some(Ok(prog)) = self.ebpf.program_mut(programs::LB).map(<&mut Xdp>::try_from) {
+            for (iface, id) in links {
+                match prog.detach(id) {
+                    Ok(()) => info!(interface = %iface, "XDP program detached"),
+                    Err(e) => warn!(interface = %iface, error = %e, "detaching failed"),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+        self.unpin();
+    }
+}
+
+fn typed<'a, T>(map: Option<&'a mut Map>, name: &'static str) -> Result<T, DataplaneError>
+where
+    T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
+{
+    let map = map.ok_or(DataplaneError::MissingMap { name })?;
+    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+}
+
+fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+    let prog: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Verify { name, source, hint: "" })?;
+    prog.load().map_err(|source| {
+        let hint = permission_hint(&source);
+        DataplaneError::Verify { name, source, hint }
+    })
+}
+
+fn attach_hint(e: &aya::programs::ProgramError, iface: &str) -> &'static str {
+    let p = permission_hint(e);
+    if !p.is_empty() {
+        return p;
+    }
+    let text = e.to_string();
+    if text.contains("os error 16") || text.contains("os error 17") || text.contains("busy") {
+        return " (another XDP program is attached: detach it with `ip link set dev IFACE xdp off` or stop its owner)";
+    }
+    if text.contains("os error 95") || text.contains("not supported") {
+        return " (the driver has no native XDP: use `--xdp-mode generic` or `auto`)";
+    }
+    let _ = iface;
+    ""
+}
+
+/// Loads the pass-through program standalone and attaches it to `ifindex` (native mode).
+/// Keeps a veth peer able to receive native XDP_TX/redirect frames; detached on drop.
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+impl PassProgram {
+    pub fn attach(ifindex: u32) -> Result<Self, DataplaneError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::RINGS, 1)
+            .map_max_entries(maps::CONNS, 1024)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|source| {
+                let hint = permission_hint(&source);
+                DataplaneError::Load { source, hint }
+            })?;
+        load_program(&mut ebpf, programs::PASS)?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(programs::PASS)
+            .ok_or(DataplaneError::MissingProgram { name: programs::PASS })?
+            .try_into()
+            .map_err(|source| DataplaneError::Verify { name: programs::PASS, source, hint: "" })?;
+        prog.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| DataplaneError::Attach {
+            iface: format!("ifindex {ifindex}"),
+            mode: "native",
+            source,
+            hint: "",
+        })?;
+        Ok(PassProgram { _ebpf: ebpf })
+    }
+}
+
+/// Opens a pinned map of a running agent.
+pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, DataplaneError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
+    Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source })
+}

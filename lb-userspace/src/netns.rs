@@ -1,0 +1,157 @@
+//! Named network namespaces (`ip netns`), deleted on drop, and running code inside one.
+//!
+//! A thread can switch its own network namespace (`setns(CLONE_NEWNET)`) without
+//! affecting the rest of the process; sockets it opens, interfaces it resolves, XDP
+//! programs it attaches and processes it spawns all belong to that namespace. So
+//! [`Netns::run`] and [`Netns::spawn`] run a closure on a fresh thread inside it.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::PathBuf,
+    process::{Command, Output},
+    thread::JoinHandle,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("cannot run `{cmd}`: {source}")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("entering network namespace {path}: {source}")]
+    Enter {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs a command, failing with its stderr if it exits non-zero.
+pub fn cmd(program: &str, args: &[&str]) -> Result<Output, NetnsError> {
+    let line = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|source| NetnsError::Spawn { cmd: line.clone(), source })?;
+    if !out.status.success() {
+        return Err(NetnsError::Command { cmd: line, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
+    }
+    Ok(out)
+}
+
+/// A named network namespace that is deleted (with everything in it) on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `name`, deleting a leftover namespace of that name first. Loopback is up.
+    pub fn create(name: &str) -> Result<Self, NetnsError> {
+        let _ = cmd("ip", &["netns", "del", name]);
+        cmd("ip", &["netns", "add", name])?;
+        let ns = Netns { name: name.to_string() };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n NAME args...`
+    pub fn ip(&self, args: &[&str]) -> Result<Output, NetnsError> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        cmd("ip", &full)
+    }
+
+    /// `ip netns exec NAME program args...`
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output, NetnsError> {
+        let mut full = vec!["netns", "exec", self.name.as_str(), program];
+        full.extend_from_slice(args);
+        cmd("ip", &full)
+    }
+
+    /// A `Command` that runs `program` inside the namespace (via `ip netns exec`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
+        self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())
+    }
+
+    /// Runs `f` on a new thread inside the namespace and returns its result.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
+        let path = self.path();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                enter(&path)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+
+    /// Starts `f` on a new thread inside the namespace.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<Result<T, NetnsError>> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path)?;
+            Ok(f())
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = cmd("ip", &["netns", "del", &self.name]) {
+            tracing::warn!(netns = %self.name, error = %e, "could not delete network namespace");
+        }
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter(path: &std::path::Path) -> Result<(), NetnsError> {
+    let file = File::open(path).map_err(|source| NetnsError::Enter { path: path.to_owned(), source })?;
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(NetnsError::Enter { path: path.to_owned(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Deletes namespaces named `{prefix}{pid}-...` whose creating process is gone: what a
+/// killed test run left behind.
+pub fn sweep_stale(prefix: &str) {
+    let Ok(out) = cmd("ip", &["netns", "list"]) else { return };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(prefix) else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                tracing::info!(netns = name, "deleting a namespace left behind by an earlier run");
+                let _ = cmd("ip", &["netns", "del", name]);
+            }
+        }
+    }
+}

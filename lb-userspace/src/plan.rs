@@ -1,0 +1,272 @@
+//! From a validated config and the resolved targets to the datapath's desired state:
+//! VIP slots, backend ids, each VIP's Maglev ring. Pure: no aya, no system calls.
+//!
+//! Ids are stable across reloads: a target keeps its backend id and a listener its VIP
+//! slot as long as they stay in the config, so counters and the connection table keep
+//! meaning the same thing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    hash::Hash,
+    net::IpAddr,
+};
+
+use lb_common::{BACKEND_F_VALID, Backend, MAX_BACKENDS, VIP_F_HASH_SRC_ONLY, VipKey, v4_mapped};
+
+use crate::{
+    config::{Config, HashMode},
+    maglev::{self, MaglevError},
+    netinfo::Resolved,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error("building the Maglev table of target group `{group}`: {source}")]
+    Maglev {
+        group: String,
+        #[source]
+        source: MaglevError,
+    },
+    #[error("target {ip} was not resolved (internal error: resolve every target before planning)")]
+    Unresolved { ip: IpAddr },
+    #[error("out of {what} slots ({max}): raise the limit or remove entries")]
+    Exhausted { what: &'static str, max: u32 },
+}
+
+/// Hands out small integer ids that stay the same for the same key across rebuilds.
+#[derive(Debug, Clone)]
+pub struct Ids<K> {
+    first: u32,
+    end: u32,
+    assigned: HashMap<K, u32>,
+}
+
+impl<K: Eq + Hash + Clone> Ids<K> {
+    /// Ids in `first..end`.
+    pub fn new(first: u32, end: u32) -> Self {
+        Ids { first, end, assigned: HashMap::new() }
+    }
+
+    /// Assigns ids to exactly `keys`: kept keys keep theirs, removed keys free theirs,
+    /// new keys take the lowest free ids. Nothing changes on error.
+    pub fn assign<'a>(&mut self, keys: impl IntoIterator<Item = &'a K>, what: &'static str) -> Result<HashMap<K, u32>, PlanError>
+    where
+        K: 'a,
+    {
+        let keys: Vec<&K> = keys.into_iter().collect();
+        let mut next: HashMap<K, u32> = keys
+            .iter()
+            .filter_map(|k| self.assigned.get(*k).map(|id| ((*k).clone(), *id)))
+            .collect();
+        let mut used: Vec<bool> = vec![false; (self.end - self.first) as usize];
+        for id in next.values() {
+            used[(id - self.first) as usize] = true;
+        }
+        let mut free = used.iter().enumerate().filter(|(_, u)| !**u).map(|(i, _)| i as u32 + self.first);
+        for k in keys {
+            if !next.contains_key(k) {
+                let id = free.next().ok_or(PlanError::Exhausted { what, max: self.end - self.first })?;
+                next.insert(k.clone(), id);
+            }
+        }
+        self.assigned = next.clone();
+        Ok(next)
+    }
+}
+
+/// Id allocators that live as long as the agent.
+#[derive(Debug, Clone)]
+pub struct Allocators {
+    pub vips: Ids<VipKey>,
+    pub backends: Ids<IpAddr>,
+}
+
+impl Allocators {
+    pub fn new(max_vips: u32) -> Self {
+        Allocators { vips: Ids::new(0, max_vips), backends: Ids::new(1, MAX_BACKENDS) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedVip {
+    pub name: String,
+    pub key: VipKey,
+    pub slot: u32,
+    pub flags: u32,
+    /// Backend ids, `ring_size` of them; 0 where there is no backend.
+    pub ring: Vec<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub vips: Vec<PlannedVip>,
+    /// Backend id -> datapath entry.
+    pub backends: BTreeMap<u32, (IpAddr, Backend)>,
+    /// Interfaces (ifindex) frames may be redirected to.
+    pub tx_ports: Vec<u32>,
+}
+
+pub fn addr_bytes(ip: IpAddr) -> lb_common::Addr {
+    match ip {
+        IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`addr_bytes`].
+pub fn addr_from_bytes(a: lb_common::Addr) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
+    VipKey { addr: addr_bytes(address), port: port.to_be(), proto, _pad: 0 }
+}
+
+/// Builds the desired state. `resolved` must hold every target of `config`.
+pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Allocators) -> Result<Plan, PlanError> {
+    let ring_size = config.dataplane.ring_size;
+    let keys: Vec<VipKey> =
+        config.listeners.iter().map(|l| vip_key(l.address, l.port, l.protocol.number())).collect();
+    let mut ips: Vec<IpAddr> =
+        config.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
+    ips.sort();
+    ips.dedup();
+
+    // Work on copies so that a failure leaves the allocators as they were.
+    let mut next_ids = ids.clone();
+    let slots = next_ids.vips.assign(&keys, "VIP")?;
+    let backend_ids = next_ids.backends.assign(&ips, "backend")?;
+
+    let mut backends = BTreeMap::new();
+    for ip in &ips {
+        let r = resolved.get(ip).ok_or(PlanError::Unresolved { ip: *ip })?;
+        let b = Backend {
+            addr: addr_bytes(*ip),
+            dst_mac: r.mac,
+            src_mac: r.dev.mac,
+            ifindex: r.dev.ifindex,
+            flags: BACKEND_F_VALID,
+        };
+        backends.insert(backend_ids[ip], (*ip, b));
+    }
+    let mut tx_ports: Vec<u32> = backends.values().map(|(_, b)| b.ifindex).collect();
+    tx_ports.sort_unstable();
+    tx_ports.dedup();
+
+    let mut rings: HashMap<&str, Vec<u32>> = HashMap::new();
+    let mut vips = Vec::with_capacity(config.listeners.len());
+    for (l, key) in config.listeners.iter().zip(keys) {
+        let ring = match rings.get(l.target_group.as_str()) {
+            Some(r) => r.clone(),
+            None => {
+                let group = config.target_group(&l.target_group).map(|g| g.targets.as_slice()).unwrap_or_default();
+                let names: Vec<String> = group.iter().map(|t| t.ip.to_string()).collect();
+                let mb: Vec<maglev::Backend<'_>> = group
+                    .iter()
+                    .zip(&names)
+                    .map(|(t, name)| maglev::Backend { id: backend_ids[&t.ip], key: name, weight: t.weight })
+                    .collect();
+                let ring = maglev::build(&mb, ring_size)
+                    .map_err(|source| PlanError::Maglev { group: l.target_group.clone(), source })?;
+                rings.insert(&l.target_group, ring.clone());
+                ring
+            }
+        };
+        let flags = match l.hash {
+            HashMode::FiveTuple => 0,
+            HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
+        };
+        vips.push(PlannedVip { name: l.name.clone(), key, slot: slots[&key], flags, ring });
+    }
+    *ids = next_ids;
+    Ok(Plan { vips, backends, tx_ports })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netinfo::Interface;
+    use std::path::Path;
+
+    fn resolved(config: &Config) -> HashMap<IpAddr, Resolved> {
+        let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
+        config
+            .target_groups
+            .iter()
+            .flat_map(|g| g.targets.iter())
+            .map(|t| (t.ip, Resolved { ip: t.ip, dev: dev.clone(), mac: [2, 0, 0, 0, 0, 9] }))
+            .collect()
+    }
+
+    fn config(targets: &str) -> Config {
+        let text = format!(
+            r#"
+            [dataplane]
+            interfaces = ["eth0"]
+            ring_size = 1009
+            [[listeners]]
+            name = "a"
+            address = "198.18.1.100"
+            port = 80
+            protocol = "tcp"
+            target_group = "g"
+            [[listeners]]
+            name = "b"
+            address = "fd00::100"
+            port = 0
+            protocol = "udp"
+            target_group = "g"
+            hash = "source-ip"
+            [[target_groups]]
+            name = "g"
+            targets = [{targets}]
+            "#
+        );
+        Config::parse(&text, Path::new("t.toml")).expect("config")
+    }
+
+    #[test]
+    fn ids_are_stable_across_rebuilds() {
+        let mut ids = Allocators::new(8);
+        let c1 = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }"#);
+        let p1 = build(&c1, &resolved(&c1), &mut ids).expect("plan");
+        let c2 = config(r#"{ ip = "198.18.0.12" }, { ip = "198.18.0.13" }"#);
+        let p2 = build(&c2, &resolved(&c2), &mut ids).expect("plan");
+        let id_of = |p: &Plan, ip: &str| {
+            let ip: IpAddr = ip.parse().expect("ip");
+            p.backends.iter().find(|(_, (i, _))| *i == ip).map(|(id, _)| *id)
+        };
+        assert_eq!(id_of(&p1, "198.18.0.12"), id_of(&p2, "198.18.0.12"));
+        // .11's id was freed and is the lowest free one: .13 reuses it.
+        assert_eq!(id_of(&p1, "198.18.0.11"), id_of(&p2, "198.18.0.13"));
+        assert_eq!(p1.vips[0].slot, p2.vips[0].slot);
+    }
+
+    #[test]
+    fn plan_fills_vips_and_backends() {
+        let mut ids = Allocators::new(8);
+        let c = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12", weight = 3 }"#);
+        let p = build(&c, &resolved(&c), &mut ids).expect("plan");
+        assert_eq!(p.vips.len(), 2);
+        assert_eq!(p.vips[0].key.port, 80u16.to_be());
+        assert_eq!(p.vips[1].key.port, 0);
+        assert_eq!(p.vips[1].flags, VIP_F_HASH_SRC_ONLY);
+        assert_eq!(p.vips[0].ring.len(), 1009);
+        assert!(p.vips[0].ring.iter().all(|id| p.backends.contains_key(id)));
+        assert_eq!(p.tx_ports, vec![2]);
+        let (ip, b) = p.backends.values().next().expect("backend");
+        assert_eq!(addr_from_bytes(b.addr), *ip);
+    }
+
+    #[test]
+    fn exhausted_slots_leave_allocators_unchanged() {
+        let mut ids = Allocators::new(1);
+        let c = config(r#"{ ip = "198.18.0.11" }"#);
+        assert!(matches!(build(&c, &resolved(&c), &mut ids), Err(PlanError::Exhausted { what: "VIP", .. })));
+        assert!(ids.vips.assigned.is_empty() && ids.backends.assigned.is_empty());
+    }
+}

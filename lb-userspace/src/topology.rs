@@ -1,0 +1,404 @@
+//! The demo and end-to-end test topology: one L2 segment (a bridge in its own namespace)
+//! with a client, the LB and N backends, each in its own namespace. This is the one-arm
+//! layout of an L2 DSR load balancer: the client sends to the VIP via the LB, the LB
+//! rewrites MACs and sends the frame back out (XDP_TX) to a backend, and the backend,
+//! which holds the VIP on its loopback, answers the client directly.
+//!
+//! ```text
+//!   client 198.18.0.2 ─┐                  ┌─ b1 198.18.0.11 (VIP on lo)
+//!                      ├── br0 (switch) ──┼─ b2 198.18.0.12
+//!   lb     198.18.0.1 ─┘   lb_pass on p-lb └─ b3 198.18.0.13 ...
+//!   VIP 198.18.1.100 and fd00:18:1::100, routed by the client via the LB
+//! ```
+//!
+//! Addresses come from 198.18.0.0/15 and fd00::/8 only. Namespace names carry the
+//! process id and a sequence number, so concurrent runs never collide, and
+//! [`netns::sweep_stale`] removes what a killed run left behind. Everything is torn down
+//! on drop, including when a test panics.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    dataplane::{DataplaneError, PassProgram},
+    netinfo,
+    netns::{self, Netns, NetnsError},
+};
+
+pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+pub const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 0x100);
+pub const LB4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const LB6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 1);
+pub const CLIENT4: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 2);
+/// Ports of the services the topology's listeners point at.
+pub const HTTP_PORT: u16 = 80;
+pub const ECHO_PORT: u16 = 7;
+pub const UDP_PORT: u16 = 9000;
+/// Namespace name prefix (followed by the pid).
+pub const NS_PREFIX: &str = "lbt";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("attaching the pass-through XDP program to the LB's switch port: {0}")]
+    Pass(#[from] DataplaneError),
+    #[error(transparent)]
+    Net(#[from] netinfo::NetError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> TopologyError {
+    let what = what.into();
+    move |source| TopologyError::Io { what, source }
+}
+
+/// A backend host.
+#[derive(Debug)]
+pub struct BackendHost {
+    /// 1-based: b1, b2, ...
+    pub index: usize,
+    pub name: String,
+    pub ns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    http: Option<Child>,
+}
+
+impl BackendHost {
+    pub fn mac(&self) -> [u8; 6] {
+        [0x02, 0, 0, 0, 0x01, self.index as u8]
+    }
+}
+
+impl Drop for BackendHost {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.http.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+pub struct Topology {
+    pub id: String,
+    // Field order is drop order: backends and hosts first, the switch last.
+    pub backends: Vec<BackendHost>,
+    pub client: Netns,
+    pub lb: Netns,
+    pass: Option<PassProgram>,
+    pub switch: Netns,
+    /// A pin directory unique to this topology (for the agent's maps).
+    pub pin_dir: PathBuf,
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+impl Topology {
+    /// Builds the segment with `backends` backend hosts.
+    pub fn build(backends: usize) -> Result<Topology, TopologyError> {
+        netns::sweep_stale(NS_PREFIX);
+        let id = format!("{NS_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let switch = Netns::create(&format!("{id}-sw"))?;
+        switch.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let client = Netns::create(&format!("{id}-cl"))?;
+        let lb = Netns::create(&format!("{id}-lb"))?;
+        let mut topo = Topology {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{id}")),
+            id,
+            backends: Vec::new(),
+            client,
+            lb,
+            pass: None,
+            switch,
+        };
+        topo.plug(&topo.client, "p-cl", [2, 0, 0, 0, 0, 2], CLIENT4, CLIENT6)?;
+        topo.plug(&topo.lb, "p-lb", [2, 0, 0, 0, 0, 1], LB4, LB6)?;
+        // The client routes the VIPs via the LB.
+        topo.client.ip(&["route", "add", "198.18.1.0/24", "via", &LB4.to_string()])?;
+        topo.client.ip(&["-6", "route", "add", "fd00:18:1::/64", "via", &LB6.to_string()])?;
+        // Frames leaving a veth with checksum offload carry partial checksums, which
+        // native XDP forwards as they are: make the client's stack compute them.
+        topo.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
+        // Native XDP_TX frames leave the LB's veth towards p-lb: give p-lb NAPI.
+        let ifindex = topo.switch.run(|| netinfo::interface("p-lb").map(|i| i.ifindex))??;
+        topo.pass = Some(topo.switch.run(move || PassProgram::attach(ifindex))??);
+        for _ in 0..backends {
+            topo.add_backend()?;
+        }
+        Ok(topo)
+    }
+
+    /// Connects `host` to the bridge through a veth pair: `eth0` in the host, `port` on
+    /// the bridge.
+    fn plug(&self, host: &Netns, port: &str, mac: [u8; 6], v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), TopologyError> {
+        let mac = crate::config::MacAddr(mac).to_string();
+        self.switch.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "address", &mac, "netns", host.name()])?;
+        self.switch.ip(&["link", "set", port, "master", "br0", "up"])?;
+        host.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        host.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
+        host.ip(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// Adds backend host b{n}: VIPs on its loopback, ARP settings for DSR.
+    pub fn add_backend(&mut self) -> Result<&BackendHost, TopologyError> {
+        let index = self.backends.len() + 1;
+        let name = format!("b{index}");
+        let ns = Netns::create(&format!("{}-{name}", self.id))?;
+        let ip4 = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0x10 + index as u16);
+        let host = BackendHost { index, name, ns, ip4, ip6, http: None };
+        self.plug(&host.ns, &format!("p-{}", host.name), host.mac(), ip4, ip6)?;
+        host.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+        host.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo"])?;
+        // Answer ARP only for addresses of the receiving interface, and never announce
+        // the VIP: only the LB may attract VIP traffic.
+        for iface in ["all", "eth0"] {
+            host.ns.sysctl(&format!("net.ipv4.conf.{iface}.arp_ignore"), "1")?;
+            host.ns.sysctl(&format!("net.ipv4.conf.{iface}.arp_announce"), "2")?;
+        }
+        self.backends.push(host);
+        Ok(self.backends.last().expect("just pushed"))
+    }
+
+    /// Starts a real HTTP server (Python's http.server) on every backend that has none:
+    /// it answers `backend=<name> client=<address it saw>`.
+    pub fn start_http(&mut self) -> Result<(), TopologyError> {
+        let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+        for b in self.backends.iter_mut().filter(|b| b.http.is_none()) {
+            let child = b
+                .ns
+                .command(python)
+                .args(["-c", HTTP_SERVER, &b.name, &HTTP_PORT.to_string()])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(io(format!("starting the HTTP server on {}", b.name)))?;
+            b.http = Some(child);
+        }
+        // Wait until each answers on its own address.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for b in &self.backends {
+            let addr = SocketAddr::new(IpAddr::V4(b.ip4), HTTP_PORT);
+            loop {
+                let up = b.ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+                if up {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(TopologyError::Io {
+                        what: format!("HTTP server on {} did not start within 10 s", b.name),
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    }
+
+    /// An agent config for this topology: HTTP (v4 and v6), echo and UDP listeners,
+    /// all on one target group of the given backends (1-based index, weight).
+    pub fn config(&self, targets: &[(usize, u32)]) -> String {
+        let mut t = String::new();
+        for (i, (index, weight)) in targets.iter().enumerate() {
+            let ip = Ipv4Addr::new(198, 18, 0, 10 + *index as u8);
+            let sep = if i + 1 < targets.len() { "," } else { "" };
+            t.push_str(&format!("\n  {{ ip = \"{ip}\", weight = {weight} }}{sep}"));
+        }
+        format!(
+            r#"# Generated by lb's demo topology {id}.
+version = 1
+
+[dataplane]
+interfaces = ["eth0"]
+xdp_mode = "native"
+pin_dir = "{pin}"
+max_vips = 8
+
+[[listeners]]
+name = "http"
+address = "{VIP4}"
+port = {HTTP_PORT}
+protocol = "tcp"
+target_group = "web"
+
+[[listeners]]
+name = "http6"
+address = "{VIP6}"
+port = {HTTP_PORT}
+protocol = "tcp"
+target_group = "web"
+
+[[listeners]]
+name = "echo"
+address = "{VIP4}"
+port = {ECHO_PORT}
+protocol = "tcp"
+target_group = "web"
+
+[[listeners]]
+name = "udp"
+address = "{VIP4}"
+port = {UDP_PORT}
+protocol = "udp"
+target_group = "web"
+
+[[target_groups]]
+name = "web"
+targets = [{t}
+]
+"#,
+            id = self.id,
+            pin = self.pin_dir.display(),
+        )
+    }
+
+    /// `curl` from the client to `url`; returns the body.
+    pub fn curl(&self, url: &str) -> Result<String, TopologyError> {
+        let out = self.client.exec("curl", &["-sS", "--max-time", "5", "-g", url])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn backend_by_ip(&self, ip: IpAddr) -> Option<&BackendHost> {
+        self.backends.iter().find(|b| IpAddr::V4(b.ip4) == ip || IpAddr::V6(b.ip6) == ip)
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// The backends' HTTP server: Python's standard library server with a handler that
+/// names the backend and the client address it saw. Args: name, port.
+const HTTP_SERVER: &str = r#"
+import http.server, socket, sys
+name, port = sys.argv[1], int(sys.argv[2])
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        client = self.client_address[0].removeprefix("::ffff:")
+        body = f"backend={name} client={client}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+class Server(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+Server(("::", port), Handler).serve_forever()
+"#;
+
+/// What a UDP sink received: (source address, payload).
+pub type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
+
+/// A UDP receiver on `port` in `ns`, until `stop` is set or `limit` passes.
+pub fn udp_sink(ns: &Netns, port: u16, stop: Arc<AtomicBool>, limit: Duration) -> JoinHandle<Result<Result<Datagrams, std::io::Error>, NetnsError>> {
+    ns.spawn(move || {
+        let sock = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        sock.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match sock.recv_from(&mut buf) {
+                Ok((n, from)) => got.push((from, buf[..n].to_vec())),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Drain what is still queued.
+        sock.set_nonblocking(true)?;
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            got.push((from, buf[..n].to_vec()));
+        }
+        Ok(got)
+    })
+}
+
+/// Sends `per_flow` datagrams from each of `flows` source ports (`first_port`..) to
+/// `dst`, from `ns`. Paced lightly so receivers keep up. Returns datagrams sent.
+pub fn send_udp_flows(ns: &Netns, dst: SocketAddr, flows: u16, first_port: u16, per_flow: u32) -> Result<Result<u64, std::io::Error>, NetnsError> {
+    ns.run(move || {
+        let mut sent = 0u64;
+        for f in 0..flows {
+            let sport = first_port + f;
+            let sock = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], sport)))?;
+            for seq in 0..per_flow {
+                sock.send_to(format!("flow={sport} seq={seq}").as_bytes(), dst)?;
+                sent += 1;
+            }
+            if f % 32 == 31 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        Ok(sent)
+    })
+}
+
+/// A TCP echo server on `port` in `ns` that prefixes each reply line with `name: `.
+/// Serves connections until `stop` is set or `limit` passes.
+pub fn tcp_echo(ns: &Netns, name: String, port: u16, stop: Arc<AtomicBool>, limit: Duration) -> JoinHandle<Result<Result<(), std::io::Error>, NetnsError>> {
+    ns.spawn(move || {
+        let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + limit;
+        let mut conns = Vec::new();
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    let name = name.clone();
+                    let stop = stop.clone();
+                    conns.push(std::thread::spawn(move || -> std::io::Result<()> {
+                        conn.set_read_timeout(Some(Duration::from_millis(100)))?;
+                        let mut buf = [0u8; 1024];
+                        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                            match conn.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => {
+                                    conn.write_all(format!("{name}: ").as_bytes())?;
+                                    conn.write_all(&buf[..n])?;
+                                }
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        Ok(())
+                    }));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(e),
+            }
+        }
+        for c in conns {
+            let _ = c.join();
+        }
+        Ok(())
+    })
+}
