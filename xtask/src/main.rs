@@ -1,1 +1,222 @@
-fn main(){}
+//! Project automation (`cargo xtask <command>`): setup from nothing, the test suite and
+//! the demo. Kept dependency-light so that it builds before anything else is installed.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "Build, set up, test and demo the load balancer")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need (idempotent, fast when done): Debian
+    /// packages, rust-src for nightly, bpf-linker linked against rustc's own LLVM,
+    /// and a bpffs at /sys/fs/bpf.
+    Setup,
+    /// Set up, then run every test: unit, packet (BPF_PROG_RUN) and end-to-end
+    /// (network namespaces). Needs root; extra arguments go to `cargo test`.
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run `lb demo` (client, LB and three HTTP backends in network
+    /// namespaces, real traffic, counters). Needs root.
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// Debian packages the tests and the demo use, with a command that proves each present.
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("procps", "sysctl"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Setup => setup(),
+        Cmd::Test { args } => {
+            setup()?;
+            step("running the tests (cargo test)");
+            let mut cmd = Command::new(cargo());
+            // Tests that need root fail instead of skipping: CI must run them all.
+            cmd.current_dir(&root).arg("test").args(&args).env("LB_TESTS_REQUIRE_PRIVILEGES", "1");
+            status(&mut cmd)
+        }
+        Cmd::Demo { args } => {
+            setup()?;
+            step("building lb");
+            status(Command::new(cargo()).current_dir(&root).args(["build", "--release", "-p", "lb-userspace"]))?;
+            step("running `lb demo`");
+            status(Command::new(root.join("target/release/lb")).arg("demo").args(&args))
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let st = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {program} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
+}
+
+fn setup() -> anyhow::Result<()> {
+    packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    bpffs()?;
+    step("setup complete");
+    Ok(())
+}
+
+fn packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().filter(|(_, cmd)| !have(cmd)).map(|(pkg, _)| *pkg).collect();
+    if missing.is_empty() {
+        step("debian packages: present");
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`", missing.join(" "));
+    }
+    step(&format!("installing debian packages {missing:?}"));
+    status(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is needed")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        bail!("the nightly toolchain is not installed; it builds the eBPF program (`rustup toolchain install nightly`)");
+    }
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("rust-src (nightly): present");
+        return Ok(());
+    }
+    step("adding rust-src to nightly");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker 0.13 defaults to LLVM 23, which this Debian lacks: link it against the
+/// libLLVM shipped with the nightly rustc instead (same LLVM major as rustc's bitcode).
+fn bpf_linker() -> anyhow::Result<()> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
+    let linker = PathBuf::from(&cargo_home).join("bin/bpf-linker");
+    let works = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    if works {
+        step("bpf-linker: present");
+        return Ok(());
+    }
+    step(&format!("building bpf-linker {BPF_LINKER_VERSION} against rustc's own libLLVM (about 1.5 min)"));
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?.trim().to_string();
+    let libdir = PathBuf::from(&sysroot).join("lib");
+    let llvm_so = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-")))
+        .with_context(|| format!("no libLLVM.so.*-rust-* in {}", libdir.display()))?;
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("rustc -vV printed no LLVM version")?
+        .to_string();
+    // Must outlive the build: the linker's RUNPATH points here.
+    let prefix = PathBuf::from(&home).join(".local/share/bpf-linker/llvm-nightly");
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    let file_name = llvm_so.file_name().context("libLLVM path has no file name")?;
+    for link in [lib.join("libLLVM.so"), lib.join(file_name)] {
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm_so, &link).with_context(|| format!("linking {}", link.display()))?;
+    }
+    status(
+        Command::new("cargo")
+            .args(["+stable", "install", "--locked", "--force", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .env("LLVM_PREFIX", &prefix),
+    )
+    .context("building bpf-linker")?;
+    let check = Command::new(&linker).arg("--version").output().context("running bpf-linker")?;
+    if !check.status.success() {
+        bail!("bpf-linker was built but does not start: {}", String::from_utf8_lossy(&check.stderr));
+    }
+    Ok(())
+}
+
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+        step("bpffs at /sys/fs/bpf: mounted");
+        return Ok(());
+    }
+    if !is_root() {
+        step("bpffs is not mounted at /sys/fs/bpf and this is not root: the tests that need it will say so");
+        return Ok(());
+    }
+    step("mounting bpffs at /sys/fs/bpf");
+    status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}

@@ -1,0 +1,297 @@
+//! End to end: a client, the LB (agent in native XDP mode) and real servers in network
+//! namespaces on one L2 segment (see lb_userspace::topology). Real curl, real HTTP
+//! servers, real UDP and TCP sockets. Namespaces are deleted on drop, also on failure.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::{BufRead, BufReader, Write},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use lb_common::GlobalCounter;
+use lb_tests::{privileged, traffic_lock};
+use lb_userspace::{
+    agent::{AgentHandle, RunOptions},
+    stats::Snapshot,
+    topology::{self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, Topology, UDP_PORT, VIP4, VIP6},
+};
+
+/// Writes the topology's config for `targets` and starts the agent on the LB.
+fn start_agent(topo: &Topology, targets: &[(usize, u32)]) -> (AgentHandle, std::path::PathBuf) {
+    let path = std::env::temp_dir().join(format!("{}.toml", topo.id));
+    std::fs::write(&path, topo.config(targets)).expect("write config");
+    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&path)).expect("agent starts");
+    (agent, path)
+}
+
+fn stats(topo: &Topology) -> Snapshot {
+    Snapshot::read_pinned(&topo.pin_dir).expect("pinned maps readable")
+}
+
+#[test]
+fn http_through_the_vip_reaches_backends_with_the_client_address() {
+    if !privileged("http_through_the_vip_reaches_backends_with_the_client_address") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut topo = Topology::build(3).expect("topology");
+    topo.start_http().expect("http servers");
+    let (agent, _cfg) = start_agent(&topo, &[(1, 1), (2, 1), (3, 1)]);
+
+    let mut seen = HashSet::new();
+    for (url, client) in [(format!("http://{VIP4}/"), CLIENT4.to_string()), (format!("http://[{VIP6}]/"), CLIENT6.to_string())] {
+        for _ in 0..12 {
+            let body = topo.curl(&url).expect("curl");
+            let (backend, saw) = body.split_once(' ').expect("body is `backend=.. client=..`");
+            assert_eq!(saw, format!("client={client}"), "the backend must see the client's own address: {body}");
+            seen.insert(backend.to_string());
+        }
+    }
+    // 24 connections over 3 equal backends: all on one would be a broken hash.
+    assert!(seen.len() >= 2, "connections should spread over backends, got {seen:?}");
+
+    let s = stats(&topo);
+    let http4 = s.vips.iter().find(|v| v.vip == format!("{VIP4}:80/tcp")).expect("http VIP");
+    let http6 = s.vips.iter().find(|v| v.vip == format!("[{VIP6}]:80/tcp")).expect("http6 VIP");
+    assert!(http4.packets >= 12 * 3 && http6.packets >= 12 * 3, "{http4:?} {http6:?}");
+    let forwarded = s.global(GlobalCounter::Tx);
+    let per_backend: u64 = s.backends.iter().map(|b| b.packets).sum();
+    assert_eq!(forwarded, per_backend, "every forwarded frame is counted on its backend");
+    assert_eq!(forwarded, http4.packets + http6.packets, "and on its VIP");
+    assert_eq!(s.global(GlobalCounter::DropNoBackend), 0);
+    agent.stop().expect("clean stop");
+    assert!(!topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins removed on stop");
+}
+
+#[test]
+fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
+    if !privileged("udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let topo = Topology::build(3).expect("topology");
+    let (agent, _cfg) = start_agent(&topo, &[(1, 1), (2, 2), (3, 3)]);
+
+    const FLOWS: u16 = 3000;
+    const PER_FLOW: u32 = 2;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sinks: Vec<_> =
+        topo.backends.iter().map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60))).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let sent = topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), FLOWS, 20_000, PER_FLOW)
+        .expect("netns")
+        .expect("send");
+    assert_eq!(sent, FLOWS as u64 * PER_FLOW as u64);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let mut flow_backend: HashMap<u16, usize> = HashMap::new();
+    let mut per_backend = Vec::new();
+    let mut received = 0u64;
+    for (i, sink) in sinks.into_iter().enumerate() {
+        let got = sink.join().expect("sink thread").expect("netns").expect("recv");
+        let mut flows = HashSet::new();
+        for (from, _) in &got {
+            assert_eq!(from.ip(), IpAddr::V4(CLIENT4), "source address rewritten: {from}");
+            let prev = flow_backend.insert(from.port(), i);
+            assert!(prev.is_none() || prev == Some(i), "flow from port {} reached two backends", from.port());
+            flows.insert(from.port());
+        }
+        received += got.len() as u64;
+        per_backend.push((got.len() as u64, flows.len()));
+    }
+    assert_eq!(received, sent, "every datagram arrived once");
+    assert_eq!(flow_backend.len(), FLOWS as usize, "every flow arrived");
+    // Weights 1:2:3. Expected flows 500/1000/1500; binomial sd <= 28, so 20% is > 5 sd.
+    for (i, (weight, (_, flows))) in [1.0f64, 2.0, 3.0].iter().zip(&per_backend).enumerate() {
+        let expected = FLOWS as f64 * weight / 6.0;
+        let ratio = *flows as f64 / expected;
+        assert!((0.8..1.2).contains(&ratio), "backend b{} got {flows} flows, expected ~{expected:.0}", i + 1);
+    }
+    eprintln!("flows per backend (weights 1:2:3): {:?}", per_backend.iter().map(|(_, f)| f).collect::<Vec<_>>());
+
+    let s = stats(&topo);
+    let udp = s.vips.iter().find(|v| v.vip == format!("{VIP4}:{UDP_PORT}/udp")).expect("udp VIP");
+    assert_eq!(udp.packets, sent, "VIP counter equals datagrams sent");
+    for (b, (datagrams, _)) in topo.backends.iter().zip(&per_backend) {
+        let c = s.backend(IpAddr::V4(b.ip4)).expect("backend stats");
+        assert_eq!(c.packets, *datagrams, "{} counter equals what it received", b.name);
+    }
+    assert_eq!(s.global(GlobalCounter::ConnMiss), FLOWS as u64, "one connection-table miss per flow");
+    assert_eq!(s.global(GlobalCounter::ConnHit), FLOWS as u64 * (PER_FLOW as u64 - 1));
+    agent.stop().expect("clean stop");
+}
+
+/// Sends a line on `conn` and returns the echoing backend's name.
+fn echo(conn: &mut BufReader<TcpStream>, msg: &str) -> String {
+    conn.get_mut().write_all(format!("{msg}\n").as_bytes()).expect("send");
+    let mut line = String::new();
+    conn.read_line(&mut line).expect("echo reply");
+    let (backend, rest) = line.trim_end().split_once(": ").expect("`name: msg` reply");
+    assert_eq!(rest, msg);
+    backend.to_string()
+}
+
+#[test]
+fn long_lived_tcp_connections_stay_while_a_backend_is_added() {
+    if !privileged("long_lived_tcp_connections_stay_while_a_backend_is_added") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut topo = Topology::build(2).expect("topology");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut servers = Vec::new();
+    for b in &topo.backends {
+        servers.push(topology::tcp_echo(&b.ns, b.name.clone(), ECHO_PORT, stop.clone(), Duration::from_secs(60)));
+    }
+    let (agent, cfg) = start_agent(&topo, &[(1, 1), (2, 1)]);
+
+    // Twelve long-lived connections, opened while only b1 and b2 are targets.
+    let vip = SocketAddr::new(IpAddr::V4(VIP4), ECHO_PORT);
+    let mut conns: Vec<(BufReader<TcpStream>, String)> = topo
+        .client
+        .run(move || {
+            (0..12)
+                .map(|i| {
+                    let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect to VIP");
+                    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                    let mut r = BufReader::new(s);
+                    let b = echo(&mut r, &format!("hello {i}"));
+                    (r, b)
+                })
+                .collect()
+        })
+        .expect("netns");
+
+    // Add b3 at runtime and reload.
+    topo.add_backend().expect("b3");
+    let b3 = topo.backends.last().expect("b3");
+    servers.push(topology::tcp_echo(&b3.ns, b3.name.clone(), ECHO_PORT, stop.clone(), Duration::from_secs(60)));
+    std::fs::write(&cfg, topo.config(&[(1, 1), (2, 1), (3, 1)])).expect("write config");
+    agent.reload().expect("reload with b3 applies");
+    assert!(stats(&topo).backend(IpAddr::V4(b3.ip4)).is_some(), "b3 is in the datapath");
+
+    // A broken config is rejected whole and changes nothing.
+    std::fs::write(&cfg, topo.config(&[(1, 1), (2, 1), (3, 1)]).replace("weight = 1", "weight = 0")).expect("write");
+    let err = agent.reload().expect_err("weight 0 is invalid");
+    assert!(err.contains("weights go from 1 to"), "{err}");
+    assert_eq!(stats(&topo).backends.len(), 3, "running state unchanged after a rejected reload");
+
+    // The established connections keep talking to the backend they started on.
+    for round in 0..5 {
+        for (i, (conn, backend)) in conns.iter_mut().enumerate() {
+            assert_eq!(&echo(conn, &format!("round {round} conn {i}")), backend, "connection {i} moved");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // New connections reach the new backend.
+    let names: Vec<String> = topo
+        .client
+        .run(move || {
+            (0..30)
+                .map(|i| {
+                    let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect to VIP");
+                    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                    echo(&mut BufReader::new(s), &format!("new {i}"))
+                })
+                .collect()
+        })
+        .expect("netns");
+    assert!(names.iter().any(|n| n == "b3"), "30 new connections, none on b3: {names:?}");
+
+    drop(conns);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in servers {
+        s.join().expect("server thread").expect("netns").expect("echo server");
+    }
+    agent.stop().expect("clean stop");
+}
+
+#[test]
+fn the_lb_hosts_own_addresses_still_answer() {
+    if !privileged("the_lb_hosts_own_addresses_still_answer") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let topo = Topology::build(1).expect("topology");
+    let (agent, _cfg) = start_agent(&topo, &[(1, 1)]);
+    let before = stats(&topo).global(GlobalCounter::PassNotVip);
+
+    for addr in [SocketAddr::new(IpAddr::V4(LB4), 8080), SocketAddr::new(IpAddr::V6(LB6), 8080)] {
+        let listener = topo.lb.run(move || TcpListener::bind(addr)).expect("netns").expect("bind on the LB");
+        let server = std::thread::spawn(move || {
+            let (mut s, peer) = listener.accept().expect("accept");
+            s.write_all(format!("lb host sees {}\n", peer.ip()).as_bytes()).expect("write");
+        });
+        let line = topo
+            .client
+            .run(move || {
+                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(3)).expect("connect to the LB host");
+                s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                let mut line = String::new();
+                BufReader::new(s).read_line(&mut line).expect("read");
+                line
+            })
+            .expect("netns");
+        server.join().expect("server");
+        assert!(line.starts_with("lb host sees "), "{line}");
+    }
+    let s = stats(&topo);
+    assert!(s.global(GlobalCounter::PassNotVip) >= before + 4, "host traffic passes to the kernel");
+    assert_eq!(s.global(GlobalCounter::Tx), 0, "nothing was forwarded");
+    agent.stop().expect("clean stop");
+}
+
+fn start_err(topo: &Topology, config: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}-bad.toml", topo.id));
+    std::fs::write(&path, config).expect("write");
+    let mut opts = RunOptions::new(&path);
+    opts.resolve_wait = Duration::from_millis(500);
+    let err = AgentHandle::start_in(&topo.lb, opts).err().expect("agent must refuse").to_string();
+    let _ = std::fs::remove_file(&path);
+    // Nothing half-applied: no XDP program left on the LB's interface, no pins.
+    let link = topo.lb.ip(&["-j", "link", "show", "eth0"]).expect("ip link");
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("\"xdp\""), "XDP left attached after: {err}");
+    assert!(!topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins left after: {err}");
+    err
+}
+
+#[test]
+fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
+    if !privileged("the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let topo = Topology::build(1).expect("topology");
+    let good = topo.config(&[(1, 1)]);
+
+    let err = start_err(&topo, &good.replace("interfaces = [\"eth0\"]", "interfaces = [\"eth9\"]"));
+    assert!(err.contains("no interface named `eth9`") && err.contains("eth0"), "{err}");
+
+    // Off-link target: routed via a gateway.
+    topo.lb.ip(&["route", "add", "198.19.0.0/24", "via", "198.18.0.11"]).expect("route");
+    let err = start_err(&topo, &good.replace("198.18.0.11\"", "198.19.0.5\""));
+    assert!(err.contains("not on-link") && err.contains("via gateway 198.18.0.11"), "{err}");
+
+    // On-link address where nobody answers ARP.
+    let err = start_err(&topo, &good.replace("198.18.0.11\"", "198.18.0.99\""));
+    assert!(err.contains("did not answer ARP"), "{err}");
+
+    // A target that is the LB itself.
+    let err = start_err(&topo, &good.replace("198.18.0.11\"", &format!("{LB4}\"")));
+    assert!(err.contains("is an address of this host"), "{err}");
+
+    // Another XDP program already on the interface: a second agent must not steal it.
+    let (agent, _cfg) = start_agent(&topo, &[(1, 1)]);
+    let other_pins = good.replace(&topo.pin_dir.display().to_string(), &format!("{}-second", topo.pin_dir.display()));
+    let path = std::env::temp_dir().join(format!("{}-second.toml", topo.id));
+    std::fs::write(&path, other_pins).expect("write");
+    let err = AgentHandle::start_in(&topo.lb, RunOptions::new(&path)).err().expect("second agent refused").to_string();
+    let _ = std::fs::remove_file(&path);
+    assert!(err.contains("already has an XDP program attached"), "{err}");
+    // The first agent still forwards.
+    assert!(stats(&topo).backend(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))).is_some());
+    agent.stop().expect("clean stop");
+}
