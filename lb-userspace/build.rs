@@ -21,8 +21,6 @@ fn main() -> anyhow::Result<()> {
 
 fn cargo_metadata_root() -> anyhow::Result<String> {
     let manifest = std::env::var("CARGO_MANIFEST_DIR")?;
-    let parent = std::path::Path::new(&manifest)
-        .parent()
-        .ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR has no parent"))?;
+    let parent = std::path::Path::new(&manifest).parent().ok_or_else(|| anyhow!("CARGO_MANIFEST_DIR has no parent"))?;
     Ok(parent.display().to_string())
 }

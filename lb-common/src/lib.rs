@@ -52,8 +52,7 @@ pub mod maps {
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 8] =
-        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+    pub const ALL: [&str; 8] = [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
 }
 
 /// Read-only globals the agent sets at load time (`EbpfLoader::set_global`).

@@ -15,8 +15,7 @@ mod parse;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_HASH_SRC_ONLY, VipKey,
-    VipMeta, flow_hash,
+    BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, flow_hash,
 };
 use network_types::eth::EthHdr;
 

@@ -7,9 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey,
-    FlowValue, GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey,
-    VipMeta,
+    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowValue, GlobalCounter,
+    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey, VipMeta,
 };
 
 /// VIPs keyed by (address, port, protocol).
@@ -18,8 +17,7 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 
 
 /// Maglev rings, `RINGS_PER_VIP` per VIP slot, `LB_RING_SIZE` backend ids each.
 #[map(name = "LB_RINGS")]
-pub static RINGS: Array<u32> =
-    Array::with_max_entries(RINGS_PER_VIP * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(RINGS_PER_VIP * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
 
 /// Backend id -> MACs, interface, flags. Id 0 is never valid.
 #[map(name = "LB_BACKENDS")]

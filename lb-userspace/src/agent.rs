@@ -33,7 +33,9 @@ pub enum AgentError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
-    #[error("changing `dataplane.{field}` needs a restart of the agent (reload keeps the loaded maps); the running config is unchanged")]
+    #[error(
+        "changing `dataplane.{field}` needs a restart of the agent (reload keeps the loaded maps); the running config is unchanged"
+    )]
     NeedsRestart { field: &'static str },
     #[error("resolving targets was interrupted: {0}")]
     Join(String),
@@ -63,7 +65,12 @@ pub struct RunOptions {
 
 impl RunOptions {
     pub fn new(config_path: impl Into<PathBuf>) -> Self {
-        RunOptions { config_path: config_path.into(), xdp_mode: None, pin_dir: None, resolve_wait: Duration::from_secs(3) }
+        RunOptions {
+            config_path: config_path.into(),
+            xdp_mode: None,
+            pin_dir: None,
+            resolve_wait: Duration::from_secs(3),
+        }
     }
 
     /// Loads the config file with the overrides applied, validated.
@@ -89,7 +96,11 @@ struct Agent {
 
 /// Runs until `Control::Shutdown` (or the sender is dropped). `ready` fires once the
 /// program is attached, the maps filled and pinned.
-pub async fn run(opts: RunOptions, mut control: mpsc::Receiver<Control>, ready: Option<oneshot::Sender<()>>) -> Result<(), AgentError> {
+pub async fn run(
+    opts: RunOptions,
+    mut control: mpsc::Receiver<Control>,
+    ready: Option<oneshot::Sender<()>>,
+) -> Result<(), AgentError> {
     let mut agent = start(opts).await?;
     if let Some(ready) = ready {
         let _ = ready.send(());
@@ -128,7 +139,12 @@ async fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     let mut ids = Allocators::new(dpc.max_vips);
     let plan = plan::build(&config, &resolved, &mut ids)?;
     let report = dp.apply(&plan)?;
-    info!(vips = plan.vips.len(), backends = plan.backends.len(), ring_slots = report.ring_slots_written, "maps filled");
+    info!(
+        vips = plan.vips.len(),
+        backends = plan.backends.len(),
+        ring_slots = report.ring_slots_written,
+        "maps filled"
+    );
     for iface in &interfaces {
         // On error `dp` is dropped, which detaches from the interfaces done so far.
         dp.attach(iface, dpc.xdp_mode)?;
@@ -212,13 +228,19 @@ impl AgentHandle {
         let (tx, rx) = mpsc::channel(4);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread = ns.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| AgentError::Join(e.to_string()))?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Join(e.to_string()))?;
             rt.block_on(run(opts, rx, Some(ready_tx)))
         });
         let mut handle = AgentHandle { tx, thread: Some(thread) };
         if ready_rx.blocking_recv().is_err() {
             // The agent returned before becoming ready: report why.
-            return Err(handle.join().err().unwrap_or_else(|| AgentError::Join("agent exited before it was ready".into())));
+            return Err(handle
+                .join()
+                .err()
+                .unwrap_or_else(|| AgentError::Join("agent exited before it was ready".into())));
         }
         Ok(handle)
     }
@@ -226,7 +248,9 @@ impl AgentHandle {
     /// Asks the agent to reload its config file; returns the outcome.
     pub fn reload(&self) -> Result<(), String> {
         let (reply, outcome) = oneshot::channel();
-        self.tx.blocking_send(Control::Reload { reply: Some(reply) }).map_err(|_| "agent is not running".to_string())?;
+        self.tx
+            .blocking_send(Control::Reload { reply: Some(reply) })
+            .map_err(|_| "agent is not running".to_string())?;
         outcome.blocking_recv().map_err(|_| "agent stopped during the reload".to_string())?
     }
 

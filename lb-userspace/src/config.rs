@@ -32,13 +32,17 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("config version {found} is not supported (this lb reads version {CONFIG_VERSION}); set `version = {CONFIG_VERSION}`")]
+    #[error(
+        "config version {found} is not supported (this lb reads version {CONFIG_VERSION}); set `version = {CONFIG_VERSION}`"
+    )]
     Version { found: u32 },
     #[error("no interface to attach to: list at least one in `dataplane.interfaces`, e.g. interfaces = [\"eth0\"]")]
     NoInterfaces,
     #[error("interface `{name}` is listed twice in `dataplane.interfaces`")]
     DuplicateInterface { name: String },
-    #[error("ring_size {ring_size} is not a prime number: Maglev needs a prime table size (e.g. 65537, 131071, 262139)")]
+    #[error(
+        "ring_size {ring_size} is not a prime number: Maglev needs a prime table size (e.g. 65537, 131071, 262139)"
+    )]
     RingNotPrime { ring_size: u32 },
     #[error("ring_size {ring_size} is out of range: use a prime between 3 and {MAX_RING_SIZE}")]
     RingSize { ring_size: u32 },
@@ -46,15 +50,21 @@ pub enum ConfigError {
     MaxVips { max_vips: u32 },
     #[error("conn_table_size {size} is out of range: use 1024..=16777216")]
     ConnTableSize { size: u32 },
-    #[error("{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners")]
+    #[error(
+        "{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners"
+    )]
     TooManyListeners { count: usize, max: u32 },
     #[error("{count} distinct targets exceed the capacity of {max}: remove targets")]
     TooManyTargets { count: usize, max: u32 },
     #[error("listener name `{name}` is used twice: listener names must be unique")]
     DuplicateListener { name: String },
-    #[error("listeners `{first}` and `{second}` both claim {vip}: each (address, port, protocol) can have one listener")]
+    #[error(
+        "listeners `{first}` and `{second}` both claim {vip}: each (address, port, protocol) can have one listener"
+    )]
     DuplicateVip { first: String, second: String, vip: String },
-    #[error("listener `{listener}` names target group `{group}`, which is not defined: add a [[target_groups]] entry named `{group}` or fix the name")]
+    #[error(
+        "listener `{listener}` names target group `{group}`, which is not defined: add a [[target_groups]] entry named `{group}` or fix the name"
+    )]
     UnknownTargetGroup { listener: String, group: String },
     #[error("target group name `{name}` is used twice")]
     DuplicateTargetGroup { name: String },
@@ -280,15 +290,15 @@ fn default_weight() -> u32 {
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
@@ -356,10 +366,10 @@ impl Config {
                             reason: "its MAC must be a unicast, non-zero address",
                         });
                     }
-                    if let Some(prev) = macs.insert(t.ip, mac) {
-                        if prev != mac {
-                            return Err(ConfigError::ConflictingMac { ip: t.ip, a: prev, b: mac });
-                        }
+                    if let Some(prev) = macs.insert(t.ip, mac)
+                        && prev != mac
+                    {
+                        return Err(ConfigError::ConflictingMac { ip: t.ip, a: prev, b: mac });
                     }
                 }
             }

@@ -25,7 +25,7 @@ pub enum DataplaneError {
     #[error("loading the XDP object failed: {source}{hint}")]
     Load {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
         hint: &'static str,
     },
     #[error("the XDP object has no map `{name}` (lb-ebpf and lb-common disagree: rebuild)")]
@@ -36,37 +36,39 @@ pub enum DataplaneError {
     Verify {
         name: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
-    #[error("interface `{iface}` already has an XDP program attached (id {prog_id}): stop the agent that owns it, or detach it with `ip link set dev {iface} xdp off`")]
+    #[error(
+        "interface `{iface}` already has an XDP program attached (id {prog_id}): stop the agent that owns it, or detach it with `ip link set dev {iface} xdp off`"
+    )]
     AlreadyAttached { iface: String, prog_id: u32 },
     #[error("attaching to `{iface}` in {mode} mode failed: {source}{hint}")]
     Attach {
         iface: String,
         mode: &'static str,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
     #[error("map `{name}`: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("redirect port (ifindex {ifindex}): {source}")]
     TxPort {
         ifindex: u32,
         #[source]
-        source: aya::maps::xdp::XdpMapError,
+        source: Box<aya::maps::xdp::XdpMapError>,
     },
     #[error("pinning map `{name}` at {path}: {source}; is a bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)")]
     Pin {
         name: &'static str,
         path: PathBuf,
         #[source]
-        source: aya::pin::PinError,
+        source: Box<aya::pin::PinError>,
     },
     #[error("pin directory {path}: {source}")]
     PinDir {
@@ -78,17 +80,16 @@ pub enum DataplaneError {
     SlotOutOfRange { slot: u32, max_vips: u32 },
 }
 
-const PERMISSION_HINT: &str =
-    " (permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
+const PERMISSION_HINT: &str = " (permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
 
 /// `hint` if the error chain holds EPERM/EACCES.
 fn permission_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
-                return PERMISSION_HINT;
-            }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+        {
+            return PERMISSION_HINT;
         }
         cur = err.source();
     }
@@ -142,7 +143,7 @@ impl Dataplane {
             .load(crate::EBPF_OBJECT)
             .map_err(|source| {
                 let hint = permission_hint(&source);
-                DataplaneError::Load { source, hint }
+                DataplaneError::Load { source: Box::new(source), hint }
             })?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
@@ -160,7 +161,7 @@ impl Dataplane {
     /// The loaded LB program (for BPF_PROG_RUN).
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
         let p = self.ebpf.program(programs::LB).ok_or(DataplaneError::MissingProgram { name: programs::LB })?;
-        p.try_into().map_err(|source| DataplaneError::Verify { name: programs::LB, source, hint: "" })
+        p.try_into().map_err(|source| DataplaneError::Verify { name: programs::LB, source: Box::new(source), hint: "" })
     }
 
     /// A map of the loaded object, by its lb-common name.
@@ -182,11 +183,11 @@ impl Dataplane {
             .program_mut(programs::LB)
             .ok_or(DataplaneError::MissingProgram { name: programs::LB })?
             .try_into()
-            .map_err(|source| DataplaneError::Verify { name: programs::LB, source, hint: "" })?;
+            .map_err(|source| DataplaneError::Verify { name: programs::LB, source: Box::new(source), hint: "" })?;
         let attempt = |prog: &mut Xdp, m: AyaXdpMode, label: &'static str| {
             prog.attach_to_if_index(iface.ifindex, m).map_err(|source| {
                 let hint = attach_hint(&source, &iface.name);
-                DataplaneError::Attach { iface: iface.name.clone(), mode: label, source, hint }
+                DataplaneError::Attach { iface: iface.name.clone(), mode: label, source: Box::new(source), hint }
             })
         };
         let (id, used) = match mode {
@@ -217,7 +218,7 @@ impl Dataplane {
                 if !self.applied.tx_ports.contains(&ifindex) {
                     ports
                         .insert(ifindex, ifindex, None, 0)
-                        .map_err(|source| DataplaneError::TxPort { ifindex, source })?;
+                        .map_err(|source| DataplaneError::TxPort { ifindex, source: Box::new(source) })?;
                     self.applied.tx_ports.insert(ifindex);
                 }
             }
@@ -226,7 +227,9 @@ impl Dataplane {
             let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
             for (&id, (_, b)) in &plan.backends {
                 if self.applied.backends.get(&id) != Some(b) {
-                    backends.set(id, b, 0).map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source })?;
+                    backends
+                        .set(id, b, 0)
+                        .map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source: Box::new(source) })?;
                     self.applied.backends.insert(id, *b);
                     report.backends_written += 1;
                 }
@@ -241,8 +244,8 @@ impl Dataplane {
             let current = self.applied.vips.get(&vip.key).copied();
             let target_ring = match current {
                 Some(meta) if meta.id == vip.slot => {
-                    let unchanged = meta.flags == vip.flags
-                        && self.applied.rings.get(&meta.ring).is_some_and(|r| *r == vip.ring);
+                    let unchanged =
+                        meta.flags == vip.flags && self.applied.rings.get(&meta.ring).is_some_and(|r| *r == vip.ring);
                     if unchanged {
                         continue;
                     }
@@ -253,7 +256,8 @@ impl Dataplane {
             report.ring_slots_written += self.write_ring(target_ring, &vip.ring, m)?;
             let meta = VipMeta { id: vip.slot, ring: target_ring, flags: vip.flags, _pad: 0 };
             let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> = typed(self.ebpf.map_mut(maps::VIPS), maps::VIPS)?;
-            vips.insert(vip.key, meta, 0).map_err(|source| DataplaneError::Map { name: maps::VIPS, source })?;
+            vips.insert(vip.key, meta, 0)
+                .map_err(|source| DataplaneError::Map { name: maps::VIPS, source: Box::new(source) })?;
             self.applied.vips.insert(vip.key, meta);
             report.vips_switched += 1;
             debug!(vip = %vip.name, ring = target_ring, "VIP switched to new ring");
@@ -265,20 +269,22 @@ impl Dataplane {
         if !stale.is_empty() {
             let mut vips: BpfHashMap<&mut MapData, VipKey, VipMeta> = typed(self.ebpf.map_mut(maps::VIPS), maps::VIPS)?;
             for key in stale {
-                vips.remove(&key).map_err(|source| DataplaneError::Map { name: maps::VIPS, source })?;
+                vips.remove(&key)
+                    .map_err(|source| DataplaneError::Map { name: maps::VIPS, source: Box::new(source) })?;
                 self.applied.vips.remove(&key);
                 report.vips_removed += 1;
             }
         }
 
         // 4. Backends no longer configured: no ring points at them any more.
-        let stale: Vec<u32> = self.applied.backends.keys().filter(|id| !plan.backends.contains_key(id)).copied().collect();
+        let stale: Vec<u32> =
+            self.applied.backends.keys().filter(|id| !plan.backends.contains_key(id)).copied().collect();
         if !stale.is_empty() {
             let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
             for id in stale {
                 backends
                     .set(id, Backend::default(), 0)
-                    .map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source })?;
+                    .map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source: Box::new(source) })?;
                 self.applied.backends.remove(&id);
                 report.backends_removed += 1;
             }
@@ -289,7 +295,9 @@ impl Dataplane {
         if !stale.is_empty() {
             let mut ports: DevMapHash<&mut MapData> = typed(self.ebpf.map_mut(maps::TX_PORTS), maps::TX_PORTS)?;
             for ifindex in stale {
-                ports.remove(ifindex).map_err(|source| DataplaneError::Map { name: maps::TX_PORTS, source })?;
+                ports
+                    .remove(ifindex)
+                    .map_err(|source| DataplaneError::Map { name: maps::TX_PORTS, source: Box::new(source) })?;
                 self.applied.tx_ports.remove(&ifindex);
             }
         }
@@ -305,7 +313,9 @@ impl Dataplane {
         let mut written = 0;
         for (i, (&new, &was)) in table.iter().zip(&old).enumerate() {
             if new != was {
-                rings.set(base + i as u32, new, 0).map_err(|source| DataplaneError::Map { name: maps::RINGS, source })?;
+                rings
+                    .set(base + i as u32, new, 0)
+                    .map_err(|source| DataplaneError::Map { name: maps::RINGS, source: Box::new(source) })?;
                 written += 1;
             }
         }
@@ -322,7 +332,11 @@ impl Dataplane {
                 warn!(path = %path.display(), "removing a stale pin from an earlier run");
                 std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
             }
-            self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin { name, path, source })?;
+            self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin {
+                name,
+                path,
+                source: Box::new(source),
+            })?;
         }
         self.pinned = Some(dir.to_owned());
         Ok(())
@@ -364,7 +378,7 @@ where
     T: TryFrom<&'a mut Map, Error = aya::maps::MapError>,
 {
     let map = map.ok_or(DataplaneError::MissingMap { name })?;
-    T::try_from(map).map_err(|source| DataplaneError::Map { name, source })
+    T::try_from(map).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
@@ -372,10 +386,10 @@ fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneErro
         .program_mut(name)
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
-        .map_err(|source| DataplaneError::Verify { name, source, hint: "" })?;
+        .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
     prog.load().map_err(|source| {
         let hint = permission_hint(&source);
-        DataplaneError::Verify { name, source, hint }
+        DataplaneError::Verify { name, source: Box::new(source), hint }
     })
 }
 
@@ -409,18 +423,18 @@ impl PassProgram {
             .load(crate::EBPF_OBJECT)
             .map_err(|source| {
                 let hint = permission_hint(&source);
-                DataplaneError::Load { source, hint }
+                DataplaneError::Load { source: Box::new(source), hint }
             })?;
         load_program(&mut ebpf, programs::PASS)?;
         let prog: &mut Xdp = ebpf
             .program_mut(programs::PASS)
             .ok_or(DataplaneError::MissingProgram { name: programs::PASS })?
             .try_into()
-            .map_err(|source| DataplaneError::Verify { name: programs::PASS, source, hint: "" })?;
+            .map_err(|source| DataplaneError::Verify { name: programs::PASS, source: Box::new(source), hint: "" })?;
         prog.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| DataplaneError::Attach {
             iface: format!("ifindex {ifindex}"),
             mode: "native",
-            source,
+            source: Box::new(source),
             hint: "",
         })?;
         Ok(PassProgram { _ebpf: ebpf })
@@ -430,6 +444,6 @@ impl PassProgram {
 /// Opens a pinned map of a running agent.
 pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, DataplaneError> {
     let path = dir.join(name);
-    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source })?;
-    Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source })
+    let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
+    Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })
 }

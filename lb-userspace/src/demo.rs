@@ -27,7 +27,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads XDP programs: run it as root (sudo lb demo)");
     }
-    let flows = u16::try_from(opts.udp_flows).ok().filter(|f| (1..=20_000).contains(f)).context("--udp-flows must be 1..=20000")?;
+    let flows = u16::try_from(opts.udp_flows)
+        .ok()
+        .filter(|f| (1..=20_000).contains(f))
+        .context("--udp-flows must be 1..=20000")?;
 
     println!("== Building the demo topology (client, LB, 3 backends on one L2 segment)");
     let mut topo = Topology::build(3).context("building the demo topology")?;
@@ -37,7 +40,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     std::fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
     let _remove_config = RemoveOnDrop(config_path.clone());
     println!("   namespaces: {}-{{sw,cl,lb,b1,b2,b3}}", topo.id);
-    println!("   client {CLIENT4}, LB {}, backends {}", topology::LB4, topo.backends.iter().map(|b| b.ip4.to_string()).collect::<Vec<_>>().join(", "));
+    println!(
+        "   client {CLIENT4}, LB {}, backends {}",
+        topology::LB4,
+        topo.backends.iter().map(|b| b.ip4.to_string()).collect::<Vec<_>>().join(", ")
+    );
     println!("   VIPs {VIP4} and {VIP6}; agent config {}", config_path.display());
 
     println!("\n== Starting the agent on the LB (native XDP on eth0)");
@@ -57,7 +64,11 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
 
     println!("\n== {flows} UDP flows (3 datagrams each) to {VIP4}:{UDP_PORT}");
     let stop = Arc::new(AtomicBool::new(false));
-    let sinks: Vec<_> = topo.backends.iter().map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60))).collect();
+    let sinks: Vec<_> = topo
+        .backends
+        .iter()
+        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60)))
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
     let sent = topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), flows, 20_000, 3)??;
     std::thread::sleep(Duration::from_millis(500));
@@ -66,7 +77,12 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     for (b, sink) in topo.backends.iter().zip(sinks) {
         let got = sink.join().map_err(|_| anyhow::anyhow!("UDP sink thread panicked"))???;
         let kept = got.iter().filter(|(from, _)| from.ip() == IpAddr::V4(CLIENT4)).count();
-        println!("   {} received {:>5} datagrams, {:>5} of them from the client's own address {CLIENT4}", b.name, got.len(), kept);
+        println!(
+            "   {} received {:>5} datagrams, {:>5} of them from the client's own address {CLIENT4}",
+            b.name,
+            got.len(),
+            kept
+        );
         received += got.len();
     }
     println!("   sent {sent}, received {received}");

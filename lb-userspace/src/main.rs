@@ -76,9 +76,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()) {
@@ -132,7 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config::EXAMPLE);
             Ok(())
         }
-        Command::Demo { udp_flows, linger } => demo::run(demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) }),
+        Command::Demo { udp_flows, linger } => {
+            demo::run(demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) })
+        }
     }
 }
 

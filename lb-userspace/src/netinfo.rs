@@ -23,17 +23,23 @@ pub enum NetError {
     IpFailed { args: String, stderr: String },
     #[error("`ip {args}` printed JSON this lb does not understand: {detail}")]
     IpOutput { args: String, detail: String },
-    #[error("no interface named `{name}` in this network namespace (interfaces here: {available}); fix `dataplane.interfaces`")]
+    #[error(
+        "no interface named `{name}` in this network namespace (interfaces here: {available}); fix `dataplane.interfaces`"
+    )]
     UnknownInterface { name: String, available: String },
     #[error("interface `{name}` is not an Ethernet interface (link type {link_type}); L2 forwarding needs Ethernet")]
     NotEthernet { name: String, link_type: String },
-    #[error("target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target or add an on-link route")]
+    #[error(
+        "target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target or add an on-link route"
+    )]
     NotOnLink { ip: IpAddr, gateway: String, dev: String },
     #[error("target {ip} is an address of this host ({dev}); a target must be another machine")]
     LocalAddress { ip: IpAddr, dev: String },
     #[error("no route to target {ip}: {detail}")]
     NoRoute { ip: IpAddr, detail: String },
-    #[error("target {ip} did not answer ARP/neighbour discovery on {dev} within {waited:?}: check that it is up and on that segment, or set its `mac` in the config")]
+    #[error(
+        "target {ip} did not answer ARP/neighbour discovery on {dev} within {waited:?}: check that it is up and on that segment, or set its `mac` in the config"
+    )]
     Unresolved { ip: IpAddr, dev: String, waited: Duration },
 }
 
@@ -56,11 +62,7 @@ pub struct Resolved {
 }
 
 fn ip_json(args: &[&str]) -> Result<Value, NetError> {
-    let out = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .map_err(|source| NetError::IpCommand { source })?;
+    let out = Command::new("ip").arg("-j").args(args).output().map_err(|source| NetError::IpCommand { source })?;
     let joined = args.join(" ");
     if !out.status.success() {
         return Err(NetError::IpFailed {
@@ -82,11 +84,7 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// Names of all interfaces in this network namespace (for error messages).
 fn interface_names() -> String {
     match ip_json(&["link", "show"]) {
-        Ok(Value::Array(links)) => links
-            .iter()
-            .filter_map(|l| l["ifname"].as_str())
-            .collect::<Vec<_>>()
-            .join(", "),
+        Ok(Value::Array(links)) => links.iter().filter_map(|l| l["ifname"].as_str()).collect::<Vec<_>>().join(", "),
         _ => "unknown".to_string(),
     }
 }
@@ -100,10 +98,9 @@ pub fn interface(name: &str) -> Result<Interface, NetError> {
         }
         Err(e) => return Err(e),
     };
-    let link = links.get(0).ok_or_else(|| NetError::UnknownInterface {
-        name: name.to_string(),
-        available: interface_names(),
-    })?;
+    let link = links
+        .get(0)
+        .ok_or_else(|| NetError::UnknownInterface { name: name.to_string(), available: interface_names() })?;
     parse_link(link, name)
 }
 
@@ -119,12 +116,7 @@ fn parse_link(link: &Value, name: &str) -> Result<Interface, NetError> {
     let xdp_prog = if xdp.is_null() {
         None
     } else {
-        Some(
-            xdp["prog"]["id"]
-                .as_u64()
-                .or_else(|| xdp["attached"][0]["prog"]["id"].as_u64())
-                .unwrap_or(0) as u32,
-        )
+        Some(xdp["prog"]["id"].as_u64().or_else(|| xdp["attached"][0]["prog"]["id"].as_u64()).unwrap_or(0) as u32)
     };
     Ok(Interface { name: name.to_string(), ifindex, mac, xdp_prog })
 }
@@ -133,8 +125,7 @@ fn parse_link(link: &Value, name: &str) -> Result<Interface, NetError> {
 /// else the neighbour table, triggering ARP/NDP and waiting up to `wait` if needed.
 pub fn resolve_target(ip: IpAddr, mac: Option<MacAddr>, wait: Duration) -> Result<Resolved, NetError> {
     let ip_s = ip.to_string();
-    let routes = ip_json(&["route", "get", &ip_s])
-        .map_err(|e| NetError::NoRoute { ip, detail: e.to_string() })?;
+    let routes = ip_json(&["route", "get", &ip_s]).map_err(|e| NetError::NoRoute { ip, detail: e.to_string() })?;
     let route = routes.get(0).ok_or_else(|| NetError::NoRoute { ip, detail: "empty answer".into() })?;
     let dev_name = route["dev"].as_str().unwrap_or_default().to_string();
     if route["type"].as_str() == Some("local") || dev_name == "lo" {
@@ -171,7 +162,8 @@ fn neighbour(ip: IpAddr, dev: &str) -> Result<Option<[u8; 6]>, NetError> {
     let entries = ip_json(&["neigh", "show", "to", &ip_s, "dev", dev])?;
     let Value::Array(entries) = entries else { return Ok(None) };
     for e in entries {
-        let states: Vec<&str> = e["state"].as_array().map(|s| s.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let states: Vec<&str> =
+            e["state"].as_array().map(|s| s.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
         if states.iter().any(|s| matches!(*s, "INCOMPLETE" | "FAILED" | "NOARP")) {
             continue;
         }

@@ -34,10 +34,8 @@ pub enum NetnsError {
 /// Runs a command, failing with its stderr if it exits non-zero.
 pub fn cmd(program: &str, args: &[&str]) -> Result<Output, NetnsError> {
     let line = format!("{program} {}", args.join(" "));
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| NetnsError::Spawn { cmd: line.clone(), source })?;
+    let out =
+        Command::new(program).args(args).output().map_err(|source| NetnsError::Spawn { cmd: line.clone(), source })?;
     if !out.status.success() {
         return Err(NetnsError::Command { cmd: line, stderr: String::from_utf8_lossy(&out.stderr).trim().to_string() });
     }
@@ -147,11 +145,11 @@ pub fn sweep_stale(prefix: &str) {
         let name = line.split_whitespace().next().unwrap_or_default();
         let Some(rest) = name.strip_prefix(prefix) else { continue };
         let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid {
-            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                tracing::info!(netns = name, "deleting a namespace left behind by an earlier run");
-                let _ = cmd("ip", &["netns", "del", name]);
-            }
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            tracing::info!(netns = name, "deleting a namespace left behind by an earlier run");
+            let _ = cmd("ip", &["netns", "del", name]);
         }
     }
 }

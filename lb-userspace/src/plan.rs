@@ -49,15 +49,17 @@ impl<K: Eq + Hash + Clone> Ids<K> {
 
     /// Assigns ids to exactly `keys`: kept keys keep theirs, removed keys free theirs,
     /// new keys take the lowest free ids. Nothing changes on error.
-    pub fn assign<'a>(&mut self, keys: impl IntoIterator<Item = &'a K>, what: &'static str) -> Result<HashMap<K, u32>, PlanError>
+    pub fn assign<'a>(
+        &mut self,
+        keys: impl IntoIterator<Item = &'a K>,
+        what: &'static str,
+    ) -> Result<HashMap<K, u32>, PlanError>
     where
         K: 'a,
     {
         let keys: Vec<&K> = keys.into_iter().collect();
-        let mut next: HashMap<K, u32> = keys
-            .iter()
-            .filter_map(|k| self.assigned.get(*k).map(|id| ((*k).clone(), *id)))
-            .collect();
+        let mut next: HashMap<K, u32> =
+            keys.iter().filter_map(|k| self.assigned.get(*k).map(|id| ((*k).clone(), *id))).collect();
         let mut used: Vec<bool> = vec![false; (self.end - self.first) as usize];
         for id in next.values() {
             used[(id - self.first) as usize] = true;
@@ -129,10 +131,8 @@ pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
 /// Builds the desired state. `resolved` must hold every target of `config`.
 pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Allocators) -> Result<Plan, PlanError> {
     let ring_size = config.dataplane.ring_size;
-    let keys: Vec<VipKey> =
-        config.listeners.iter().map(|l| vip_key(l.address, l.port, l.protocol.number())).collect();
-    let mut ips: Vec<IpAddr> =
-        config.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
+    let keys: Vec<VipKey> = config.listeners.iter().map(|l| vip_key(l.address, l.port, l.protocol.number())).collect();
+    let mut ips: Vec<IpAddr> = config.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
     ips.sort();
     ips.dedup();
 

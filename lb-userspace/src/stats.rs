@@ -51,18 +51,23 @@ impl Snapshot {
     }
 
     /// Reads the maps through `get` (a loaded object's maps or pinned ones).
-    pub fn read<'a>(mut get: impl FnMut(&'static str) -> Result<&'a Map, DataplaneError>) -> Result<Snapshot, DataplaneError> {
-        let err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+    pub fn read<'a>(
+        mut get: impl FnMut(&'static str) -> Result<&'a Map, DataplaneError>,
+    ) -> Result<Snapshot, DataplaneError> {
+        let err = |name: &'static str| move |source| DataplaneError::Map { name, source: Box::new(source) };
 
-        let global_map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(get(maps::GLOBAL_STATS)?).map_err(err(maps::GLOBAL_STATS))?;
+        let global_map: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(get(maps::GLOBAL_STATS)?).map_err(err(maps::GLOBAL_STATS))?;
         let mut global = Vec::new();
         for c in GlobalCounter::ALL {
             let v = global_map.get(&(c as u32), 0).map_err(err(maps::GLOBAL_STATS))?;
             global.push((c.name().to_string(), v.iter().sum()));
         }
 
-        let vip_stats: PerCpuArray<&MapData, Counter> = PerCpuArray::try_from(get(maps::VIP_STATS)?).map_err(err(maps::VIP_STATS))?;
-        let vip_map: BpfHashMap<&MapData, VipKey, VipMeta> = BpfHashMap::try_from(get(maps::VIPS)?).map_err(err(maps::VIPS))?;
+        let vip_stats: PerCpuArray<&MapData, Counter> =
+            PerCpuArray::try_from(get(maps::VIP_STATS)?).map_err(err(maps::VIP_STATS))?;
+        let vip_map: BpfHashMap<&MapData, VipKey, VipMeta> =
+            BpfHashMap::try_from(get(maps::VIPS)?).map_err(err(maps::VIPS))?;
         let mut vips = Vec::new();
         for entry in vip_map.iter() {
             let (key, meta) = entry.map_err(err(maps::VIPS))?;
@@ -78,7 +83,8 @@ impl Snapshot {
 
         let backend_stats: PerCpuArray<&MapData, Counter> =
             PerCpuArray::try_from(get(maps::BACKEND_STATS)?).map_err(err(maps::BACKEND_STATS))?;
-        let backend_map: Array<&MapData, Backend> = Array::try_from(get(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
+        let backend_map: Array<&MapData, Backend> =
+            Array::try_from(get(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
         let mut backends = Vec::new();
         for id in 1..backend_map.len() {
             let b = backend_map.get(&id, 0).map_err(err(maps::BACKENDS))?;
@@ -105,11 +111,7 @@ impl Snapshot {
             opened.push((name, open_pinned(dir, name)?));
         }
         Snapshot::read(|name| {
-            opened
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, m)| m)
-                .ok_or(DataplaneError::MissingMap { name })
+            opened.iter().find(|(n, _)| *n == name).map(|(_, m)| m).ok_or(DataplaneError::MissingMap { name })
         })
     }
 
@@ -134,8 +136,7 @@ impl Snapshot {
 }
 
 fn sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
-    values.iter().fold(Counter::default(), |acc, c| Counter {
-        packets: acc.packets + c.packets,
-        bytes: acc.bytes + c.bytes,
-    })
+    values
+        .iter()
+        .fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
 }

@@ -150,7 +150,20 @@ impl Topology {
     /// the bridge.
     fn plug(&self, host: &Netns, port: &str, mac: [u8; 6], v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), TopologyError> {
         let mac = crate::config::MacAddr(mac).to_string();
-        self.switch.ip(&["link", "add", port, "type", "veth", "peer", "name", "eth0", "address", &mac, "netns", host.name()])?;
+        self.switch.ip(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            &mac,
+            "netns",
+            host.name(),
+        ])?;
         self.switch.ip(&["link", "set", port, "master", "br0", "up"])?;
         host.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
         host.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])?;
@@ -184,15 +197,14 @@ impl Topology {
     pub fn start_http(&mut self) -> Result<(), TopologyError> {
         let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
         for b in self.backends.iter_mut().filter(|b| b.http.is_none()) {
-            let child = b
-                .ns
-                .command(python)
-                .args(["-c", HTTP_SERVER, &b.name, &HTTP_PORT.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(io(format!("starting the HTTP server on {}", b.name)))?;
+            let child =
+                b.ns.command(python)
+                    .args(["-c", HTTP_SERVER, &b.name, &HTTP_PORT.to_string()])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(io(format!("starting the HTTP server on {}", b.name)))?;
             b.http = Some(child);
         }
         // Wait until each answers on its own address.
@@ -200,7 +212,8 @@ impl Topology {
         for b in &self.backends {
             let addr = SocketAddr::new(IpAddr::V4(b.ip4), HTTP_PORT);
             loop {
-                let up = b.ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+                let up =
+                    b.ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
                 if up {
                     break;
                 }
@@ -319,7 +332,12 @@ Server(("::", port), Handler).serve_forever()
 pub type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
 
 /// A UDP receiver on `port` in `ns`, until `stop` is set or `limit` passes.
-pub fn udp_sink(ns: &Netns, port: u16, stop: Arc<AtomicBool>, limit: Duration) -> JoinHandle<Result<Result<Datagrams, std::io::Error>, NetnsError>> {
+pub fn udp_sink(
+    ns: &Netns,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> JoinHandle<Result<Result<Datagrams, std::io::Error>, NetnsError>> {
     ns.spawn(move || {
         let sock = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -344,7 +362,13 @@ pub fn udp_sink(ns: &Netns, port: u16, stop: Arc<AtomicBool>, limit: Duration) -
 
 /// Sends `per_flow` datagrams from each of `flows` source ports (`first_port`..) to
 /// `dst`, from `ns`. Paced lightly so receivers keep up. Returns datagrams sent.
-pub fn send_udp_flows(ns: &Netns, dst: SocketAddr, flows: u16, first_port: u16, per_flow: u32) -> Result<Result<u64, std::io::Error>, NetnsError> {
+pub fn send_udp_flows(
+    ns: &Netns,
+    dst: SocketAddr,
+    flows: u16,
+    first_port: u16,
+    per_flow: u32,
+) -> Result<Result<u64, std::io::Error>, NetnsError> {
     ns.run(move || {
         let mut sent = 0u64;
         for f in 0..flows {
@@ -364,7 +388,13 @@ pub fn send_udp_flows(ns: &Netns, dst: SocketAddr, flows: u16, first_port: u16, 
 
 /// A TCP echo server on `port` in `ns` that prefixes each reply line with `name: `.
 /// Serves connections until `stop` is set or `limit` passes.
-pub fn tcp_echo(ns: &Netns, name: String, port: u16, stop: Arc<AtomicBool>, limit: Duration) -> JoinHandle<Result<Result<(), std::io::Error>, NetnsError>> {
+pub fn tcp_echo(
+    ns: &Netns,
+    name: String,
+    port: u16,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> JoinHandle<Result<Result<(), std::io::Error>, NetnsError>> {
     ns.spawn(move || {
         let listener = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
         listener.set_nonblocking(true)?;
@@ -385,7 +415,11 @@ pub fn tcp_echo(ns: &Netns, name: String, port: u16, stop: Arc<AtomicBool>, limi
                                     conn.write_all(format!("{name}: ").as_bytes())?;
                                     conn.write_all(&buf[..n])?;
                                 }
-                                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                    ) => {}
                                 Err(e) => return Err(e),
                             }
                         }

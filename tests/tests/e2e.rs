@@ -41,7 +41,9 @@ fn http_through_the_vip_reaches_backends_with_the_client_address() {
     let (agent, _cfg) = start_agent(&topo, &[(1, 1), (2, 1), (3, 1)]);
 
     let mut seen = HashSet::new();
-    for (url, client) in [(format!("http://{VIP4}/"), CLIENT4.to_string()), (format!("http://[{VIP6}]/"), CLIENT6.to_string())] {
+    for (url, client) in
+        [(format!("http://{VIP4}/"), CLIENT4.to_string()), (format!("http://[{VIP6}]/"), CLIENT6.to_string())]
+    {
         for _ in 0..12 {
             let body = topo.curl(&url).expect("curl");
             let (backend, saw) = body.split_once(' ').expect("body is `backend=.. client=..`");
@@ -77,12 +79,16 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
     const FLOWS: u16 = 3000;
     const PER_FLOW: u32 = 2;
     let stop = Arc::new(AtomicBool::new(false));
-    let sinks: Vec<_> =
-        topo.backends.iter().map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60))).collect();
+    let sinks: Vec<_> = topo
+        .backends
+        .iter()
+        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60)))
+        .collect();
     std::thread::sleep(Duration::from_millis(200));
-    let sent = topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), FLOWS, 20_000, PER_FLOW)
-        .expect("netns")
-        .expect("send");
+    let sent =
+        topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), FLOWS, 20_000, PER_FLOW)
+            .expect("netns")
+            .expect("send");
     assert_eq!(sent, FLOWS as u64 * PER_FLOW as u64);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

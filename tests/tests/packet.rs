@@ -139,7 +139,12 @@ impl Harness {
     fn new(redirect_ifindex: u32) -> Harness {
         let config = Config::parse(CONFIG, Path::new("packet-test.toml")).expect("config");
         let local = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
-        let other = Interface { name: "r0".into(), ifindex: redirect_ifindex, mac: [0x02, 0, 0, 0, 0x02, 0x01], xdp_prog: None };
+        let other = Interface {
+            name: "r0".into(),
+            ifindex: redirect_ifindex,
+            mac: [0x02, 0, 0, 0, 0x02, 0x01],
+            xdp_prog: None,
+        };
         let resolved: HashMap<IpAddr, Resolved> = [(B1, &local), (B2, &local), (B_REDIRECT, &other)]
             .into_iter()
             .map(|(ip, dev)| {
@@ -147,7 +152,8 @@ impl Harness {
                 (ip, Resolved { ip, dev: dev.clone(), mac: mac_of(&ip.to_string()) })
             })
             .collect();
-        let mut dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
+        let mut dp =
+            Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
         let plan = plan::build(&config, &resolved, &mut Allocators::new(8)).expect("plan");
         dp.apply(&plan).expect("apply");
         let backends = plan.backends.iter().map(|(id, (ip, b))| (*id, (*ip, b.dst_mac))).collect();
@@ -293,14 +299,16 @@ fn run_cases(h: &Harness) {
     // Source-IP hashing: every flow of a client on one backend.
     let mut sticky = std::collections::HashSet::new();
     for port in 41000..41020 {
-        let (f, ff) = frame(Frame::tcp(SocketAddr::new("198.18.0.7".parse().expect("ip"), port), sa("198.18.1.103:80"), syn));
+        let (f, ff) =
+            frame(Frame::tcp(SocketAddr::new("198.18.0.7".parse().expect("ip"), port), sa("198.18.1.103:80"), syn));
         sticky.insert(h.check("source-ip VIP", &f, Some(&ff), Tx));
     }
     assert_eq!(sticky.len(), 1, "source-ip hashing keeps a client on one backend");
     // Five-tuple hashing spreads the same flows.
     let mut spread = std::collections::HashSet::new();
     for port in 41000..41020 {
-        let (f, ff) = frame(Frame::tcp(SocketAddr::new("198.18.0.7".parse().expect("ip"), port), sa("198.18.1.100:80"), syn));
+        let (f, ff) =
+            frame(Frame::tcp(SocketAddr::new("198.18.0.7".parse().expect("ip"), port), sa("198.18.1.100:80"), syn));
         spread.insert(h.check("five-tuple VIP", &f, Some(&ff), Tx));
     }
     assert_eq!(spread.len(), 2, "five-tuple hashing uses both backends");

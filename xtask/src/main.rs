@@ -37,13 +37,8 @@ enum Cmd {
 }
 
 /// Debian packages the tests and the demo use, with a command that proves each present.
-const PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "ip"),
-    ("ethtool", "ethtool"),
-    ("curl", "curl"),
-    ("python3", "python3"),
-    ("procps", "sysctl"),
-];
+const PACKAGES: &[(&str, &str)] =
+    &[("iproute2", "ip"), ("ethtool", "ethtool"), ("curl", "curl"), ("python3", "python3"), ("procps", "sysctl")];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -108,7 +103,10 @@ fn output(cmd: &mut Command) -> anyhow::Result<String> {
 }
 
 fn have(program: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {program} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {program} >/dev/null 2>&1")])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn is_root() -> bool {
@@ -131,7 +129,10 @@ fn packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`", missing.join(" "));
+        bail!(
+            "missing Debian packages {missing:?}: run `cargo xtask setup` as root, or `apt-get install {}`",
+            missing.join(" ")
+        );
     }
     step(&format!("installing debian packages {missing:?}"));
     status(Command::new("apt-get").args(["update", "-q"]).env("DEBIAN_FRONTEND", "noninteractive"))?;
@@ -146,9 +147,12 @@ fn packages() -> anyhow::Result<()> {
 fn rust_src() -> anyhow::Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is needed")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        bail!("the nightly toolchain is not installed; it builds the eBPF program (`rustup toolchain install nightly`)");
+        bail!(
+            "the nightly toolchain is not installed; it builds the eBPF program (`rustup toolchain install nightly`)"
+        );
     }
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         step("rust-src (nightly): present");
         return Ok(());
@@ -175,7 +179,9 @@ fn bpf_linker() -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", libdir.display()))?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-")))
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
+        })
         .with_context(|| format!("no libLLVM.so.*-rust-* in {}", libdir.display()))?;
     let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
     let major = vv
@@ -209,7 +215,10 @@ fn bpf_linker() -> anyhow::Result<()> {
 
 fn bpffs() -> anyhow::Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.split_whitespace().nth(2) == Some("bpf"))
+    {
         step("bpffs at /sys/fs/bpf: mounted");
         return Ok(());
     }
