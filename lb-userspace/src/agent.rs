@@ -129,13 +129,13 @@ async fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     let config = opts.load_config()?;
     let dpc = &config.dataplane;
     let interfaces: Vec<Interface> = dpc.interfaces.iter().map(|n| netinfo::interface(n)).collect::<Result<_, _>>()?;
-    let resolved = resolve_all(&config, opts.resolve_wait).await?;
-
+    // Loading first surfaces permission and verifier problems before slow resolution.
     let mut dp = Dataplane::load(LoadOptions {
         ring_size: dpc.ring_size,
         max_vips: dpc.max_vips,
         conn_table_size: dpc.conn_table_size,
     })?;
+    let resolved = resolve_all(&config, opts.resolve_wait).await?;
     let mut ids = Allocators::new(dpc.max_vips);
     let plan = plan::build(&config, &resolved, &mut ids)?;
     let report = dp.apply(&plan)?;

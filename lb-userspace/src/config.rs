@@ -24,7 +24,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         path: PathBuf,
         #[source]

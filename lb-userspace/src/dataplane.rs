@@ -22,7 +22,7 @@ use crate::{config::XdpMode, netinfo::Interface, plan::Plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    #[error("loading the XDP object failed: {source}{hint}")]
+    #[error("loading the XDP object failed{hint}")]
     Load {
         #[source]
         source: Box<aya::EbpfError>,
@@ -32,7 +32,7 @@ pub enum DataplaneError {
     MissingMap { name: &'static str },
     #[error("the XDP object has no program `{name}` (rebuild)")]
     MissingProgram { name: &'static str },
-    #[error("the kernel rejected the XDP program `{name}`: {source}{hint}")]
+    #[error("the kernel rejected the XDP program `{name}`{hint}")]
     Verify {
         name: &'static str,
         #[source]
@@ -43,7 +43,7 @@ pub enum DataplaneError {
         "interface `{iface}` already has an XDP program attached (id {prog_id}): stop the agent that owns it, or detach it with `ip link set dev {iface} xdp off`"
     )]
     AlreadyAttached { iface: String, prog_id: u32 },
-    #[error("attaching to `{iface}` in {mode} mode failed: {source}{hint}")]
+    #[error("attaching to `{iface}` in {mode} mode failed{hint}")]
     Attach {
         iface: String,
         mode: &'static str,
@@ -51,26 +51,26 @@ pub enum DataplaneError {
         source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
-    #[error("map `{name}`: {source}")]
+    #[error("map `{name}`")]
     Map {
         name: &'static str,
         #[source]
         source: Box<aya::maps::MapError>,
     },
-    #[error("redirect port (ifindex {ifindex}): {source}")]
+    #[error("adding interface {ifindex} to the redirect map")]
     TxPort {
         ifindex: u32,
         #[source]
         source: Box<aya::maps::xdp::XdpMapError>,
     },
-    #[error("pinning map `{name}` at {path}: {source}; is a bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)")]
+    #[error("pinning map `{name}` at {path} failed; is a bpffs mounted there? (`mount -t bpf bpf /sys/fs/bpf`)")]
     Pin {
         name: &'static str,
         path: PathBuf,
         #[source]
         source: Box<aya::pin::PinError>,
     },
-    #[error("pin directory {path}: {source}")]
+    #[error("pin directory {path}")]
     PinDir {
         path: PathBuf,
         #[source]

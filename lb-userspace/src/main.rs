@@ -17,7 +17,7 @@ use tracing::{info, warn};
 /// An XDP/eBPF layer-4 load balancer: static VIPs, client source IP kept (L2 direct
 /// server return), Maglev consistent hashing, a connection table for long-lived flows.
 #[derive(Parser, Debug)]
-#[command(name = "lb", version, about, long_about = None)]
+#[command(name = "lb", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -116,6 +116,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Stats { pin_dir, json } => {
+            if !pin_dir.join(lb_common::maps::VIPS).exists() {
+                anyhow::bail!(
+                    "no running agent pins its maps under {}: start `lb run`, or pass the agent's `dataplane.pin_dir` with --pin-dir",
+                    pin_dir.display()
+                );
+            }
             let snap = Snapshot::read_pinned(&pin_dir).with_context(|| {
                 format!("reading the maps pinned under {} (is `lb run` running with this pin_dir?)", pin_dir.display())
             })?;

@@ -14,7 +14,7 @@ use crate::config::MacAddr;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
-    #[error("cannot run `ip` (iproute2): {source}; install the iproute2 package")]
+    #[error("cannot run `ip` (iproute2); install the iproute2 package")]
     IpCommand {
         #[source]
         source: std::io::Error,

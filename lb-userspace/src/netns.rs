@@ -17,13 +17,13 @@ use std::{
 pub enum NetnsError {
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
-    #[error("cannot run `{cmd}`: {source}")]
+    #[error("cannot run `{cmd}`")]
     Spawn {
         cmd: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("entering network namespace {path}: {source}")]
+    #[error("entering network namespace {path}")]
     Enter {
         path: PathBuf,
         #[source]

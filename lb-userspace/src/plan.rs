@@ -21,7 +21,7 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
-    #[error("building the Maglev table of target group `{group}`: {source}")]
+    #[error("building the Maglev table of target group `{group}`")]
     Maglev {
         group: String,
         #[source]

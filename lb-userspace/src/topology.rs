@@ -56,7 +56,7 @@ pub enum TopologyError {
     Pass(#[from] DataplaneError),
     #[error(transparent)]
     Net(#[from] netinfo::NetError),
-    #[error("{what}: {source}")]
+    #[error("{what}")]
     Io {
         what: String,
         #[source]
