@@ -53,6 +53,13 @@ pub mod maps {
 
     /// Every map, for the load-time presence check and for pinning.
     pub const ALL: [&str; 8] = [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+
+    /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
+    pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";
+    /// `PerCpuArray<u64>` (1 entry): frames generated on each CPU (flow index source).
+    pub const GEN_SEQ: &str = "LB_GEN_SEQ";
+    /// `PerCpuArray<Counter>` (1 entry): what an XDP sink received.
+    pub const SINK_STATS: &str = "LB_SINK_STATS";
 }
 
 /// Read-only globals the agent sets at load time (`EbpfLoader::set_global`).
@@ -68,6 +75,11 @@ pub mod programs {
     /// Returns XDP_PASS. Attached to a veth peer to give it NAPI so that native-mode
     /// XDP_TX/redirect frames are received (used by the tests and the demo topology).
     pub const PASS: &str = "lb_pass";
+    /// Packet generator for BPF_PROG_RUN live-frames mode: restores the template's
+    /// headers, varies the source port per flow, returns XDP_TX.
+    pub const GEN: &str = "lb_gen";
+    /// Counts IP frames into `LB_SINK_STATS` and drops them (benchmark backends).
+    pub const SINK: &str = "lb_sink";
 }
 
 // ---------------------------------------------------------------------------------------
@@ -169,6 +181,30 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// Header bytes the generator restores on every frame (live-frames mode recycles pages
+/// without re-initialising them, so whatever a device under test rewrote comes back).
+pub const GEN_HDR_MAX: usize = 80;
+/// Flows the generator can vary over: source ports `GEN_PORT_BASE..65536`.
+pub const GEN_PORT_BASE: u16 = 1024;
+pub const GEN_MAX_FLOWS: u32 = 65536 - GEN_PORT_BASE as u32;
+/// `GenTemplate::csum_off` value for "no L4 checksum to update".
+pub const GEN_NO_CSUM: u32 = 0xffff;
+
+/// Value of [`maps::GEN_TEMPLATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GenTemplate {
+    /// The frame's first `hdr_len` bytes (headers up to the end of L4).
+    pub hdr: [u8; GEN_HDR_MAX],
+    pub hdr_len: u32,
+    /// Offset of the L4 source port.
+    pub sport_off: u32,
+    /// Offset of the L4 checksum, or [`GEN_NO_CSUM`].
+    pub csum_off: u32,
+    /// Flows to cycle through (1..=[`GEN_MAX_FLOWS`]).
+    pub flows: u32,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all of these are #[repr(C)], made of integers and byte arrays, with every
@@ -179,6 +215,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::GenTemplate {}
 }
 
 // ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod bench;
 mod maps;
 mod parse;
 

@@ -409,14 +409,16 @@ fn attach_hint(e: &aya::programs::ProgramError, iface: &str) -> &'static str {
     ""
 }
 
-/// Loads the pass-through program standalone and attaches it to `ifindex` (native mode).
-/// Keeps a veth peer able to receive native XDP_TX/redirect frames; detached on drop.
-pub struct PassProgram {
-    _ebpf: Ebpf,
+/// One of the object's helper programs (`lb_pass`, `lb_sink`), loaded on its own with
+/// the big maps shrunk. Attached in native mode if asked; detached on drop.
+pub struct AuxProgram {
+    ebpf: Ebpf,
+    name: &'static str,
 }
 
-impl PassProgram {
-    pub fn attach(ifindex: u32) -> Result<Self, DataplaneError> {
+impl AuxProgram {
+    /// Loads `name` (one of `lb_common::programs`).
+    pub fn load(name: &'static str) -> Result<Self, DataplaneError> {
         let mut ebpf = EbpfLoader::new()
             .map_max_entries(maps::RINGS, 1)
             .map_max_entries(maps::CONNS, 1024)
@@ -425,19 +427,45 @@ impl PassProgram {
                 let hint = permission_hint(&source);
                 DataplaneError::Load { source: Box::new(source), hint }
             })?;
-        load_program(&mut ebpf, programs::PASS)?;
-        let prog: &mut Xdp = ebpf
-            .program_mut(programs::PASS)
-            .ok_or(DataplaneError::MissingProgram { name: programs::PASS })?
+        load_program(&mut ebpf, name)?;
+        Ok(AuxProgram { ebpf, name })
+    }
+
+    /// Loads `name` and attaches it to `ifindex` in native mode.
+    pub fn attach(name: &'static str, ifindex: u32) -> Result<Self, DataplaneError> {
+        let mut aux = AuxProgram::load(name)?;
+        let prog: &mut Xdp = aux
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
             .try_into()
-            .map_err(|source| DataplaneError::Verify { name: programs::PASS, source: Box::new(source), hint: "" })?;
+            .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
         prog.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| DataplaneError::Attach {
             iface: format!("ifindex {ifindex}"),
             mode: "native",
             source: Box::new(source),
             hint: "",
         })?;
-        Ok(PassProgram { _ebpf: ebpf })
+        Ok(aux)
+    }
+
+    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
+        let name = self.name;
+        let p = self.ebpf.program(name).ok_or(DataplaneError::MissingProgram { name })?;
+        p.try_into().map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
+    }
+
+    /// What an `lb_sink` counted, summed over CPUs.
+    pub fn sink_count(&self) -> Result<lb_common::Counter, DataplaneError> {
+        let name = maps::SINK_STATS;
+        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
+        let arr: aya::maps::PerCpuArray<&MapData, lb_common::Counter> =
+            map.try_into().map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
+        let v = arr.get(&0, 0).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
+        Ok(v.iter().fold(lb_common::Counter::default(), |a, c| lb_common::Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod config;
 pub mod dataplane;
+pub mod generator;
 pub mod maglev;
 pub mod netinfo;
 pub mod netns;

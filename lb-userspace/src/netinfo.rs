@@ -121,38 +121,79 @@ fn parse_link(link: &Value, name: &str) -> Result<Interface, NetError> {
     Ok(Interface { name: name.to_string(), ifindex, mac, xdp_prog })
 }
 
+/// How the kernel routes to an address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dev: String,
+    /// The gateway, if the address is not on-link.
+    pub via: Option<IpAddr>,
+    /// The source address the kernel would use.
+    pub prefsrc: Option<IpAddr>,
+    /// The destination is an address of this host.
+    pub local: bool,
+}
+
+/// `ip route get ip`.
+pub fn route(ip: IpAddr) -> Result<Route, NetError> {
+    let ip_s = ip.to_string();
+    let routes = ip_json(&["route", "get", &ip_s]).map_err(|e| NetError::NoRoute { ip, detail: e.to_string() })?;
+    let r = routes.get(0).ok_or(NetError::NoRoute { ip, detail: "empty answer".into() })?;
+    let dev = r["dev"].as_str().unwrap_or_default().to_string();
+    Ok(Route {
+        local: r["type"].as_str() == Some("local") || dev == "lo",
+        via: r["gateway"].as_str().and_then(|g| g.parse().ok()),
+        prefsrc: r["prefsrc"].as_str().and_then(|g| g.parse().ok()),
+        dev,
+    })
+}
+
 /// Finds the interface that reaches `ip` on-link and the target's MAC: `mac` if given,
 /// else the neighbour table, triggering ARP/NDP and waiting up to `wait` if needed.
 pub fn resolve_target(ip: IpAddr, mac: Option<MacAddr>, wait: Duration) -> Result<Resolved, NetError> {
-    let ip_s = ip.to_string();
-    let routes = ip_json(&["route", "get", &ip_s]).map_err(|e| NetError::NoRoute { ip, detail: e.to_string() })?;
-    let route = routes.get(0).ok_or_else(|| NetError::NoRoute { ip, detail: "empty answer".into() })?;
-    let dev_name = route["dev"].as_str().unwrap_or_default().to_string();
-    if route["type"].as_str() == Some("local") || dev_name == "lo" {
-        return Err(NetError::LocalAddress { ip, dev: dev_name });
+    let r = route(ip)?;
+    if r.local {
+        return Err(NetError::LocalAddress { ip, dev: r.dev });
     }
-    if let Some(gateway) = route["gateway"].as_str() {
-        return Err(NetError::NotOnLink { ip, gateway: gateway.to_string(), dev: dev_name });
+    if let Some(gateway) = r.via {
+        return Err(NetError::NotOnLink { ip, gateway: gateway.to_string(), dev: r.dev });
     }
-    let dev = interface(&dev_name)?;
-    if let Some(mac) = mac {
-        return Ok(Resolved { ip, dev, mac: mac.0 });
-    }
+    let dev = interface(&r.dev)?;
+    let mac = match mac {
+        Some(mac) => mac.0,
+        None => neighbour_mac(ip, &dev.name, wait)?,
+    };
+    Ok(Resolved { ip, dev, mac })
+}
 
+/// The MAC of the next hop towards `ip` (the gateway, or `ip` itself when on-link),
+/// the interface it sits behind and the source address the kernel would use.
+pub fn next_hop(ip: IpAddr, wait: Duration) -> Result<(Interface, [u8; 6], Option<IpAddr>), NetError> {
+    let r = route(ip)?;
+    if r.local {
+        return Err(NetError::LocalAddress { ip, dev: r.dev });
+    }
+    let dev = interface(&r.dev)?;
+    let mac = neighbour_mac(r.via.unwrap_or(ip), &dev.name, wait)?;
+    Ok((dev, mac, r.prefsrc))
+}
+
+/// The neighbour table's MAC for `ip` on `dev`, triggering resolution and waiting up to
+/// `wait` for it.
+pub fn neighbour_mac(ip: IpAddr, dev: &str, wait: Duration) -> Result<[u8; 6], NetError> {
     let start = Instant::now();
-    let mut poked = false;
+    let mut last_poke: Option<Instant> = None;
     loop {
-        if let Some(mac) = neighbour(ip, &dev_name)? {
-            return Ok(Resolved { ip, dev, mac });
+        if let Some(mac) = neighbour(ip, dev)? {
+            return Ok(mac);
         }
         if start.elapsed() >= wait {
-            return Err(NetError::Unresolved { ip, dev: dev_name, waited: wait });
+            return Err(NetError::Unresolved { ip, dev: dev.to_string(), waited: wait });
         }
-        if !poked || start.elapsed().as_millis() % 1000 < 100 {
+        if last_poke.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
             poke(ip);
-            poked = true;
+            last_poke = Some(Instant::now());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -30,7 +30,7 @@ use std::{
 };
 
 use crate::{
-    dataplane::{DataplaneError, PassProgram},
+    dataplane::{AuxProgram, DataplaneError},
     netinfo,
     netns::{self, Netns, NetnsError},
 };
@@ -102,7 +102,7 @@ pub struct Topology {
     pub backends: Vec<BackendHost>,
     pub client: Netns,
     pub lb: Netns,
-    pass: Option<PassProgram>,
+    pass: Option<AuxProgram>,
     pub switch: Netns,
     /// A pin directory unique to this topology (for the agent's maps).
     pub pin_dir: PathBuf,
@@ -139,7 +139,7 @@ impl Topology {
         topo.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         // Native XDP_TX frames leave the LB's veth towards p-lb: give p-lb NAPI.
         let ifindex = topo.switch.run(|| netinfo::interface("p-lb").map(|i| i.ifindex))??;
-        topo.pass = Some(topo.switch.run(move || PassProgram::attach(ifindex))??);
+        topo.pass = Some(topo.switch.run(move || AuxProgram::attach(lb_common::programs::PASS, ifindex))??);
         for _ in 0..backends {
             topo.add_backend()?;
         }
@@ -435,4 +435,75 @@ pub fn tcp_echo(
         }
         Ok(())
     })
+}
+
+/// The benchmark topology: point-to-point veths, no bridge, so that nothing but the
+/// device under test sits between generator and sinks.
+///
+/// ```text
+///   client eth0 198.18.0.2 ── eth0 198.18.0.1  LB  b1 198.18.11.1 ── eth0 198.18.11.2 sink1
+///   (lb gen, live frames)      (lb_xdp | lb_pass) b2 198.18.12.1 ── eth0 198.18.12.2 sink2
+/// ```
+///
+/// Backends sit behind their own LB interfaces, so the LB redirects (DevMap); each
+/// backend's eth0 runs `lb_sink`, which counts and drops.
+pub struct BenchTopology {
+    pub id: String,
+    pub sinks: Vec<(Netns, Ipv4Addr, [u8; 6], AuxProgram)>,
+    pub client: Netns,
+    pub lb: Netns,
+    pub client_mac: [u8; 6],
+    pub lb_mac: [u8; 6],
+    pub client_ifindex: u32,
+    pub lb_ifindex: u32,
+}
+
+impl BenchTopology {
+    pub fn build(sinks: usize) -> Result<BenchTopology, TopologyError> {
+        netns::sweep_stale(NS_PREFIX);
+        let id = format!("{NS_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let client = Netns::create(&format!("{id}-bcl"))?;
+        let lb = Netns::create(&format!("{id}-blb"))?;
+        let (client_mac, lb_mac) = ([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]);
+        wire(&lb, "eth0", lb_mac, &client, "eth0", client_mac)?;
+        lb.ip(&["addr", "add", &format!("{LB4}/24"), "dev", "eth0"])?;
+        client.ip(&["addr", "add", &format!("{CLIENT4}/24"), "dev", "eth0"])?;
+        client.ip(&["route", "add", "198.18.1.0/24", "via", &LB4.to_string()])?;
+        client.ip(&["neigh", "replace", &LB4.to_string(), "lladdr", &crate::config::MacAddr(lb_mac).to_string(), "dev", "eth0"])?;
+        let client_ifindex = client.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
+        let lb_ifindex = lb.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
+        let mut topo = BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
+        for i in 1..=sinks {
+            let ns = Netns::create(&format!("{}-bs{i}", topo.id))?;
+            let mac = [2, 0, 0, 0, 0x11, i as u8];
+            let lb_side = format!("b{i}");
+            wire(&topo.lb, &lb_side, [2, 0, 0, 0, 0x10, i as u8], &ns, "eth0", mac)?;
+            let ip = Ipv4Addr::new(198, 18, 10 + i as u8, 2);
+            topo.lb.ip(&["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &lb_side])?;
+            ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+            topo.lb.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &crate::config::MacAddr(mac).to_string(), "dev", &lb_side])?;
+            let ifindex = ns.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
+            let sink = ns.run(move || AuxProgram::attach(lb_common::programs::SINK, ifindex))??;
+            topo.sinks.push((ns, ip, mac, sink));
+        }
+        Ok(topo)
+    }
+
+    /// Frames counted by all sinks.
+    pub fn sink_packets(&self) -> Result<u64, TopologyError> {
+        let mut total = 0;
+        for (_, _, _, sink) in &self.sinks {
+            total += sink.sink_count()?.packets;
+        }
+        Ok(total)
+    }
+}
+
+/// A veth pair: `a_name` in `a`, `b_name` in `b`, both up, with the given MACs.
+fn wire(a: &Netns, a_name: &str, a_mac: [u8; 6], b: &Netns, b_name: &str, b_mac: [u8; 6]) -> Result<(), TopologyError> {
+    let (am, bm) = (crate::config::MacAddr(a_mac).to_string(), crate::config::MacAddr(b_mac).to_string());
+    a.ip(&["link", "add", a_name, "address", &am, "type", "veth", "peer", "name", b_name, "address", &bm, "netns", b.name()])?;
+    a.ip(&["link", "set", a_name, "up"])?;
+    b.ip(&["link", "set", b_name, "up"])?;
+    Ok(())
 }

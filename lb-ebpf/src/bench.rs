@@ -1,0 +1,115 @@
+//! Benchmark helpers that live in the same object as the load balancer: the packet
+//! generator program (BPF_PROG_RUN live frames, as xdp-trafficgen does) and an XDP sink.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::bpf_get_smp_processor_id,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{Counter, GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GenTemplate};
+
+use crate::parse::ptr_at;
+
+#[map(name = "LB_GEN_TEMPLATE")]
+static GEN_TEMPLATE: Array<GenTemplate> = Array::with_max_entries(1, 0);
+
+#[map(name = "LB_GEN_SEQ")]
+static GEN_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "LB_SINK_STATS")]
+static SINK_STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(1, 0);
+
+/// Copies 8 template bytes at `off` back into the frame if both hold them.
+#[inline(always)]
+fn restore8(ctx: &XdpContext, t: &GenTemplate, off: usize) {
+    if off + 8 > GEN_HDR_MAX || off as u32 >= t.hdr_len {
+        return;
+    }
+    if let Ok(p) = ptr_at::<[u8; 8]>(ctx, off) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&t.hdr[off..off + 8]);
+        // SAFETY: ptr_at checked the 8 bytes are inside the frame.
+        unsafe { *p = w };
+    }
+}
+
+/// Generates one frame: restores the template headers, sets the source port of this
+/// frame's flow (fixing the L4 checksum incrementally, RFC 1624), sends it out (XDP_TX
+/// from the ingress interface given to BPF_PROG_RUN).
+#[xdp]
+pub fn lb_gen(ctx: XdpContext) -> u32 {
+    let Some(t) = GEN_TEMPLATE.get(0) else { return xdp_action::XDP_ABORTED };
+    restore8(&ctx, t, 0);
+    restore8(&ctx, t, 8);
+    restore8(&ctx, t, 16);
+    restore8(&ctx, t, 24);
+    restore8(&ctx, t, 32);
+    restore8(&ctx, t, 40);
+    restore8(&ctx, t, 48);
+    restore8(&ctx, t, 56);
+    restore8(&ctx, t, 64);
+    restore8(&ctx, t, 72);
+
+    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: per-CPU value from a successful lookup.
+    let n = unsafe {
+        let n = *seq;
+        *seq = n + 1;
+        n
+    };
+    // SAFETY: no preconditions.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let flows = if t.flows == 0 { 1 } else { t.flows as u64 };
+    let flow = (n.wrapping_add(cpu.wrapping_mul(7919)) % flows) as u16;
+    let port = GEN_PORT_BASE.wrapping_add(flow);
+
+    let off = t.sport_off as usize;
+    if off > GEN_HDR_MAX {
+        return xdp_action::XDP_ABORTED;
+    }
+    let Ok(sport) = ptr_at::<[u8; 2]>(&ctx, off) else { return xdp_action::XDP_ABORTED };
+    // SAFETY: ptr_at checked the bytes are inside the frame.
+    let old = u16::from_be_bytes(unsafe { *sport });
+    unsafe { *sport = port.to_be_bytes() };
+
+    if t.csum_off != GEN_NO_CSUM {
+        let coff = t.csum_off as usize;
+        if coff > GEN_HDR_MAX {
+            return xdp_action::XDP_ABORTED;
+        }
+        let Ok(csum) = ptr_at::<[u8; 2]>(&ctx, coff) else { return xdp_action::XDP_ABORTED };
+        // SAFETY: as above.
+        let hc = u16::from_be_bytes(unsafe { *csum });
+        let mut sum = (!hc) as u32 + (!old) as u32 + port as u32;
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        let mut new = !(sum as u16);
+        if new == 0 {
+            new = 0xffff; // UDP: 0 means "no checksum"; TCP treats 0 and 0xffff alike
+        }
+        unsafe { *csum = new.to_be_bytes() };
+    }
+    xdp_action::XDP_TX
+}
+
+/// Counts and drops IP frames; passes the rest (ARP, so the sink's host stays
+/// reachable).
+#[xdp]
+pub fn lb_sink(ctx: XdpContext) -> u32 {
+    let Ok(eth) = ptr_at::<network_types::eth::EthHdr>(&ctx, 0) else { return xdp_action::XDP_DROP };
+    // SAFETY: ptr_at checked the header is inside the frame.
+    let et = u16::from_be(unsafe { (*eth).ether_type });
+    if et != 0x0800 && et != 0x86dd {
+        return xdp_action::XDP_PASS;
+    }
+    if let Some(c) = SINK_STATS.get_ptr_mut(0) {
+        // SAFETY: per-CPU value from a successful lookup.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
+        }
+    }
+    xdp_action::XDP_DROP
+}
