@@ -23,6 +23,9 @@ pub const MAX_VIPS: u32 = 512;
 pub const MAX_BACKENDS: u32 = 4_096;
 /// Default size of the connection table (flows remembered, LRU evicted).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
+/// Bounds of the configurable connection-table size.
+pub const MIN_CONN_TABLE_SIZE: u32 = 1_024;
+pub const MAX_CONN_TABLE_SIZE: u32 = 16_777_216;
 /// Interfaces a backend can sit behind (entries of the redirect DevMapHash).
 pub const MAX_TX_PORTS: u32 = 64;
 /// Rings per VIP slot: the active one and the one the agent writes next.
@@ -94,9 +97,29 @@ pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
 /// without it; the datapath still checks and counts `DropNoBackend` if it does.
 pub const BACKEND_F_VALID: u32 = 1 << 0;
 
-/// IP protocol numbers used in [`VipKey::proto`].
+/// Protocol numbers and header constants (wire values), shared by the program, the
+/// packet builders and the tests.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+/// XDP verdicts (the kernel's `enum xdp_action`).
+pub mod xdp_action {
+    pub const ABORTED: u32 = 0;
+    pub const DROP: u32 = 1;
+    pub const PASS: u32 = 2;
+    pub const TX: u32 = 3;
+    pub const REDIRECT: u32 = 4;
+}
 
 // ---------------------------------------------------------------------------------------
 // Map keys and values
@@ -150,6 +173,10 @@ pub struct Backend {
     pub ifindex: u32,
     /// `BACKEND_F_*` bits.
     pub flags: u32,
+    /// Changes whenever the slot is given to a new backend; a connection-table entry
+    /// remembers it, so flows of a removed backend never follow its slot to the next
+    /// backend that gets it.
+    pub generation: u32,
 }
 
 /// Key of [`maps::CONNS`]: the 5-tuple. Ports in network byte order.
@@ -169,7 +196,8 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct FlowValue {
     pub backend: u32,
-    pub _pad: u32,
+    /// The backend's [`Backend::generation`] when the flow was pinned to it.
+    pub generation: u32,
 }
 
 /// A packets/bytes pair: value of [`maps::VIP_STATS`] and [`maps::BACKEND_STATS`].
@@ -222,115 +250,90 @@ mod pod {
 // Counters
 // ---------------------------------------------------------------------------------------
 
-/// Index into [`maps::GLOBAL_STATS`]. Every verdict and every drop reason has one.
-/// `Pass*`, `Drop*`, `Tx` and `Redirect*` are verdicts: each frame bumps exactly one of
-/// them. The others (`Vlan`, `Ipv4Options`, `Conn*`) are observations.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GlobalCounter {
-    /// Every frame the program saw.
-    Rx = 0,
-    /// Not IPv4/IPv6 (ARP, LLDP, ...): to the kernel.
-    PassNotIp,
-    /// IP, but not TCP/UDP to a VIP (host traffic): to the kernel.
-    PassNotVip,
-    /// ICMP/ICMPv6 and other L4 protocols: to the kernel.
-    PassNotL4,
-    /// IPv4 or IPv6 fragment: to the kernel (no ports to hash; see ARCHITECTURE.md).
-    PassFragment,
-    /// IPv6 with extension headers before L4: to the kernel.
-    PassIpv6ExtHdr,
-    /// Frame shorter than an Ethernet header.
-    DropTruncEth,
-    /// 802.1Q tag cut short.
-    DropTruncVlan,
-    /// IPv4 header (or its options) cut short.
-    DropTruncIpv4,
-    /// IPv6 header cut short.
-    DropTruncIpv6,
-    /// TCP or UDP header cut short.
-    DropTruncL4,
-    /// IPv4 header with a bad version or IHL < 5.
-    DropBadIpv4,
-    /// IPv6 header with a bad version.
-    DropBadIpv6,
-    /// VIP found but its ring slot has no valid backend (empty target group).
-    DropNoBackend,
-    /// Redirect target missing from the DevMap.
-    DropRedirectFailed,
-    /// Forwarded with XDP_TX (backend behind the receiving interface).
-    Tx,
-    /// Forwarded with a DevMap redirect (backend behind another interface).
-    Redirect,
-    /// Frames with one 802.1Q tag (forwarded with the tag kept).
-    Vlan,
-    /// IPv4 headers with options (parsed past; forwarded like any other).
-    Ipv4Options,
-    /// VIP frames whose flow was in the connection table.
-    ConnHit,
-    /// VIP frames whose flow was not: backend picked from the Maglev ring.
-    ConnMiss,
-    /// Connection-table insert failed (the flow still goes to the picked backend).
-    ConnInsertFailed,
+/// Declares `GlobalCounter` from one list: variant, snake_case name, kind, doc.
+macro_rules! global_counters {
+    ($($(#[doc = $doc:literal])* $variant:ident = $name:literal, $kind:ident;)+) => {
+        /// Index into [`maps::GLOBAL_STATS`]. Every verdict and every drop reason has one.
+        /// Verdict counters (`pass_*`, `drop_*`, `tx`, `redirect`): each frame bumps exactly
+        /// one. Observations (`rx`, `vlan`, `ipv4_options`, `conn_*`) count alongside.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum GlobalCounter {
+            $($(#[doc = $doc])* $variant,)+
+        }
+
+        impl GlobalCounter {
+            /// All counters in index order.
+            pub const ALL: &'static [GlobalCounter] = &[$(GlobalCounter::$variant,)+];
+            /// Number of counters (size of [`maps::GLOBAL_STATS`]).
+            pub const COUNT: u32 = Self::ALL.len() as u32;
+
+            /// Stable snake_case name (stats output, metrics labels).
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(GlobalCounter::$variant => $name,)+
+                }
+            }
+
+            /// Whether this counter is a verdict (exactly one per frame).
+            pub const fn is_verdict(self) -> bool {
+                match self {
+                    $(GlobalCounter::$variant => global_counters!(@verdict $kind),)+
+                }
+            }
+        }
+    };
+    (@verdict verdict) => { true };
+    (@verdict observation) => { false };
 }
 
-impl GlobalCounter {
-    /// Number of counters (size of [`maps::GLOBAL_STATS`]).
-    pub const COUNT: u32 = GlobalCounter::ConnInsertFailed as u32 + 1;
-
-    /// All counters in index order.
-    pub const ALL: [GlobalCounter; Self::COUNT as usize] = [
-        GlobalCounter::Rx,
-        GlobalCounter::PassNotIp,
-        GlobalCounter::PassNotVip,
-        GlobalCounter::PassNotL4,
-        GlobalCounter::PassFragment,
-        GlobalCounter::PassIpv6ExtHdr,
-        GlobalCounter::DropTruncEth,
-        GlobalCounter::DropTruncVlan,
-        GlobalCounter::DropTruncIpv4,
-        GlobalCounter::DropTruncIpv6,
-        GlobalCounter::DropTruncL4,
-        GlobalCounter::DropBadIpv4,
-        GlobalCounter::DropBadIpv6,
-        GlobalCounter::DropNoBackend,
-        GlobalCounter::DropRedirectFailed,
-        GlobalCounter::Tx,
-        GlobalCounter::Redirect,
-        GlobalCounter::Vlan,
-        GlobalCounter::Ipv4Options,
-        GlobalCounter::ConnHit,
-        GlobalCounter::ConnMiss,
-        GlobalCounter::ConnInsertFailed,
-    ];
-
-    /// Stable snake_case name (stats output, metrics labels).
-    pub const fn name(self) -> &'static str {
-        match self {
-            GlobalCounter::Rx => "rx",
-            GlobalCounter::PassNotIp => "pass_not_ip",
-            GlobalCounter::PassNotVip => "pass_not_vip",
-            GlobalCounter::PassNotL4 => "pass_not_l4",
-            GlobalCounter::PassFragment => "pass_fragment",
-            GlobalCounter::PassIpv6ExtHdr => "pass_ipv6_ext_hdr",
-            GlobalCounter::DropTruncEth => "drop_truncated_eth",
-            GlobalCounter::DropTruncVlan => "drop_truncated_vlan",
-            GlobalCounter::DropTruncIpv4 => "drop_truncated_ipv4",
-            GlobalCounter::DropTruncIpv6 => "drop_truncated_ipv6",
-            GlobalCounter::DropTruncL4 => "drop_truncated_l4",
-            GlobalCounter::DropBadIpv4 => "drop_bad_ipv4",
-            GlobalCounter::DropBadIpv6 => "drop_bad_ipv6",
-            GlobalCounter::DropNoBackend => "drop_no_backend",
-            GlobalCounter::DropRedirectFailed => "drop_redirect_failed",
-            GlobalCounter::Tx => "tx",
-            GlobalCounter::Redirect => "redirect",
-            GlobalCounter::Vlan => "vlan",
-            GlobalCounter::Ipv4Options => "ipv4_options",
-            GlobalCounter::ConnHit => "conn_hit",
-            GlobalCounter::ConnMiss => "conn_miss",
-            GlobalCounter::ConnInsertFailed => "conn_insert_failed",
-        }
-    }
+global_counters! {
+    /// Every frame the program saw.
+    Rx = "rx", observation;
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): to the kernel.
+    PassNotIp = "pass_not_ip", verdict;
+    /// IP, but not TCP/UDP to a VIP (host traffic): to the kernel.
+    PassNotVip = "pass_not_vip", verdict;
+    /// ICMP/ICMPv6 and other L4 protocols: to the kernel.
+    PassNotL4 = "pass_not_l4", verdict;
+    /// IPv4 or IPv6 fragment: to the kernel (no ports to hash; see ARCHITECTURE.md).
+    PassFragment = "pass_fragment", verdict;
+    /// IPv6 with extension headers before L4: to the kernel.
+    PassIpv6ExtHdr = "pass_ipv6_ext_hdr", verdict;
+    /// Frame shorter than an Ethernet header.
+    DropTruncEth = "drop_truncated_eth", verdict;
+    /// 802.1Q tag cut short.
+    DropTruncVlan = "drop_truncated_vlan", verdict;
+    /// IPv4 header, its options, or the packet its total length announces, cut short.
+    DropTruncIpv4 = "drop_truncated_ipv4", verdict;
+    /// IPv6 header, or the payload its length announces, cut short.
+    DropTruncIpv6 = "drop_truncated_ipv6", verdict;
+    /// TCP or UDP header cut short.
+    DropTruncL4 = "drop_truncated_l4", verdict;
+    /// IPv4 header with a bad version, IHL < 5, or a total length shorter than its headers.
+    DropBadIpv4 = "drop_bad_ipv4", verdict;
+    /// IPv6 header with a bad version or a payload length shorter than the L4 header.
+    DropBadIpv6 = "drop_bad_ipv6", verdict;
+    /// TCP data offset < 5 or beyond the packet, or UDP length < 8 or beyond the packet.
+    DropBadL4 = "drop_bad_l4", verdict;
+    /// VIP found but its ring slot has no valid backend (empty target group).
+    DropNoBackend = "drop_no_backend", verdict;
+    /// Redirect target missing from the DevMap.
+    DropRedirectFailed = "drop_redirect_failed", verdict;
+    /// Forwarded with XDP_TX (backend behind the receiving interface).
+    Tx = "tx", verdict;
+    /// Forwarded with a DevMap redirect (backend behind another interface).
+    Redirect = "redirect", verdict;
+    /// Frames with one 802.1Q tag (forwarded with the tag kept).
+    Vlan = "vlan", observation;
+    /// IPv4 headers with options (parsed past; forwarded like any other).
+    Ipv4Options = "ipv4_options", observation;
+    /// VIP frames whose flow was in the connection table.
+    ConnHit = "conn_hit", observation;
+    /// VIP frames whose flow was not: backend picked from the Maglev ring.
+    ConnMiss = "conn_miss", observation;
+    /// Connection-table insert failed (the flow still goes to the picked backend).
+    ConnInsertFailed = "conn_insert_failed", observation;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);

@@ -2,13 +2,12 @@
 //! generator program (BPF_PROG_RUN live frames, as xdp-trafficgen does) and an XDP sink.
 
 use aya_ebpf::{
-    bindings::xdp_action,
     helpers::bpf_get_smp_processor_id,
     macros::{map, xdp},
     maps::{Array, PerCpuArray},
     programs::XdpContext,
 };
-use lb_common::{Counter, GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GenTemplate};
+use lb_common::{Counter, ETH_P_IP, ETH_P_IPV6, GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GenTemplate, xdp_action};
 
 use crate::parse::ptr_at;
 
@@ -40,7 +39,7 @@ fn restore8(ctx: &XdpContext, t: &GenTemplate, off: usize) {
 /// from the ingress interface given to BPF_PROG_RUN).
 #[xdp]
 pub fn lb_gen(ctx: XdpContext) -> u32 {
-    let Some(t) = GEN_TEMPLATE.get(0) else { return xdp_action::XDP_ABORTED };
+    let Some(t) = GEN_TEMPLATE.get(0) else { return xdp_action::ABORTED };
     restore8(&ctx, t, 0);
     restore8(&ctx, t, 8);
     restore8(&ctx, t, 16);
@@ -52,7 +51,7 @@ pub fn lb_gen(ctx: XdpContext) -> u32 {
     restore8(&ctx, t, 64);
     restore8(&ctx, t, 72);
 
-    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else { return xdp_action::XDP_ABORTED };
+    let Some(seq) = GEN_SEQ.get_ptr_mut(0) else { return xdp_action::ABORTED };
     // SAFETY: per-CPU value from a successful lookup.
     let n = unsafe {
         let n = *seq;
@@ -67,9 +66,9 @@ pub fn lb_gen(ctx: XdpContext) -> u32 {
 
     let off = t.sport_off as usize;
     if off > GEN_HDR_MAX {
-        return xdp_action::XDP_ABORTED;
+        return xdp_action::ABORTED;
     }
-    let Ok(sport) = ptr_at::<[u8; 2]>(&ctx, off) else { return xdp_action::XDP_ABORTED };
+    let Ok(sport) = ptr_at::<[u8; 2]>(&ctx, off) else { return xdp_action::ABORTED };
     // SAFETY: ptr_at checked the bytes are inside the frame.
     let old = u16::from_be_bytes(unsafe { *sport });
     unsafe { *sport = port.to_be_bytes() };
@@ -77,9 +76,9 @@ pub fn lb_gen(ctx: XdpContext) -> u32 {
     if t.csum_off != GEN_NO_CSUM {
         let coff = t.csum_off as usize;
         if coff > GEN_HDR_MAX {
-            return xdp_action::XDP_ABORTED;
+            return xdp_action::ABORTED;
         }
-        let Ok(csum) = ptr_at::<[u8; 2]>(&ctx, coff) else { return xdp_action::XDP_ABORTED };
+        let Ok(csum) = ptr_at::<[u8; 2]>(&ctx, coff) else { return xdp_action::ABORTED };
         // SAFETY: as above.
         let hc = u16::from_be_bytes(unsafe { *csum });
         let mut sum = (!hc) as u32 + (!old) as u32 + port as u32;
@@ -91,18 +90,18 @@ pub fn lb_gen(ctx: XdpContext) -> u32 {
         }
         unsafe { *csum = new.to_be_bytes() };
     }
-    xdp_action::XDP_TX
+    xdp_action::TX
 }
 
 /// Counts and drops IP frames; passes the rest (ARP, so the sink's host stays
 /// reachable).
 #[xdp]
 pub fn lb_sink(ctx: XdpContext) -> u32 {
-    let Ok(eth) = ptr_at::<network_types::eth::EthHdr>(&ctx, 0) else { return xdp_action::XDP_DROP };
+    let Ok(eth) = ptr_at::<network_types::eth::EthHdr>(&ctx, 0) else { return xdp_action::DROP };
     // SAFETY: ptr_at checked the header is inside the frame.
     let et = u16::from_be(unsafe { (*eth).ether_type });
-    if et != 0x0800 && et != 0x86dd {
-        return xdp_action::XDP_PASS;
+    if et != ETH_P_IP && et != ETH_P_IPV6 {
+        return xdp_action::PASS;
     }
     if let Some(c) = SINK_STATS.get_ptr_mut(0) {
         // SAFETY: per-CPU value from a successful lookup.
@@ -111,5 +110,5 @@ pub fn lb_sink(ctx: XdpContext) -> u32 {
             (*c).bytes += (ctx.data_end() - ctx.data()) as u64;
         }
     }
-    xdp_action::XDP_DROP
+    xdp_action::DROP
 }

@@ -14,9 +14,10 @@ mod bench;
 mod maps;
 mod parse;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
     BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, flow_hash,
+    xdp_action,
 };
 use network_types::eth::EthHdr;
 
@@ -39,27 +40,30 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 /// Gives a veth peer NAPI so that it receives native-mode XDP_TX/redirected frames.
 #[xdp]
 pub fn lb_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_PASS
+    xdp_action::PASS
 }
 
 #[inline(always)]
 fn process(ctx: &XdpContext) -> Verdict {
     let flow = match parse::parse(ctx) {
         Parsed::Flow(flow) => flow,
-        Parsed::Pass(why) => return (xdp_action::XDP_PASS, why),
-        Parsed::Drop(why) => return (xdp_action::XDP_DROP, why),
+        Parsed::Pass(why) => return (xdp_action::PASS, why),
+        Parsed::Drop(why) => return (xdp_action::DROP, why),
     };
     let Some(vip) = lookup_vip(&flow.key.dst, flow.key.dport, flow.key.proto) else {
-        return (xdp_action::XDP_PASS, C::PassNotVip);
+        return (xdp_action::PASS, C::PassNotVip);
     };
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
 
     let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
-        return (xdp_action::XDP_DROP, C::DropNoBackend);
+        return (xdp_action::DROP, C::DropNoBackend);
     };
-    maps::vip_stats(vip.id, frame_len);
-    maps::backend_stats(id, frame_len);
-    forward(ctx, &backend)
+    let verdict = forward(ctx, &backend);
+    if verdict.1 != C::DropRedirectFailed {
+        maps::vip_stats(vip.id, frame_len);
+        maps::backend_stats(id, frame_len);
+    }
+    verdict
 }
 
 /// Exact (address, port, protocol) first, then the all-ports VIP (port 0).
@@ -87,12 +91,15 @@ fn backend(id: u32) -> Option<Backend> {
 fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
     if let Some(v) = CONNS.get_ptr(key) {
         // SAFETY: the pointer comes from a successful map lookup.
-        let id = unsafe { (*v).backend };
-        if let Some(b) = backend(id) {
-            count(C::ConnHit);
-            return Some((id, b));
+        let remembered = unsafe { *v };
+        if let Some(b) = backend(remembered.backend) {
+            if b.generation == remembered.generation {
+                count(C::ConnHit);
+                return Some((remembered.backend, b));
+            }
         }
-        // The remembered backend was removed: pick again below.
+        // The remembered backend was removed (its slot may hold another one now):
+        // pick again below.
     }
     count(C::ConnMiss);
     let m = ring_size();
@@ -103,7 +110,7 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
     let slot = vip.ring.wrapping_mul(m).wrapping_add(hash % m);
     let id = *RINGS.get(slot)?;
     let b = backend(id)?;
-    if CONNS.insert(key, FlowValue { backend: id, _pad: 0 }, 0).is_err() {
+    if CONNS.insert(key, FlowValue { backend: id, generation: b.generation }, 0).is_err() {
         count(C::ConnInsertFailed);
     }
     Some((id, b))
@@ -114,7 +121,7 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
 #[inline(always)]
 fn forward(ctx: &XdpContext, b: &Backend) -> Verdict {
     let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (xdp_action::XDP_DROP, C::DropTruncEth);
+        return (xdp_action::DROP, C::DropTruncEth);
     };
     // SAFETY: ptr_at checked that a whole EthHdr lies inside the frame.
     unsafe {
@@ -122,11 +129,11 @@ fn forward(ctx: &XdpContext, b: &Backend) -> Verdict {
         (*eth).src_addr = b.src_mac;
     }
     if b.ifindex as usize == ctx.ingress_ifindex() {
-        return (xdp_action::XDP_TX, C::Tx);
+        return (xdp_action::TX, C::Tx);
     }
-    match TX_PORTS.redirect(b.ifindex, xdp_action::XDP_DROP as u64) {
+    match TX_PORTS.redirect(b.ifindex, xdp_action::DROP as u64) {
         Ok(action) => (action, C::Redirect),
-        Err(_) => (xdp_action::XDP_DROP, C::DropRedirectFailed),
+        Err(_) => (xdp_action::DROP, C::DropRedirectFailed),
     }
 }
 

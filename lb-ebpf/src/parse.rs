@@ -2,7 +2,10 @@
 //! [`ptr_at`], which checks `data + offset + size <= data_end` first.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, GlobalCounter as C, IPPROTO_TCP, IPPROTO_UDP, v4_mapped};
+use lb_common::{
+    ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FlowKey, GlobalCounter as C, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
+    IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, v4_mapped,
+};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -11,16 +14,8 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 /// IPv4 "more fragments" flag and fragment-offset bits.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
-const IPPROTO_FRAGMENT: u8 = 44;
-const IPPROTO_HOPOPTS: u8 = 0;
-const IPPROTO_ROUTING: u8 = 43;
-const IPPROTO_DSTOPTS: u8 = 60;
 
 /// What parsing found.
 pub enum Parsed {
@@ -66,6 +61,8 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
     let mut key = FlowKey::default();
     let l4;
+    // Where the IP packet ends according to its header (frames may carry padding).
+    let ip_end;
     if ether_type == ETH_P_IP {
         let Ok(ip) = ptr_at::<Ipv4Hdr>(ctx, l3) else {
             return Parsed::Drop(C::DropTruncIpv4);
@@ -83,6 +80,15 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             }
             crate::maps::count(C::Ipv4Options);
         }
+        let tot_len = u16::from_be_bytes(unsafe { (*ip).tot_len }) as usize;
+        if tot_len < ihl {
+            return Parsed::Drop(C::DropBadIpv4);
+        }
+        // Longer frames are fine (Ethernet padding); shorter ones lost data.
+        if ctx.data() + l3 + tot_len > ctx.data_end() {
+            return Parsed::Drop(C::DropTruncIpv4);
+        }
+        ip_end = l3 + tot_len;
         if u16::from_be_bytes(unsafe { (*ip).frags }) & IPV4_MF_OFFSET != 0 {
             return Parsed::Pass(C::PassFragment);
         }
@@ -105,24 +111,40 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             }
             _ => {}
         }
+        let payload = u16::from_be_bytes(unsafe { (*ip).payload_len }) as usize;
+        if ctx.data() + l3 + Ipv6Hdr::LEN + payload > ctx.data_end() {
+            return Parsed::Drop(C::DropTruncIpv6);
+        }
         key.src = unsafe { (*ip).src_addr };
         key.dst = unsafe { (*ip).dst_addr };
+        // IPv4-mapped destinations are not valid on the wire (RFC 4291 2.5.5.2), and
+        // they are how IPv4 VIPs are keyed: never let one match an IPv4 VIP.
+        if key.dst[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+            return Parsed::Pass(C::PassNotVip);
+        }
         l4 = l3 + Ipv6Hdr::LEN;
+        ip_end = l4 + payload;
     } else {
         return Parsed::Pass(C::PassNotIp);
     }
 
-    // Both TCP and UDP start with the two ports; require the whole header anyway.
+    // Both TCP and UDP start with the two ports; require the whole header anyway, and
+    // a header consistent with the IP length.
     let ports = if key.proto == IPPROTO_TCP {
-        match ptr_at::<TcpHdr>(ctx, l4) {
-            Ok(tcp) => unsafe { ((*tcp).source, (*tcp).dest) },
-            Err(()) => return Parsed::Drop(C::DropTruncL4),
+        let Ok(tcp) = ptr_at::<TcpHdr>(ctx, l4) else { return Parsed::Drop(C::DropTruncL4) };
+        // Data offset: the high nibble of byte 12.
+        let doff = ((unsafe { *(tcp as *const u8).add(12) } >> 4) as usize) * 4;
+        if doff < TcpHdr::LEN || l4 + doff > ip_end {
+            return Parsed::Drop(C::DropBadL4);
         }
+        unsafe { ((*tcp).source, (*tcp).dest) }
     } else if key.proto == IPPROTO_UDP {
-        match ptr_at::<UdpHdr>(ctx, l4) {
-            Ok(udp) => unsafe { ((*udp).src, (*udp).dst) },
-            Err(()) => return Parsed::Drop(C::DropTruncL4),
+        let Ok(udp) = ptr_at::<UdpHdr>(ctx, l4) else { return Parsed::Drop(C::DropTruncL4) };
+        let len = u16::from_be_bytes(unsafe { (*udp).len }) as usize;
+        if len < UdpHdr::LEN || l4 + len > ip_end {
+            return Parsed::Drop(C::DropBadL4);
         }
+        unsafe { ((*udp).src, (*udp).dst) }
     } else {
         return Parsed::Pass(C::PassNotL4);
     };

@@ -37,6 +37,10 @@ pub enum AgentError {
         "changing `dataplane.{field}` needs a restart of the agent (reload keeps the loaded maps); the running config is unchanged"
     )]
     NeedsRestart { field: &'static str },
+    #[error(
+        "applying the new config failed ({apply}) and restoring the previous one failed too ({rollback}): the datapath may mix both; restart the agent"
+    )]
+    RolledBackFailed { apply: String, rollback: String },
     #[error("resolving targets was interrupted: {0}")]
     Join(String),
 }
@@ -91,6 +95,8 @@ struct Agent {
     opts: RunOptions,
     config: Config,
     ids: Allocators,
+    /// What the maps hold now (re-applied if a reload fails halfway).
+    plan: plan::Plan,
     dp: Dataplane,
 }
 
@@ -151,7 +157,7 @@ async fn start(opts: RunOptions) -> Result<Agent, AgentError> {
     }
     dp.pin(&dpc.pin_dir)?;
     info!(pin_dir = %dpc.pin_dir.display(), "ready");
-    Ok(Agent { opts, config, ids, dp })
+    Ok(Agent { opts, config, ids, plan, dp })
 }
 
 impl Agent {
@@ -164,9 +170,19 @@ impl Agent {
         let resolved = resolve_all(&config, self.opts.resolve_wait).await?;
         let mut ids = self.ids.clone();
         let plan = plan::build(&config, &resolved, &mut ids)?;
-        let report = self.dp.apply(&plan)?;
+        let report = match self.dp.apply(&plan) {
+            Ok(r) => r,
+            Err(e) => {
+                // Put back what was running; only then is "unchanged" true.
+                return Err(match self.dp.apply(&self.plan) {
+                    Ok(_) => AgentError::Dataplane(e),
+                    Err(back) => AgentError::RolledBackFailed { apply: e.to_string(), rollback: back.to_string() },
+                });
+            }
+        };
         self.ids = ids;
         self.config = config;
+        self.plan = plan;
         info!(?report, elapsed_ms = started.elapsed().as_millis() as u64, "new config applied");
         Ok(())
     }

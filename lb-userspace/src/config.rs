@@ -10,7 +10,10 @@ use std::{
     str::FromStr,
 };
 
-use lb_common::{DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_RING_SIZE, MAX_VIPS};
+use lb_common::{
+    DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONN_TABLE_SIZE, MAX_RING_SIZE,
+    MAX_VIPS, MIN_CONN_TABLE_SIZE,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::maglev::is_prime;
@@ -48,7 +51,7 @@ pub enum ConfigError {
     RingSize { ring_size: u32 },
     #[error("max_vips {max_vips} is out of range: use 1..={MAX_VIPS}")]
     MaxVips { max_vips: u32 },
-    #[error("conn_table_size {size} is out of range: use 1024..=16777216")]
+    #[error("conn_table_size {size} is out of range: use {MIN_CONN_TABLE_SIZE}..={MAX_CONN_TABLE_SIZE}")]
     ConnTableSize { size: u32 },
     #[error(
         "{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners"
@@ -327,7 +330,7 @@ impl Config {
         if !(1..=MAX_VIPS).contains(&dp.max_vips) {
             return Err(ConfigError::MaxVips { max_vips: dp.max_vips });
         }
-        if !(1024..=16_777_216).contains(&dp.conn_table_size) {
+        if !(MIN_CONN_TABLE_SIZE..=MAX_CONN_TABLE_SIZE).contains(&dp.conn_table_size) {
             return Err(ConfigError::ConnTableSize { size: dp.conn_table_size });
         }
         if self.listeners.len() > dp.max_vips as usize {
@@ -422,6 +425,8 @@ fn unusable_unicast(ip: IpAddr) -> Option<&'static str> {
         Some("a loopback address is not usable here")
     } else if matches!(ip, IpAddr::V4(v4) if v4.is_broadcast()) {
         Some("the broadcast address is not usable here")
+    } else if matches!(ip, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()) {
+        Some("an IPv4-mapped IPv6 address (::ffff:a.b.c.d) is not usable here: write the IPv4 address")
     } else {
         None
     }

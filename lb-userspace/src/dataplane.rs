@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData},
+    maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
 use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
@@ -70,6 +70,10 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya::pin::PinError>,
     },
+    #[error(
+        "pin directory {path} is in use by another running agent: give this one its own `--pin-dir` (or `dataplane.pin_dir`)"
+    )]
+    PinDirBusy { path: PathBuf },
     #[error("pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -84,16 +88,10 @@ const PERMISSION_HINT: &str = " (permission denied: run as root or with CAP_BPF,
 
 /// `hint` if the error chain holds EPERM/EACCES.
 fn permission_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>()
-            && matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
-        {
-            return PERMISSION_HINT;
-        }
-        cur = err.source();
+    match errno(e) {
+        Some(libc::EPERM) | Some(libc::EACCES) => PERMISSION_HINT,
+        _ => "",
     }
-    ""
 }
 
 /// Sizes fixed at load time.
@@ -130,6 +128,8 @@ pub struct Dataplane {
     applied: Applied,
     links: Vec<(String, XdpLinkId)>,
     pinned: Option<PathBuf>,
+    /// Held open with an exclusive flock while the maps are pinned.
+    pin_lock: Option<std::fs::File>,
 }
 
 impl Dataplane {
@@ -151,7 +151,7 @@ impl Dataplane {
             }
         }
         load_program(&mut ebpf, programs::LB)?;
-        Ok(Dataplane { ebpf, opts, applied: Applied::default(), links: Vec::new(), pinned: None })
+        Ok(Dataplane { ebpf, opts, applied: Applied::default(), links: Vec::new(), pinned: None, pin_lock: None })
     }
 
     pub fn options(&self) -> LoadOptions {
@@ -160,8 +160,7 @@ impl Dataplane {
 
     /// The loaded LB program (for BPF_PROG_RUN).
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
-        let p = self.ebpf.program(programs::LB).ok_or(DataplaneError::MissingProgram { name: programs::LB })?;
-        p.try_into().map_err(|source| DataplaneError::Verify { name: programs::LB, source: Box::new(source), hint: "" })
+        xdp_ref(&self.ebpf, programs::LB)
     }
 
     /// A map of the loaded object, by its lb-common name.
@@ -178,15 +177,10 @@ impl Dataplane {
         if let Some(prog_id) = iface.xdp_prog {
             return Err(DataplaneError::AlreadyAttached { iface: iface.name.clone(), prog_id });
         }
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(programs::LB)
-            .ok_or(DataplaneError::MissingProgram { name: programs::LB })?
-            .try_into()
-            .map_err(|source| DataplaneError::Verify { name: programs::LB, source: Box::new(source), hint: "" })?;
+        let prog = xdp_mut(&mut self.ebpf, programs::LB)?;
         let attempt = |prog: &mut Xdp, m: AyaXdpMode, label: &'static str| {
             prog.attach_to_if_index(iface.ifindex, m).map_err(|source| {
-                let hint = attach_hint(&source, &iface.name);
+                let hint = attach_hint(&source);
                 DataplaneError::Attach { iface: iface.name.clone(), mode: label, source: Box::new(source), hint }
             })
         };
@@ -223,6 +217,12 @@ impl Dataplane {
                 }
             }
         }
+        for (&id, (_, b)) in &plan.backends {
+            // A slot given to a new backend starts its counters from zero.
+            if self.applied.backends.get(&id).is_none_or(|old| old.generation != b.generation) {
+                self.zero_counter(maps::BACKEND_STATS, id)?;
+            }
+        }
         {
             let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
             for (&id, (_, b)) in &plan.backends {
@@ -251,7 +251,11 @@ impl Dataplane {
                     }
                     if meta.ring == vip.slot * RINGS_PER_VIP { meta.ring + 1 } else { vip.slot * RINGS_PER_VIP }
                 }
-                _ => vip.slot * RINGS_PER_VIP,
+                _ => {
+                    // A new VIP (or one moved to another slot) starts its counters from zero.
+                    self.zero_counter(maps::VIP_STATS, vip.slot)?;
+                    vip.slot * RINGS_PER_VIP
+                }
             };
             report.ring_slots_written += self.write_ring(target_ring, &vip.ring, m)?;
             let meta = VipMeta { id: vip.slot, ring: target_ring, flags: vip.flags, _pad: 0 };
@@ -304,6 +308,19 @@ impl Dataplane {
         Ok(report)
     }
 
+    /// Sets a per-CPU `Counter` entry to zero on every CPU.
+    fn zero_counter(&mut self, name: &'static str, index: u32) -> Result<(), DataplaneError> {
+        let err = |source| DataplaneError::Map { name, source: Box::new(source) };
+        let cpus = aya::util::nr_cpus().map_err(|(_, io)| {
+            err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "nr_cpus", io_error: io }))
+        })?;
+        let mut map: PerCpuArray<&mut MapData, lb_common::Counter> = typed(self.ebpf.map_mut(name), name)?;
+        let zeros = PerCpuValues::try_from(vec![lb_common::Counter::default(); cpus]).map_err(|io_error| {
+            err(aya::maps::MapError::SyscallError(aya::sys::SyscallError { call: "per-cpu values", io_error }))
+        })?;
+        map.set(index, zeros, 0).map_err(err)
+    }
+
     /// Writes the slots of ring `ring` that differ from what it holds. Returns how many.
     fn write_ring(&mut self, ring: u32, table: &[u32], m: u32) -> Result<usize, DataplaneError> {
         let old = self.applied.rings.remove(&ring).unwrap_or_else(|| vec![0; m as usize]);
@@ -326,6 +343,16 @@ impl Dataplane {
     /// Pins every map under `dir` (replacing stale pins of an earlier run).
     pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
         std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
+        // One agent per pin directory: hold an exclusive lock on it while running.
+        let lock =
+            std::fs::File::open(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DataplaneError::PinDirBusy { path: dir.to_owned() });
+        }
+        self.pin_lock = Some(lock);
+        // From here on, `unpin` (also on drop) removes whatever was pinned.
+        self.pinned = Some(dir.to_owned());
         for name in maps::ALL {
             let path = dir.join(name);
             if path.exists() {
@@ -338,7 +365,6 @@ impl Dataplane {
                 source: Box::new(source),
             })?;
         }
-        self.pinned = Some(dir.to_owned());
         Ok(())
     }
 
@@ -350,12 +376,13 @@ impl Dataplane {
             }
             let _ = std::fs::remove_dir(&dir);
         }
+        self.pin_lock = None;
     }
 
     /// Detaches from every interface.
     pub fn detach_all(&mut self) {
         let links = std::mem::take(&mut self.links);
-        if let Some(Ok(prog)) = self.ebpf.program_mut(programs::LB).map(<&mut Xdp>::try_from) {
+        if let Ok(prog) = xdp_mut(&mut self.ebpf, programs::LB) {
             for (iface, id) in links {
                 match prog.detach(id) {
                     Ok(()) => info!(interface = %iface, "XDP program detached"),
@@ -382,31 +409,53 @@ where
 }
 
 fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
-    let prog: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or(DataplaneError::MissingProgram { name })?
-        .try_into()
-        .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
-    prog.load().map_err(|source| {
+    xdp_mut(ebpf, name)?.load().map_err(|source| {
         let hint = permission_hint(&source);
         DataplaneError::Verify { name, source: Box::new(source), hint }
     })
 }
 
-fn attach_hint(e: &aya::programs::ProgramError, iface: &str) -> &'static str {
+fn attach_hint(e: &aya::programs::ProgramError) -> &'static str {
     let p = permission_hint(e);
     if !p.is_empty() {
         return p;
     }
-    let text = e.to_string();
-    if text.contains("os error 16") || text.contains("os error 17") || text.contains("busy") {
-        return " (another XDP program is attached: detach it with `ip link set dev IFACE xdp off` or stop its owner)";
+    match errno(e) {
+        Some(libc::EBUSY) | Some(libc::EEXIST) => {
+            " (another XDP program is attached: detach it with `ip link set dev IFACE xdp off` or stop its owner)"
+        }
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => {
+            " (the driver may lack native XDP: try `--xdp-mode generic` or `--xdp-mode auto`)"
+        }
+        _ => "",
     }
-    if text.contains("os error 95") || text.contains("not supported") {
-        return " (the driver has no native XDP: use `--xdp-mode generic` or `auto`)";
+}
+
+/// The first OS error number in `e`'s chain.
+fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(code) = err.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error) {
+            return Some(code);
+        }
+        cur = err.source();
     }
-    let _ = iface;
-    ""
+    None
+}
+
+/// The XDP program `name` of `ebpf`.
+fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
+}
+
+fn xdp_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, DataplaneError> {
+    ebpf.program(name)
+        .ok_or(DataplaneError::MissingProgram { name })?
+        .try_into()
+        .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
 }
 
 /// One of the object's helper programs (`lb_pass`, `lb_sink`), loaded on its own with
@@ -434,25 +483,19 @@ impl AuxProgram {
     /// Loads `name` and attaches it to `ifindex` in native mode.
     pub fn attach(name: &'static str, ifindex: u32) -> Result<Self, DataplaneError> {
         let mut aux = AuxProgram::load(name)?;
-        let prog: &mut Xdp = aux
-            .ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::MissingProgram { name })?
-            .try_into()
-            .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
-        prog.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| DataplaneError::Attach {
-            iface: format!("ifindex {ifindex}"),
-            mode: "native",
-            source: Box::new(source),
-            hint: "",
+        xdp_mut(&mut aux.ebpf, name)?.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| {
+            DataplaneError::Attach {
+                iface: format!("ifindex {ifindex}"),
+                mode: "native",
+                source: Box::new(source),
+                hint: "",
+            }
         })?;
         Ok(aux)
     }
 
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
-        let name = self.name;
-        let p = self.ebpf.program(name).ok_or(DataplaneError::MissingProgram { name })?;
-        p.try_into().map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
+        xdp_ref(&self.ebpf, self.name)
     }
 
     /// What an `lb_sink` counted, summed over CPUs.

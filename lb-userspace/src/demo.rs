@@ -1,25 +1,39 @@
 //! `lb demo`: the whole product on one machine. Builds the topology of
-//! [`lb_userspace::topology`] (client, LB, three HTTP backends in namespaces), runs the
-//! agent on the LB in native XDP mode, sends real HTTP and UDP traffic from the client,
-//! prints who served what and the counters, and tears everything down.
+//! [`lb_userspace::topology`] (client, LB, three HTTP backends in namespaces), starts
+//! `lb run` on the LB in native XDP mode, sends real HTTP and UDP traffic from the
+//! client, prints who served what and `lb stats`, and tears everything down (also on
+//! Ctrl-C).
 
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
-    sync::{Arc, atomic::AtomicBool},
-    time::Duration,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use lb_userspace::{
-    agent::{AgentHandle, RunOptions},
-    stats::Snapshot,
-    topology::{self, CLIENT4, Topology, UDP_PORT, VIP4, VIP6},
-};
+use lb_userspace::topology::{self, AgentProcess, CLIENT4, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6};
 
 pub struct DemoOptions {
     pub udp_flows: u32,
     pub linger: Duration,
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Fails once Ctrl-C was pressed, so that the caller unwinds and everything is dropped.
+fn check_interrupt() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted: cleaning up");
+    }
+    Ok(())
 }
 
 pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
@@ -31,83 +45,99 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .ok()
         .filter(|f| (1..=20_000).contains(f))
         .context("--udp-flows must be 1..=20000")?;
+    // SAFETY: installs an async-signal-safe handler (one atomic store).
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
+    let lb = std::env::current_exe().context("finding the lb binary")?;
 
-    println!("== Building the demo topology (client, LB, 3 backends on one L2 segment)");
+    println!("== Building the demo topology: client, LB and 3 backends on one L2 segment");
     let mut topo = Topology::build(3).context("building the demo topology")?;
     topo.start_http().context("starting the backends' HTTP servers")?;
-    let config = topo.config(&[(1, 1), (2, 1), (3, 1)]);
-    let config_path = std::env::temp_dir().join(format!("{}.toml", topo.id));
-    std::fs::write(&config_path, &config).with_context(|| format!("writing {}", config_path.display()))?;
-    let _remove_config = RemoveOnDrop(config_path.clone());
-    println!("   namespaces: {}-{{sw,cl,lb,b1,b2,b3}}", topo.id);
+    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1), (2, 1), (3, 1)]))?;
+    println!("   namespaces  {}-{{sw,cl,lb,b1,b2,b3}}", topo.id);
     println!(
-        "   client {CLIENT4}, LB {}, backends {}",
+        "   client {CLIENT4}, LB {}, backends {} (VIPs on their loopback)",
         topology::LB4,
         topo.backends.iter().map(|b| b.ip4.to_string()).collect::<Vec<_>>().join(", ")
     );
-    println!("   VIPs {VIP4} and {VIP6}; agent config {}", config_path.display());
+    println!("   VIPs {VIP4} and {VIP6}; config {}", config.0.display());
+    check_interrupt()?;
 
-    println!("\n== Starting the agent on the LB (native XDP on eth0)");
-    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&config_path)).context("starting the agent")?;
+    println!("\n== Starting `lb run --config {}` in the LB namespace (native XDP on eth0)", config.0.display());
+    let agent = AgentProcess::start(&lb, &topo.lb, &config.0, &topo.pin_dir).context("starting the agent")?;
+    for line in agent.logs().lines() {
+        println!("   | {line}");
+    }
+    check_interrupt()?;
 
-    println!("\n== HTTP through the VIP (the backend reports the client address it saw)");
+    println!("\n== HTTP through the VIP; each backend reports the client address it saw");
     let mut served: BTreeMap<String, u32> = BTreeMap::new();
     for url in [format!("http://{VIP4}/"), format!("http://[{VIP6}]/")] {
         for _ in 0..6 {
             let body = topo.curl(&url).with_context(|| format!("curl {url}"))?;
-            println!("   curl {url:<28} -> {body}");
-            let backend = body.split_whitespace().next().unwrap_or_default().to_string();
+            println!("   curl {url:<26} -> {body}");
+            let backend = body.split_whitespace().next().unwrap_or_default().trim_start_matches("backend=").to_string();
             *served.entry(backend).or_default() += 1;
         }
     }
     println!("   requests per backend: {served:?}");
+    check_interrupt()?;
 
-    println!("\n== {flows} UDP flows (3 datagrams each) to {VIP4}:{UDP_PORT}");
-    let stop = Arc::new(AtomicBool::new(false));
+    println!("\n== {flows} UDP flows (3 datagrams each, one source port per flow) to {VIP4}:{UDP_PORT}");
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let received = Arc::new(AtomicU64::new(0));
     let sinks: Vec<_> = topo
         .backends
         .iter()
-        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60)))
+        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.0.clone(), received.clone(), Duration::from_secs(60)))
         .collect();
     std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
     let sent = topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), flows, 20_000, 3)??;
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut received = 0;
+    topology::wait_for(&received, sent, Duration::from_secs(5));
+    stop.0.store(true, Ordering::Relaxed);
+    let mut total = 0;
     for (b, sink) in topo.backends.iter().zip(sinks) {
         let got = sink.join().map_err(|_| anyhow::anyhow!("UDP sink thread panicked"))???;
         let kept = got.iter().filter(|(from, _)| from.ip() == IpAddr::V4(CLIENT4)).count();
+        let ports: std::collections::HashSet<u16> = got.iter().map(|(from, _)| from.port()).collect();
         println!(
-            "   {} received {:>5} datagrams, {:>5} of them from the client's own address {CLIENT4}",
+            "   {} received {:>5} datagrams of {:>4} flows; {:>5} carry the client's own source address {CLIENT4}",
             b.name,
             got.len(),
+            ports.len(),
             kept
         );
-        received += got.len();
+        total += got.len();
     }
-    println!("   sent {sent}, received {received}");
+    println!("   sent {sent}, received {total} in {:.2} s", started.elapsed().as_secs_f64());
+    check_interrupt()?;
 
-    println!("\n== Counters (`lb stats --pin-dir {}`)", topo.pin_dir.display());
-    let snap = Snapshot::read_pinned(&topo.pin_dir).context("reading the agent's pinned maps")?;
-    for line in snap.render().lines() {
+    println!("\n== `lb stats --pin-dir {}`", topo.pin_dir.display());
+    let out = std::process::Command::new(&lb)
+        .args(["stats", "--pin-dir"])
+        .arg(&topo.pin_dir)
+        .output()
+        .context("running lb stats")?;
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("   {line}");
     }
 
     if !opts.linger.is_zero() {
-        println!("\n== Lingering {:?}: try `ip netns exec {}-cl curl http://{VIP4}/`", opts.linger, topo.id);
-        std::thread::sleep(opts.linger);
+        println!(
+            "\n== Lingering {:?} (Ctrl-C ends it): try `ip netns exec {}-cl curl http://{VIP4}/`",
+            opts.linger, topo.id
+        );
+        let until = Instant::now() + opts.linger;
+        while Instant::now() < until && !INTERRUPTED.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
     println!("\n== Cleaning up");
-    agent.stop().context("stopping the agent")?;
+    let status = agent.stop().context("stopping the agent")?;
     drop(topo);
-    println!("   agent stopped, XDP detached, namespaces deleted");
+    println!("   `lb run` exited ({status}) after detaching; namespaces deleted");
     Ok(())
-}
-
-struct RemoveOnDrop(std::path::PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }

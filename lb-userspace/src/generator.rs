@@ -36,13 +36,17 @@ pub enum GenError {
     HeadersTooLong { len: usize },
     #[error("flows must be 1..={GEN_MAX_FLOWS} (source ports {GEN_PORT_BASE}..65535)")]
     Flows,
-    #[error("BPF_PROG_RUN in live-frames mode failed on CPU {cpu}: {source}; this needs kernel 5.18+ and an interface whose peer has NAPI (an XDP program or GRO)")]
+    #[error(
+        "BPF_PROG_RUN in live-frames mode failed on CPU {cpu}: {source}; this needs kernel 5.18+ and an interface whose peer has NAPI (an XDP program or GRO)"
+    )]
     Run {
         cpu: usize,
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
-    #[error("kernel pktgen is not available: /proc/net/pktgen does not exist (CONFIG_NET_PKTGEN not built in, and this kernel cannot load modules); use the default engine `xdp`")]
+    #[error(
+        "kernel pktgen is not available: /proc/net/pktgen does not exist (CONFIG_NET_PKTGEN not built in, and this kernel cannot load modules); use the default engine `xdp`"
+    )]
     NoPktgen,
     #[error("pktgen: {what}")]
     Pktgen {
@@ -143,7 +147,9 @@ fn run_xdp(opts: &GenOptions) -> Result<GenReport, GenError> {
     {
         let mut t: Array<&mut MapData, GenTemplate> = ebpf
             .map_mut(maps::GEN_TEMPLATE)
-            .ok_or_else(|| GenError::Map(Box::new(aya::maps::MapError::InvalidName { name: maps::GEN_TEMPLATE.into() })))?
+            .ok_or_else(|| {
+                GenError::Map(Box::new(aya::maps::MapError::InvalidName { name: maps::GEN_TEMPLATE.into() }))
+            })?
             .try_into()
             .map_err(|e| GenError::Map(Box::new(e)))?;
         t.set(0, template, 0).map_err(|e| GenError::Map(Box::new(e)))?;
@@ -208,7 +214,7 @@ fn run_xdp(opts: &GenOptions) -> Result<GenReport, GenError> {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     });
     result?;
     let seconds = start.elapsed().as_secs_f64();
@@ -302,7 +308,15 @@ fn run_pktgen(opts: &GenOptions) -> Result<GenReport, GenError> {
             .and_then(|n| n.parse::<u64>().ok())
             .unwrap_or(0);
     }
-    Ok(GenReport { engine: Engine::Pktgen, sent, seconds, pps: sent as f64 / seconds, threads, frame_len: opts.frame_len, flows: opts.flows })
+    Ok(GenReport {
+        engine: Engine::Pktgen,
+        sent,
+        seconds,
+        pps: sent as f64 / seconds,
+        threads,
+        frame_len: opts.frame_len,
+        flows: opts.flows,
+    })
 }
 
 #[cfg(test)]

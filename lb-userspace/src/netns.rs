@@ -87,6 +87,26 @@ impl Netns {
         c
     }
 
+    /// Makes `cmd` start inside the namespace. Unlike `ip netns exec`, the mount
+    /// namespace stays the host's, so bpffs pins are shared with the caller.
+    pub fn process(&self, cmd: &mut Command) -> Result<(), NetnsError> {
+        use std::os::unix::process::CommandExt as _;
+        let path = self.path();
+        let file = File::open(&path).map_err(|source| NetnsError::Enter { path, source })?;
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // setns(2), which is async-signal-safe. `file` stays open in the parent (moved
+        // into the closure, which the Command keeps) until the child is spawned.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     /// Sets a sysctl inside the namespace.
     pub fn sysctl(&self, key: &str, value: &str) -> Result<(), NetnsError> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")]).map(|_| ())

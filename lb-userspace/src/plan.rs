@@ -6,7 +6,7 @@
 //! meaning the same thing.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, VecDeque},
     hash::Hash,
     net::IpAddr,
 };
@@ -34,21 +34,23 @@ pub enum PlanError {
 }
 
 /// Hands out small integer ids that stay the same for the same key across rebuilds.
+/// A freed id goes to the back of the free queue: ids never used go first, then the
+/// longest-freed, so an id is reused as late as possible.
 #[derive(Debug, Clone)]
 pub struct Ids<K> {
-    first: u32,
-    end: u32,
     assigned: HashMap<K, u32>,
+    /// Free ids in the order they should be handed out.
+    free: VecDeque<u32>,
 }
 
 impl<K: Eq + Hash + Clone> Ids<K> {
     /// Ids in `first..end`.
     pub fn new(first: u32, end: u32) -> Self {
-        Ids { first, end, assigned: HashMap::new() }
+        Ids { assigned: HashMap::new(), free: (first..end).collect() }
     }
 
     /// Assigns ids to exactly `keys`: kept keys keep theirs, removed keys free theirs,
-    /// new keys take the lowest free ids. Nothing changes on error.
+    /// new keys take ids from the free queue. Nothing changes on error.
     pub fn assign<'a>(
         &mut self,
         keys: impl IntoIterator<Item = &'a K>,
@@ -60,32 +62,57 @@ impl<K: Eq + Hash + Clone> Ids<K> {
         let keys: Vec<&K> = keys.into_iter().collect();
         let mut next: HashMap<K, u32> =
             keys.iter().filter_map(|k| self.assigned.get(*k).map(|id| ((*k).clone(), *id))).collect();
-        let mut used: Vec<bool> = vec![false; (self.end - self.first) as usize];
-        for id in next.values() {
-            used[(id - self.first) as usize] = true;
-        }
-        let mut free = used.iter().enumerate().filter(|(_, u)| !**u).map(|(i, _)| i as u32 + self.first);
+        let mut free = self.free.clone();
+        // Ids of removed keys join the back of the queue.
+        let mut released: Vec<u32> =
+            self.assigned.iter().filter(|(k, _)| !next.contains_key(*k)).map(|(_, id)| *id).collect();
+        released.sort_unstable();
+        free.extend(released);
+        let capacity = (free.len() + next.len()) as u32;
         for k in keys {
             if !next.contains_key(k) {
-                let id = free.next().ok_or(PlanError::Exhausted { what, max: self.end - self.first })?;
+                let id = free.pop_front().ok_or(PlanError::Exhausted { what, max: capacity })?;
                 next.insert(k.clone(), id);
             }
         }
         self.assigned = next.clone();
+        self.free = free;
         Ok(next)
     }
 }
 
-/// Id allocators that live as long as the agent.
+/// Id allocators and backend generations, kept for the agent's lifetime.
 #[derive(Debug, Clone)]
 pub struct Allocators {
     pub vips: Ids<VipKey>,
     pub backends: Ids<IpAddr>,
+    /// Generation of each backend's current id assignment (see `Backend::generation`).
+    gens: HashMap<IpAddr, (u32, u32)>,
+    next_gen: u32,
 }
 
 impl Allocators {
     pub fn new(max_vips: u32) -> Self {
-        Allocators { vips: Ids::new(0, max_vips), backends: Ids::new(1, MAX_BACKENDS) }
+        Allocators {
+            vips: Ids::new(0, max_vips),
+            backends: Ids::new(1, MAX_BACKENDS),
+            gens: HashMap::new(),
+            next_gen: 1,
+        }
+    }
+
+    /// The generation of `ip` holding `id`: unchanged while it keeps the id, new when
+    /// it gets one.
+    fn generation(&mut self, ip: IpAddr, id: u32) -> u32 {
+        match self.gens.get(&ip) {
+            Some((held, g)) if *held == id => *g,
+            _ => {
+                let g = self.next_gen;
+                self.next_gen = self.next_gen.wrapping_add(1).max(1);
+                self.gens.insert(ip, (id, g));
+                g
+            }
+        }
     }
 }
 
@@ -144,14 +171,16 @@ pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Al
     let mut backends = BTreeMap::new();
     for ip in &ips {
         let r = resolved.get(ip).ok_or(PlanError::Unresolved { ip: *ip })?;
+        let id = backend_ids[ip];
         let b = Backend {
             addr: addr_bytes(*ip),
             dst_mac: r.mac,
             src_mac: r.dev.mac,
             ifindex: r.dev.ifindex,
             flags: BACKEND_F_VALID,
+            generation: next_ids.generation(*ip, id),
         };
-        backends.insert(backend_ids[ip], (*ip, b));
+        backends.insert(id, (*ip, b));
     }
     let mut tx_ports: Vec<u32> = backends.values().map(|(_, b)| b.ifindex).collect();
     tx_ports.sort_unstable();
@@ -241,9 +270,31 @@ mod tests {
             p.backends.iter().find(|(_, (i, _))| *i == ip).map(|(id, _)| *id)
         };
         assert_eq!(id_of(&p1, "198.18.0.12"), id_of(&p2, "198.18.0.12"));
-        // .11's id was freed and is the lowest free one: .13 reuses it.
-        assert_eq!(id_of(&p1, "198.18.0.11"), id_of(&p2, "198.18.0.13"));
+        // .11's id was freed; .13 gets a never-used id, not .11's.
+        assert_ne!(id_of(&p1, "198.18.0.11"), id_of(&p2, "198.18.0.13"));
         assert_eq!(p1.vips[0].slot, p2.vips[0].slot);
+        let generation_of = |p: &Plan, ip: &str| {
+            let ip: IpAddr = ip.parse().expect("ip");
+            p.backends.values().find(|(i, _)| *i == ip).map(|(_, b)| b.generation)
+        };
+        assert_eq!(
+            generation_of(&p1, "198.18.0.12"),
+            generation_of(&p2, "198.18.0.12"),
+            "a kept backend keeps its generation"
+        );
+    }
+
+    #[test]
+    fn freed_ids_are_reused_last() {
+        let mut ids: Ids<u32> = Ids::new(1, 4);
+        let a = ids.assign(&[10, 11, 12], "x").expect("ids");
+        // 11 leaves, 13 arrives: no never-used id is left, so 13 gets 11's.
+        let b = ids.assign(&[10, 12, 13], "x").expect("ids");
+        assert_eq!(b[&13], a[&11]);
+        // Both 10 and 12 leave; 20 and 21 arrive and get them in the order freed.
+        let c = ids.assign(&[13, 20, 21], "x").expect("ids");
+        assert_eq!((c[&20], c[&21]), (a[&10], a[&12]));
+        assert!(matches!(ids.assign(&[1, 2, 3, 4], "x"), Err(PlanError::Exhausted { max: 3, .. })));
     }
 
     #[test]
@@ -268,5 +319,6 @@ mod tests {
         let c = config(r#"{ ip = "198.18.0.11" }"#);
         assert!(matches!(build(&c, &resolved(&c), &mut ids), Err(PlanError::Exhausted { what: "VIP", .. })));
         assert!(ids.vips.assigned.is_empty() && ids.backends.assigned.is_empty());
+        assert_eq!(ids.vips.free.len(), 1, "the free queue is untouched");
     }
 }

@@ -59,7 +59,7 @@ impl Snapshot {
         let global_map: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(get(maps::GLOBAL_STATS)?).map_err(err(maps::GLOBAL_STATS))?;
         let mut global = Vec::new();
-        for c in GlobalCounter::ALL {
+        for &c in GlobalCounter::ALL {
             let v = global_map.get(&(c as u32), 0).map_err(err(maps::GLOBAL_STATS))?;
             global.push((c.name().to_string(), v.iter().sum()));
         }

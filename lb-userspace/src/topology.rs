@@ -23,7 +23,7 @@ use std::{
     process::{Child, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU32, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     thread::JoinHandle,
     time::{Duration, Instant},
@@ -113,7 +113,7 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 impl Topology {
     /// Builds the segment with `backends` backend hosts.
     pub fn build(backends: usize) -> Result<Topology, TopologyError> {
-        netns::sweep_stale(NS_PREFIX);
+        sweep_stale();
         let id = format!("{NS_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let switch = Netns::create(&format!("{id}-sw"))?;
         switch.ip(&["link", "add", "br0", "type", "bridge", "mcast_snooping", "0"])?;
@@ -331,33 +331,102 @@ Server(("::", port), Handler).serve_forever()
 /// What a UDP sink received: (source address, payload).
 pub type Datagrams = Vec<(SocketAddr, Vec<u8>)>;
 
-/// A UDP receiver on `port` in `ns`, until `stop` is set or `limit` passes.
+/// A UDP receiver on `port` in `ns`, until `stop` is set or `limit` passes. Bumps
+/// `count` per datagram so callers can wait for what they sent.
 pub fn udp_sink(
     ns: &Netns,
     port: u16,
     stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
     limit: Duration,
 ) -> JoinHandle<Result<Result<Datagrams, std::io::Error>, NetnsError>> {
     ns.spawn(move || {
         let sock = UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+        // Room for bursts while this thread is descheduled (root may exceed rmem_max).
+        let size: libc::c_int = 8 << 20;
+        // SAFETY: setsockopt with a valid fd and a c_int option value.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
         sock.set_read_timeout(Some(Duration::from_millis(50)))?;
         let deadline = Instant::now() + limit;
         let mut got = Vec::new();
         let mut buf = [0u8; 2048];
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             match sock.recv_from(&mut buf) {
-                Ok((n, from)) => got.push((from, buf[..n].to_vec())),
+                Ok((n, from)) => {
+                    got.push((from, buf[..n].to_vec()));
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(e) => return Err(e),
             }
         }
-        // Drain what is still queued.
-        sock.set_nonblocking(true)?;
-        while let Ok((n, from)) = sock.recv_from(&mut buf) {
-            got.push((from, buf[..n].to_vec()));
-        }
         Ok(got)
     })
+}
+
+/// Waits until `count` reaches `want` or `limit` passes; returns the count.
+pub fn wait_for(count: &AtomicU64, want: u64, limit: Duration) -> u64 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let n = count.load(Ordering::Relaxed);
+        if n >= want || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sets the flag when dropped: stops helper threads even when a test panics.
+pub struct StopOnDrop(pub Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A file removed on drop (generated configs).
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    /// `{temp dir}/{name}` with `contents`.
+    pub fn write(name: &str, contents: &str) -> Result<TempFile, TopologyError> {
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, contents).map_err(io(format!("writing {}", path.display())))?;
+        Ok(TempFile(path))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Removes what a killed run left behind: namespaces, pin directories and generated
+/// config files whose names carry the pid of a process that no longer exists.
+pub fn sweep_stale() {
+    netns::sweep_stale(NS_PREFIX);
+    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(rest) = name.strip_prefix(NS_PREFIX) else { continue };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let path = e.path();
+                let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            }
+        }
+    }
 }
 
 /// Sends `per_flow` datagrams from each of `flows` source ports (`first_port`..) to
@@ -460,7 +529,7 @@ pub struct BenchTopology {
 
 impl BenchTopology {
     pub fn build(sinks: usize) -> Result<BenchTopology, TopologyError> {
-        netns::sweep_stale(NS_PREFIX);
+        sweep_stale();
         let id = format!("{NS_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let client = Netns::create(&format!("{id}-bcl"))?;
         let lb = Netns::create(&format!("{id}-blb"))?;
@@ -469,10 +538,19 @@ impl BenchTopology {
         lb.ip(&["addr", "add", &format!("{LB4}/24"), "dev", "eth0"])?;
         client.ip(&["addr", "add", &format!("{CLIENT4}/24"), "dev", "eth0"])?;
         client.ip(&["route", "add", "198.18.1.0/24", "via", &LB4.to_string()])?;
-        client.ip(&["neigh", "replace", &LB4.to_string(), "lladdr", &crate::config::MacAddr(lb_mac).to_string(), "dev", "eth0"])?;
+        client.ip(&[
+            "neigh",
+            "replace",
+            &LB4.to_string(),
+            "lladdr",
+            &crate::config::MacAddr(lb_mac).to_string(),
+            "dev",
+            "eth0",
+        ])?;
         let client_ifindex = client.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
         let lb_ifindex = lb.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
-        let mut topo = BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
+        let mut topo =
+            BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
         for i in 1..=sinks {
             let ns = Netns::create(&format!("{}-bs{i}", topo.id))?;
             let mac = [2, 0, 0, 0, 0x11, i as u8];
@@ -481,7 +559,15 @@ impl BenchTopology {
             let ip = Ipv4Addr::new(198, 18, 10 + i as u8, 2);
             topo.lb.ip(&["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &lb_side])?;
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-            topo.lb.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &crate::config::MacAddr(mac).to_string(), "dev", &lb_side])?;
+            topo.lb.ip(&[
+                "neigh",
+                "replace",
+                &ip.to_string(),
+                "lladdr",
+                &crate::config::MacAddr(mac).to_string(),
+                "dev",
+                &lb_side,
+            ])?;
             let ifindex = ns.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
             let sink = ns.run(move || AuxProgram::attach(lb_common::programs::SINK, ifindex))??;
             topo.sinks.push((ns, ip, mac, sink));
@@ -502,8 +588,136 @@ impl BenchTopology {
 /// A veth pair: `a_name` in `a`, `b_name` in `b`, both up, with the given MACs.
 fn wire(a: &Netns, a_name: &str, a_mac: [u8; 6], b: &Netns, b_name: &str, b_mac: [u8; 6]) -> Result<(), TopologyError> {
     let (am, bm) = (crate::config::MacAddr(a_mac).to_string(), crate::config::MacAddr(b_mac).to_string());
-    a.ip(&["link", "add", a_name, "address", &am, "type", "veth", "peer", "name", b_name, "address", &bm, "netns", b.name()])?;
+    a.ip(&[
+        "link",
+        "add",
+        a_name,
+        "address",
+        &am,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "address",
+        &bm,
+        "netns",
+        b.name(),
+    ])?;
     a.ip(&["link", "set", a_name, "up"])?;
     b.ip(&["link", "set", b_name, "up"])?;
     Ok(())
+}
+
+/// `lb run` as a separate process inside a namespace: what an operator runs. Stopped
+/// with SIGTERM on drop.
+pub struct AgentProcess {
+    child: Option<std::process::Child>,
+    pub pin_dir: PathBuf,
+    /// The agent's stderr (its logs).
+    pub log: TempFile,
+}
+
+impl AgentProcess {
+    /// Starts `lb run --config config` from the binary `lb` in `ns` and waits until its
+    /// maps are pinned (it is ready) or it exits.
+    pub fn start(
+        lb: &std::path::Path,
+        ns: &Netns,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+    ) -> Result<AgentProcess, TopologyError> {
+        let log = TempFile(std::env::temp_dir().join(format!(
+            "{}-agent-{}.log",
+            ns.name(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        )));
+        let stderr = std::fs::File::create(&log.0).map_err(io("creating the agent log"))?;
+        let mut cmd = std::process::Command::new(lb);
+        cmd.arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        ns.process(&mut cmd)?;
+        let child = cmd.spawn().map_err(io(format!("starting {}", lb.display())))?;
+        let mut agent = AgentProcess { child: Some(child), pin_dir: pin_dir.to_owned(), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !pin_dir.join(lb_common::maps::VIPS).exists() {
+            let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(TopologyError::Io {
+                    what: format!("`lb run` exited ({status}) before it was ready:\n{}", agent.logs()),
+                    source: std::io::ErrorKind::Other.into(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(TopologyError::Io {
+                    what: format!("`lb run` was not ready within 30 s:\n{}", agent.logs()),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(agent)
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log.0).unwrap_or_default()
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
+    /// SIGTERM, then waits for the exit; returns its status.
+    pub fn stop(mut self) -> Result<std::process::ExitStatus, TopologyError> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().ok_or_else(|| TopologyError::Io {
+            what: "agent already stopped".into(),
+            source: std::io::ErrorKind::Other.into(),
+        })?;
+        child.wait().map_err(io("waiting for `lb run`"))
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Set by `cargo xtask test` (and so by CI): a test that would skip for lack of
+/// privileges fails instead, so CI can never pass by skipping.
+pub const REQUIRE_PRIVILEGES_ENV: &str = "LB_TESTS_REQUIRE_PRIVILEGES";
+
+/// True if this process can create namespaces and load XDP programs. Otherwise prints
+/// why `test` skips (or panics under [`REQUIRE_PRIVILEGES_ENV`]).
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let bpffs = std::fs::read_to_string("/proc/mounts")
+        .is_ok_and(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")));
+    let why = if !root {
+        "needs root (BPF_PROG_RUN, XDP attach, network namespaces)"
+    } else if !bpffs {
+        "needs a bpffs mounted at /sys/fs/bpf (`cargo xtask setup` mounts it)"
+    } else {
+        return true;
+    };
+    if std::env::var_os(REQUIRE_PRIVILEGES_ENV).is_some() {
+        panic!("{test} {why}, and {REQUIRE_PRIVILEGES_ENV} is set");
+    }
+    eprintln!("skipping {test}: {why}");
+    false
+}
+
+/// Serialises tests that push real traffic through veths (a 2-core machine).
+pub fn traffic_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

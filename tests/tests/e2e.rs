@@ -6,7 +6,10 @@ use std::{
     collections::{HashMap, HashSet},
     io::{BufRead, BufReader, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -14,16 +17,16 @@ use lb_common::GlobalCounter;
 use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
     agent::{AgentHandle, RunOptions},
+    dataplane::{Dataplane, DataplaneError, LoadOptions, open_pinned},
     stats::Snapshot,
-    topology::{self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, Topology, UDP_PORT, VIP4, VIP6},
+    topology::{self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6},
 };
 
 /// Writes the topology's config for `targets` and starts the agent on the LB.
-fn start_agent(topo: &Topology, targets: &[(usize, u32)]) -> (AgentHandle, std::path::PathBuf) {
-    let path = std::env::temp_dir().join(format!("{}.toml", topo.id));
-    std::fs::write(&path, topo.config(targets)).expect("write config");
-    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&path)).expect("agent starts");
-    (agent, path)
+fn start_agent(topo: &Topology, targets: &[(usize, u32)]) -> (AgentHandle, TempFile) {
+    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(targets)).expect("write config");
+    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&config.0)).expect("agent starts");
+    (agent, config)
 }
 
 fn stats(topo: &Topology) -> Snapshot {
@@ -78,11 +81,12 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
 
     const FLOWS: u16 = 3000;
     const PER_FLOW: u32 = 2;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let received = Arc::new(AtomicU64::new(0));
     let sinks: Vec<_> = topo
         .backends
         .iter()
-        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.clone(), Duration::from_secs(60)))
+        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.0.clone(), received.clone(), Duration::from_secs(60)))
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     let sent =
@@ -90,8 +94,8 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
             .expect("netns")
             .expect("send");
     assert_eq!(sent, FLOWS as u64 * PER_FLOW as u64);
-    std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    topology::wait_for(&received, sent, Duration::from_secs(10));
+    stop.0.store(true, Ordering::Relaxed);
 
     let mut flow_backend: HashMap<u16, usize> = HashMap::new();
     let mut per_backend = Vec::new();
@@ -130,6 +134,33 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
     agent.stop().expect("clean stop");
 }
 
+/// The Maglev ring the echo VIP currently uses, read from the agent's pinned maps.
+fn echo_ring(topo: &Topology) -> Vec<u32> {
+    use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+    let vips = open_pinned(&topo.pin_dir, lb_common::maps::VIPS).expect("pinned VIPS");
+    let vips: BpfHashMap<&MapData, lb_common::VipKey, lb_common::VipMeta> = (&vips).try_into().expect("typed");
+    let key = lb_userspace::plan::vip_key(IpAddr::V4(VIP4), ECHO_PORT, lb_common::IPPROTO_TCP);
+    let meta = vips.get(&key, 0).expect("echo VIP");
+    let rings = open_pinned(&topo.pin_dir, lb_common::maps::RINGS).expect("pinned RINGS");
+    let rings: Array<&MapData, u32> = (&rings).try_into().expect("typed");
+    let m = lb_common::DEFAULT_RING_SIZE;
+    (0..m).map(|i| rings.get(&(meta.ring * m + i), 0).expect("ring slot")).collect()
+}
+
+/// The ring slot the datapath computes for a client connection to the echo VIP.
+fn ring_slot(conn: &TcpStream, m: u32) -> usize {
+    let local = conn.local_addr().expect("local address");
+    let key = lb_common::FlowKey {
+        src: lb_userspace::plan::addr_bytes(local.ip()),
+        dst: lb_userspace::plan::addr_bytes(IpAddr::V4(VIP4)),
+        sport: local.port().to_be(),
+        dport: ECHO_PORT.to_be(),
+        proto: lb_common::IPPROTO_TCP,
+        _pad: [0; 3],
+    };
+    (lb_common::flow_hash(&key, false) % m) as usize
+}
+
 /// Sends a line on `conn` and returns the echoing backend's name.
 fn echo(conn: &mut BufReader<TcpStream>, msg: &str) -> String {
     conn.get_mut().write_all(format!("{msg}\n").as_bytes()).expect("send");
@@ -147,19 +178,19 @@ fn long_lived_tcp_connections_stay_while_a_backend_is_added() {
     }
     let _lock = traffic_lock();
     let mut topo = Topology::build(2).expect("topology");
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let mut servers = Vec::new();
     for b in &topo.backends {
-        servers.push(topology::tcp_echo(&b.ns, b.name.clone(), ECHO_PORT, stop.clone(), Duration::from_secs(60)));
+        servers.push(topology::tcp_echo(&b.ns, b.name.clone(), ECHO_PORT, stop.0.clone(), Duration::from_secs(60)));
     }
     let (agent, cfg) = start_agent(&topo, &[(1, 1), (2, 1)]);
 
-    // Twelve long-lived connections, opened while only b1 and b2 are targets.
+    // Long-lived connections, opened while only b1 and b2 are targets.
     let vip = SocketAddr::new(IpAddr::V4(VIP4), ECHO_PORT);
     let mut conns: Vec<(BufReader<TcpStream>, String)> = topo
         .client
         .run(move || {
-            (0..12)
+            (0..24)
                 .map(|i| {
                     let s = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect to VIP");
                     s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
@@ -174,13 +205,25 @@ fn long_lived_tcp_connections_stay_while_a_backend_is_added() {
     // Add b3 at runtime and reload.
     topo.add_backend().expect("b3");
     let b3 = topo.backends.last().expect("b3");
-    servers.push(topology::tcp_echo(&b3.ns, b3.name.clone(), ECHO_PORT, stop.clone(), Duration::from_secs(60)));
-    std::fs::write(&cfg, topo.config(&[(1, 1), (2, 1), (3, 1)])).expect("write config");
+    servers.push(topology::tcp_echo(&b3.ns, b3.name.clone(), ECHO_PORT, stop.0.clone(), Duration::from_secs(60)));
+    let ring_before = echo_ring(&topo);
+    std::fs::write(&cfg.0, topo.config(&[(1, 1), (2, 1), (3, 1)])).expect("write config");
     agent.reload().expect("reload with b3 applies");
     assert!(stats(&topo).backend(IpAddr::V4(b3.ip4)).is_some(), "b3 is in the datapath");
+    // Without the connection table some of these connections would now change backend:
+    // their ring slots moved.
+    let ring_after = echo_ring(&topo);
+    let moved = conns
+        .iter()
+        .filter(|(c, _)| {
+            let slot = ring_slot(c.get_ref(), ring_before.len() as u32);
+            ring_before[slot] != ring_after[slot]
+        })
+        .count();
+    assert!(moved > 0, "none of {} connections' ring slots moved: the test would prove nothing", conns.len());
 
     // A broken config is rejected whole and changes nothing.
-    std::fs::write(&cfg, topo.config(&[(1, 1), (2, 1), (3, 1)]).replace("weight = 1", "weight = 0")).expect("write");
+    std::fs::write(&cfg.0, topo.config(&[(1, 1), (2, 1), (3, 1)]).replace("weight = 1", "weight = 0")).expect("write");
     let err = agent.reload().expect_err("weight 0 is invalid");
     assert!(err.contains("weights go from 1 to"), "{err}");
     assert_eq!(stats(&topo).backends.len(), 3, "running state unchanged after a rejected reload");
@@ -208,7 +251,7 @@ fn long_lived_tcp_connections_stay_while_a_backend_is_added() {
     assert!(names.iter().any(|n| n == "b3"), "30 new connections, none on b3: {names:?}");
 
     drop(conns);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.0.store(true, Ordering::Relaxed);
     for s in servers {
         s.join().expect("server thread").expect("netns").expect("echo server");
     }
@@ -251,12 +294,10 @@ fn the_lb_hosts_own_addresses_still_answer() {
 }
 
 fn start_err(topo: &Topology, config: &str) -> String {
-    let path = std::env::temp_dir().join(format!("{}-bad.toml", topo.id));
-    std::fs::write(&path, config).expect("write");
-    let mut opts = RunOptions::new(&path);
+    let file = TempFile::write(&format!("{}-bad.toml", topo.id), config).expect("write");
+    let mut opts = RunOptions::new(&file.0);
     opts.resolve_wait = Duration::from_millis(500);
     let err = AgentHandle::start_in(&topo.lb, opts).err().expect("agent must refuse").to_string();
-    let _ = std::fs::remove_file(&path);
     // Nothing half-applied: no XDP program left on the LB's interface, no pins.
     let link = topo.lb.ip(&["-j", "link", "show", "eth0"]).expect("ip link");
     assert!(!String::from_utf8_lossy(&link.stdout).contains("\"xdp\""), "XDP left attached after: {err}");
@@ -292,11 +333,17 @@ fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
     // Another XDP program already on the interface: a second agent must not steal it.
     let (agent, _cfg) = start_agent(&topo, &[(1, 1)]);
     let other_pins = good.replace(&topo.pin_dir.display().to_string(), &format!("{}-second", topo.pin_dir.display()));
-    let path = std::env::temp_dir().join(format!("{}-second.toml", topo.id));
-    std::fs::write(&path, other_pins).expect("write");
-    let err = AgentHandle::start_in(&topo.lb, RunOptions::new(&path)).err().expect("second agent refused").to_string();
-    let _ = std::fs::remove_file(&path);
+    let file = TempFile::write(&format!("{}-second.toml", topo.id), &other_pins).expect("write");
+    let err =
+        AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).err().expect("second agent refused").to_string();
     assert!(err.contains("already has an XDP program attached"), "{err}");
+    // Nor may a second agent take over the first one's pin directory.
+    let mut dp = Dataplane::load(LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024 }).expect("load");
+    let busy = dp.pin(&topo.pin_dir).expect_err("pin dir is in use");
+    assert!(matches!(busy, DataplaneError::PinDirBusy { .. }), "{busy}");
+    assert!(busy.to_string().contains("--pin-dir"), "{busy}");
+    drop(dp);
+    assert!(topo.pin_dir.join(lb_common::maps::VIPS).exists(), "the first agent's pins survive");
     // The first agent still forwards.
     assert!(stats(&topo).backend(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))).is_some());
     agent.stop().expect("clean stop");

@@ -13,7 +13,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
-use lb_common::{FlowKey, GlobalCounter as C, flow_hash};
+use lb_common::{FlowKey, GlobalCounter as C, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, flow_hash, xdp_action};
 use lb_tests::privileged;
 use lb_userspace::{
     config::Config,
@@ -25,17 +25,13 @@ use lb_userspace::{
     stats::Snapshot,
 };
 
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
 const RING: u32 = 251;
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// Backends behind the receiving interface (XDP_TX) and one behind another (redirect).
 const B1: &str = "198.18.0.11";
 const B2: &str = "198.18.0.12";
+const B3: &str = "198.18.0.13";
 const B_REDIRECT: &str = "198.18.2.11";
 
 const CONFIG: &str = r#"
@@ -112,11 +108,14 @@ fn mac_of(ip: &str) -> [u8; 6] {
     [0x02, 0, 0, 0, 0x01, last]
 }
 
+/// (packets, bytes) by VIP or backend.
+type Counts<K> = HashMap<K, (u64, u64)>;
+
 struct Harness {
     dp: Dataplane,
     plan: Plan,
-    /// Backend id -> (address, MAC).
-    backends: HashMap<u32, (IpAddr, [u8; 6])>,
+    ids: Allocators,
+    resolved: HashMap<IpAddr, Resolved>,
 }
 
 /// What a case expects.
@@ -128,16 +127,17 @@ enum Expect {
     Drop(C),
     /// XDP_TX to the backend the ring picks, only the MACs rewritten.
     Tx,
+    /// XDP_TX to this backend (a known flow whose ring slot may have moved).
+    TxTo(&'static str),
     /// XDP_REDIRECT to the backend the ring picks, only the MACs rewritten.
     Redirect,
 }
 
 impl Harness {
-    /// Loads the program and fills its maps from CONFIG. `lo` (ifindex 1, the ingress
+    /// Loads the program and fills its maps from `config`. `lo` (ifindex 1, the ingress
     /// interface of BPF_PROG_RUN) stands for the receiving interface; `redirect_ifindex`
     /// for another interface of the LB host.
-    fn new(redirect_ifindex: u32) -> Harness {
-        let config = Config::parse(CONFIG, Path::new("packet-test.toml")).expect("config");
+    fn new(redirect_ifindex: u32, config: &str) -> Harness {
         let local = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
         let other = Interface {
             name: "r0".into(),
@@ -145,19 +145,48 @@ impl Harness {
             mac: [0x02, 0, 0, 0, 0x02, 0x01],
             xdp_prog: None,
         };
-        let resolved: HashMap<IpAddr, Resolved> = [(B1, &local), (B2, &local), (B_REDIRECT, &other)]
+        let resolved: HashMap<IpAddr, Resolved> = [(B1, &local), (B2, &local), (B3, &local), (B_REDIRECT, &other)]
             .into_iter()
             .map(|(ip, dev)| {
                 let ip: IpAddr = ip.parse().expect("ip");
                 (ip, Resolved { ip, dev: dev.clone(), mac: mac_of(&ip.to_string()) })
             })
             .collect();
-        let mut dp =
-            Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
-        let plan = plan::build(&config, &resolved, &mut Allocators::new(8)).expect("plan");
-        dp.apply(&plan).expect("apply");
-        let backends = plan.backends.iter().map(|(id, (ip, b))| (*id, (*ip, b.dst_mac))).collect();
-        Harness { dp, plan, backends }
+        let dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
+        let mut h = Harness {
+            dp,
+            plan: Plan { vips: vec![], backends: Default::default(), tx_ports: vec![] },
+            ids: Allocators::new(8),
+            resolved,
+        };
+        h.apply(config);
+        h
+    }
+
+    /// Plans `config` and writes it into the maps, as the agent does on a reload.
+    fn apply(&mut self, config: &str) {
+        let config = Config::parse(config, Path::new("packet-test.toml")).expect("config");
+        self.plan = plan::build(&config, &self.resolved, &mut self.ids).expect("plan");
+        self.dp.apply(&self.plan).expect("apply");
+    }
+
+    /// The backend the current ring gives `frame`'s flow.
+    fn ring_backend(&self, frame: &Frame) -> IpAddr {
+        self.expected_backend(frame).0.0
+    }
+
+    fn mac_of_backend(&self, ip: IpAddr) -> ((IpAddr, [u8; 6]), [u8; 6]) {
+        let (_, b) = self.plan.backends.values().find(|(i, _)| *i == ip).expect("backend in plan");
+        ((ip, b.dst_mac), b.src_mac)
+    }
+
+    /// Per-VIP and per-backend (packets, bytes).
+    fn per_target(&self) -> (Counts<String>, Counts<IpAddr>) {
+        let s = Snapshot::read(|name| self.dp.map(name)).expect("stats");
+        (
+            s.vips.iter().map(|v| (v.vip.clone(), (v.packets, v.bytes))).collect(),
+            s.backends.iter().map(|b| (b.ip, (b.packets, b.bytes))).collect(),
+        )
     }
 
     fn counters(&self) -> Vec<u64> {
@@ -169,8 +198,8 @@ impl Harness {
     /// sent with.
     fn expected_backend(&self, frame: &Frame) -> ((IpAddr, [u8; 6]), [u8; 6]) {
         let (sport, dport, proto) = match frame.l4 {
-            lb_userspace::packet::L4::Tcp { sport, dport, .. } => (sport, dport, 6),
-            lb_userspace::packet::L4::Udp { sport, dport } => (sport, dport, 17),
+            lb_userspace::packet::L4::Tcp { sport, dport, .. } => (sport, dport, IPPROTO_TCP),
+            lb_userspace::packet::L4::Udp { sport, dport } => (sport, dport, IPPROTO_UDP),
         };
         let key = FlowKey {
             src: addr_bytes(frame.src),
@@ -187,13 +216,14 @@ impl Harness {
             .find(|v| v.key.addr == key.dst && v.key.proto == proto && (v.key.port == key.dport || v.key.port == 0))
             .expect("frame is for a VIP");
         let id = vip.ring[(flow_hash(&key, vip.flags & lb_common::VIP_F_HASH_SRC_ONLY != 0) % RING) as usize];
-        let (_, b) = self.plan.backends[&id];
-        (self.backends[&id], b.src_mac)
+        let (ip, b) = self.plan.backends[&id];
+        ((ip, b.dst_mac), b.src_mac)
     }
 
     /// Runs one case; returns the backend it went to, if forwarded.
     fn check(&self, name: &str, input: &[u8], frame: Option<&Frame>, expect: Expect) -> Option<IpAddr> {
         let before = self.counters();
+        let targets_before = self.per_target();
         let mut out = vec![0u8; input.len() + 256];
         let prog = self.dp.program().expect("program");
         let mut opts = TestRunOptions::new();
@@ -206,29 +236,34 @@ impl Harness {
         assert_eq!(moved(C::Rx), 1, "{name}: rx");
 
         let (verdict, counter, forwarded) = match expect {
-            Expect::Pass(c) => (XDP_PASS, c, None),
-            Expect::Drop(c) => (XDP_DROP, c, None),
-            Expect::Tx => (XDP_TX, C::Tx, Some(self.expected_backend(frame.expect("forwarded cases have a frame")))),
-            Expect::Redirect => {
-                (XDP_REDIRECT, C::Redirect, Some(self.expected_backend(frame.expect("forwarded cases have a frame"))))
+            Expect::Pass(c) => (xdp_action::PASS, c, None),
+            Expect::Drop(c) => (xdp_action::DROP, c, None),
+            Expect::Tx => {
+                (xdp_action::TX, C::Tx, Some(self.expected_backend(frame.expect("forwarded cases have a frame"))))
             }
+            Expect::TxTo(ip) => (xdp_action::TX, C::Tx, Some(self.mac_of_backend(ip.parse().expect("ip")))),
+            Expect::Redirect => (
+                xdp_action::REDIRECT,
+                C::Redirect,
+                Some(self.expected_backend(frame.expect("forwarded cases have a frame"))),
+            ),
         };
         assert_eq!(r.return_value, verdict, "{name}: verdict");
         assert_eq!(moved(counter), 1, "{name}: counter {}", counter.name());
         // Exactly one verdict counter moved.
-        let verdicts: u64 = lb_common::GlobalCounter::ALL
-            .iter()
-            .filter(|c| {
-                let n = c.name();
-                n.starts_with("pass_") || n.starts_with("drop_") || n == "tx" || n == "redirect"
-            })
-            .map(|c| moved(*c))
-            .sum();
+        let verdicts: u64 = C::ALL.iter().filter(|c| c.is_verdict()).map(|c| moved(*c)).sum();
         assert_eq!(verdicts, 1, "{name}: one verdict per frame");
+
+        // Per-VIP and per-backend counters move by this frame exactly when it is
+        // forwarded.
+        let (vips_after, backends_after) = self.per_target();
+        let expected: Vec<(u64, u64)> = if forwarded.is_some() { vec![(1, input.len() as u64)] } else { vec![] };
+        assert_eq!(delta(&targets_before.0, &vips_after), expected, "{name}: per-VIP packets/bytes");
+        assert_eq!(delta(&targets_before.1, &backends_after), expected, "{name}: per-backend packets/bytes");
 
         match forwarded {
             None => {
-                if verdict == XDP_PASS {
+                if verdict == xdp_action::PASS {
                     assert_eq!(out, input, "{name}: passed frames are untouched");
                 }
                 None
@@ -263,8 +298,13 @@ fn xdp_program_verdicts_and_output_bytes() {
     ns.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "r1"]).expect("veth");
     ns.run(|| {
         let redirect_ifindex = lb_userspace::netinfo::interface("r0").expect("r0").ifindex;
-        let h = Harness::new(redirect_ifindex);
+        let mut h = Harness::new(redirect_ifindex, CONFIG);
         run_cases(&h);
+        known_flows_keep_their_backend_when_the_ring_changes(&mut h);
+        // The redirect interface disappears: the kernel drops it from the DevMap.
+        lb_userspace::netns::cmd("ip", &["link", "del", "r0"]).expect("delete r0");
+        let (f, _) = frame(Frame::tcp(sa("198.18.0.2:40007"), sa("198.18.1.104:80"), tcp_flags::SYN));
+        h.check("redirect to a vanished interface", &f, None, Expect::Drop(C::DropRedirectFailed));
     })
     .expect("netns");
 }
@@ -295,6 +335,9 @@ fn run_cases(h: &Harness) {
     h.check("tcp4 with IPv4 options", &f, Some(&ff), Tx);
     let (f, ff) = frame(Frame::tcp(sa("198.18.0.2:40006"), sa("198.18.1.104:80"), syn));
     h.check("backend behind another interface", &f, Some(&ff), Redirect);
+    let (mut f, ff) = frame(Frame::udp(sa("198.18.0.2:40008"), sa("198.18.1.101:53")));
+    f.extend_from_slice(&[0; 18]); // Ethernet minimum-size padding after the IP packet
+    h.check("udp4 with Ethernet padding", &f, Some(&ff), Tx);
 
     // Source-IP hashing: every flow of a client on one backend.
     let mut sticky = std::collections::HashSet::new();
@@ -322,13 +365,15 @@ fn run_cases(h: &Harness) {
     h.check("VIP address and port, wrong protocol", &f, None, Pass(C::PassNotVip));
     let (f, _) = frame(Frame::tcp(sa("[fd00:18::2]:40013"), sa("[fd00:18:1::100]:80"), syn));
     h.check("tcp6 VIP address, wrong port", &f, None, Pass(C::PassNotVip));
+    let (f, _) = frame(Frame::tcp(sa("[::ffff:198.18.1.100]:40017"), sa("[::ffff:198.18.1.100]:80"), syn));
+    h.check("IPv6 to the IPv4-mapped form of an IPv4 VIP", &f, None, Pass(C::PassNotVip));
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&CLIENT_MAC);
     arp.extend_from_slice(&[0x08, 0x06]);
     arp.extend_from_slice(&[0u8; 28]);
     h.check("ARP", &arp, None, Pass(C::PassNotIp));
     let (mut icmp, _) = frame(Frame::udp(sa("198.18.0.2:1"), sa("198.18.1.100:80")));
-    icmp[14 + 9] = 1; // protocol ICMP
+    icmp[14 + 9] = IPPROTO_ICMP;
     h.check("ICMP to a VIP", &icmp, None, Pass(C::PassNotL4));
     let mut fr = Frame::udp(sa("198.18.0.2:40014"), sa("198.18.1.101:53")).with_payload(vec![0u8; 64]);
     fr.ipv4_fragment = Some((true, 0));
@@ -355,9 +400,37 @@ fn run_cases(h: &Harness) {
     h.check("802.1Q tag cut short", &v4[..16], None, Drop(C::DropTruncVlan));
     h.check("IPv4 header cut short", &t4[..14 + 12], None, Drop(C::DropTruncIpv4));
     h.check("IPv6 header cut short", &t6[..14 + 30], None, Drop(C::DropTruncIpv6));
-    h.check("TCP header cut short", &t4[..14 + 20 + 12], None, Drop(C::DropTruncL4));
-    h.check("TCP6 header cut short", &t6[..14 + 40 + 19], None, Drop(C::DropTruncL4));
-    h.check("UDP header cut short", &u4[..14 + 20 + 4], None, Drop(C::DropTruncL4));
+    // Frames cut inside L4 whose IP length agrees with the cut (else the IP layer
+    // already reports the packet cut short).
+    let cut_to = |frame: &[u8], len: usize, v6: bool| {
+        let mut f = frame[..len].to_vec();
+        if v6 {
+            f[18..20].copy_from_slice(&((len - 54) as u16).to_be_bytes());
+        } else {
+            f[16..18].copy_from_slice(&((len - 14) as u16).to_be_bytes());
+        }
+        f
+    };
+    h.check("TCP header cut short", &cut_to(&t4, 14 + 20 + 12, false), None, Drop(C::DropTruncL4));
+    h.check("TCP6 header cut short", &cut_to(&t6, 14 + 40 + 19, true), None, Drop(C::DropTruncL4));
+    h.check("UDP header cut short", &cut_to(&u4, 14 + 20 + 4, false), None, Drop(C::DropTruncL4));
+    h.check("IPv4 packet cut short (total length > frame)", &t4[..t4.len() - 1], None, Drop(C::DropTruncIpv4));
+    h.check("IPv6 packet cut short (payload length > frame)", &t6[..t6.len() - 1], None, Drop(C::DropTruncIpv6));
+    let mut bad = t4.clone();
+    bad[16..18].copy_from_slice(&19u16.to_be_bytes());
+    h.check("IPv4 total length < header", &bad, None, Drop(C::DropBadIpv4));
+    let mut bad = t4.clone();
+    bad[14 + 20 + 12] = 0x40; // TCP data offset 4
+    h.check("TCP data offset < 5", &bad, None, Drop(C::DropBadL4));
+    let mut bad = t4.clone();
+    bad[14 + 20 + 12] = 0xf0; // 60-byte TCP header in a 20-byte segment
+    h.check("TCP data offset beyond the packet", &bad, None, Drop(C::DropBadL4));
+    let mut bad = u4.clone();
+    bad[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&7u16.to_be_bytes());
+    h.check("UDP length < 8", &bad, None, Drop(C::DropBadL4));
+    let mut bad = u4.clone();
+    bad[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&9u16.to_be_bytes());
+    h.check("UDP length beyond the packet", &bad, None, Drop(C::DropBadL4));
     let mut cut = t4.clone();
     cut[14] = 0x4f; // IHL 15: 40 bytes of options that are not there
     h.check("IPv4 options cut short", &cut[..14 + 40], None, Drop(C::DropTruncIpv4));
@@ -377,4 +450,75 @@ fn run_cases(h: &Harness) {
     opts.data_in = Some(&t4[..10]);
     opts.data_out = Some(&mut out);
     assert!(h.dp.program().expect("program").test_run(opts).is_err(), "BPF_PROG_RUN rejects frames < 14 bytes");
+}
+
+/// Connection-table semantics across ring changes: adding a backend moves ring slots but
+/// not known flows; removing one re-picks only its own flows.
+fn known_flows_keep_their_backend_when_the_ring_changes(h: &mut Harness) {
+    let flows: Vec<Frame> = (42000..42060)
+        .map(|port| {
+            Frame::tcp(SocketAddr::new("198.18.0.9".parse().expect("ip"), port), sa("198.18.1.100:80"), tcp_flags::ACK)
+                .with_macs(LB_MAC, CLIENT_MAC)
+        })
+        .collect();
+    let mut first: Vec<IpAddr> = Vec::new();
+    for f in &flows {
+        let bytes = f.build().expect("frame");
+        first.push(h.check("flow before the change", &bytes, Some(f), Expect::Tx).expect("forwarded"));
+    }
+
+    // Add b3 to the group: some ring slots of these flows now point at it.
+    let with_b3 = CONFIG.replace(
+        r#"{ ip = "198.18.0.12", weight = 2 }]"#,
+        r#"{ ip = "198.18.0.12", weight = 2 }, { ip = "198.18.0.13" }]"#,
+    );
+    h.apply(&with_b3);
+    let moved = flows.iter().zip(&first).filter(|(f, b)| h.ring_backend(f) != **b).count();
+    assert!(moved > 0, "adding a backend must move some of 60 flows' ring slots");
+    for (f, b) in flows.iter().zip(&first) {
+        let ip: &'static str = Box::leak(b.to_string().into_boxed_str());
+        let before = h.counters();
+        h.check("known flow after a backend was added", &f.build().expect("frame"), Some(f), Expect::TxTo(ip));
+        assert_eq!(h.counters()[C::ConnHit as usize] - before[C::ConnHit as usize], 1, "served from the table");
+    }
+    // A new flow follows the new ring, b3 included.
+    let mut reached_b3 = false;
+    for port in 43000..43100 {
+        let f =
+            Frame::tcp(SocketAddr::new("198.18.0.9".parse().expect("ip"), port), sa("198.18.1.100:80"), tcp_flags::SYN)
+                .with_macs(LB_MAC, CLIENT_MAC);
+        reached_b3 |= h.check("new flow after b3 was added", &f.build().expect("frame"), Some(&f), Expect::Tx)
+            == Some(B3.parse().expect("ip"));
+    }
+    assert!(reached_b3, "new flows reach the added backend");
+
+    // Remove b2: its flows are re-picked from the new ring, the others stay.
+    let without_b2 = with_b3.replace(r#"{ ip = "198.18.0.12", weight = 2 }, "#, "");
+    h.apply(&without_b2);
+    let b2: IpAddr = B2.parse().expect("ip");
+    assert!(first.contains(&b2), "some of the 60 flows were on b2");
+    for (f, b) in flows.iter().zip(&first) {
+        let bytes = f.build().expect("frame");
+        if *b == b2 {
+            let got = h.check("flow of a removed backend", &bytes, Some(f), Expect::Tx);
+            assert_ne!(got, Some(b2));
+        } else {
+            let ip: &'static str = Box::leak(b.to_string().into_boxed_str());
+            h.check("flow of a kept backend", &bytes, Some(f), Expect::TxTo(ip));
+        }
+    }
+}
+
+/// The non-zero (packets, bytes) changes between two counter snapshots.
+fn delta<K: std::hash::Hash + Eq>(before: &HashMap<K, (u64, u64)>, after: &HashMap<K, (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut d: Vec<(u64, u64)> = after
+        .iter()
+        .map(|(k, (p, b))| {
+            let (p0, b0) = before.get(k).copied().unwrap_or_default();
+            (p - p0, b - b0)
+        })
+        .filter(|d| *d != (0, 0))
+        .collect();
+    d.sort();
+    d
 }

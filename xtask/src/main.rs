@@ -66,10 +66,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Demo { args } => {
             setup()?;
-            step("building lb");
-            status(Command::new(cargo()).current_dir(&root).args(["build", "--release", "-p", "lb-userspace"]))?;
-            step("running `lb demo`");
-            status(Command::new(root.join("target/release/lb")).arg("demo").args(&args))
+            step("building and running `lb demo`");
+            status(
+                Command::new(cargo())
+                    .current_dir(&root)
+                    .args(["run", "--quiet", "--release", "-p", "lb-userspace", "--bin", "lb", "--", "demo"])
+                    .args(&args),
+            )
         }
     }
 }
@@ -167,7 +170,8 @@ fn bpf_linker() -> anyhow::Result<()> {
     let home = std::env::var("HOME").context("HOME is not set")?;
     let cargo_home = std::env::var("CARGO_HOME").unwrap_or_else(|_| format!("{home}/.cargo"));
     let linker = PathBuf::from(&cargo_home).join("bin/bpf-linker");
-    let works = Command::new(&linker).arg("--version").output().is_ok_and(|o| o.status.success());
+    // aya-build runs whichever bpf-linker is first on PATH: that one must work.
+    let works = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
     if works {
         step("bpf-linker: present");
         return Ok(());

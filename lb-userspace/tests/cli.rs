@@ -1,0 +1,102 @@
+//! The `lb` binary as an operator runs it: `lb check` exit codes, `lb run` as a process
+//! in the LB's namespace, `lb stats` (table and JSON), SIGHUP reload, SIGTERM detach.
+
+use std::{net::IpAddr, process::Command, time::Duration};
+
+use lb_userspace::topology::{AgentProcess, TempFile, Topology, VIP4, privileged, traffic_lock};
+
+const LB: &str = env!("CARGO_BIN_EXE_lb");
+
+fn lb(args: &[&str]) -> std::process::Output {
+    Command::new(LB).args(args).output().expect("run lb")
+}
+
+#[test]
+fn check_exit_codes_and_messages() {
+    let good = TempFile::write(&format!("lbcli-{}-good.toml", std::process::id()), lb_userspace::config::EXAMPLE)
+        .expect("write");
+    let out = lb(&["check", "--config", &good.0.display().to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid (2 listeners, 1 target groups, 3 targets)"));
+
+    let bad = TempFile::write(
+        &format!("lbcli-{}-bad.toml", std::process::id()),
+        &lb_userspace::config::EXAMPLE.replace("ring_size = 65537", "ring_size = 65536"),
+    )
+    .expect("write");
+    let out = lb(&["check", "--config", &bad.0.display().to_string()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ring_size 65536 is not a prime number"), "{err}");
+
+    let out = lb(&["check", "--config", "/nonexistent/lb.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file /nonexistent/lb.toml"));
+}
+
+#[test]
+fn stats_without_an_agent_says_what_to_do() {
+    let out = lb(&["stats", "--pin-dir", "/sys/fs/bpf/lb-no-such-agent"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no running agent pins its maps under /sys/fs/bpf/lb-no-such-agent"), "{err}");
+}
+
+#[test]
+fn run_serves_reloads_on_sighup_and_detaches_on_sigterm() {
+    if !privileged("run_serves_reloads_on_sighup_and_detaches_on_sigterm") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut topo = Topology::build(2).expect("topology");
+    topo.start_http().expect("http");
+    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1)])).expect("config");
+    let agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
+    let logs = agent.logs();
+    assert!(logs.contains("XDP program attached") && logs.contains("mode=\"native\""), "{logs}");
+
+    // Traffic through the VIP reaches b1, the only target.
+    let body = topo.curl(&format!("http://{VIP4}/")).expect("curl");
+    assert_eq!(body, "backend=b1 client=198.18.0.2");
+
+    let pin = topo.pin_dir.display().to_string();
+    let stats = || -> serde_json::Value {
+        let out = lb(&["stats", "--json", "--pin-dir", &pin]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice(&out.stdout).expect("stats JSON")
+    };
+    let s = stats();
+    assert_eq!(s["backends"].as_array().map(Vec::len), Some(1));
+    assert!(s["vips"][0]["packets"].as_u64().unwrap_or(0) > 0, "{s}");
+    let table = lb(&["stats", "--pin-dir", &pin]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("198.18.0.11"));
+
+    // SIGHUP after adding b2: the agent applies it.
+    std::fs::write(&config.0, topo.config(&[(1, 1), (2, 1)])).expect("rewrite");
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while stats()["backends"].as_array().map(Vec::len) != Some(2) {
+        assert!(std::time::Instant::now() < deadline, "reload not applied:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let b2: IpAddr = "198.18.0.12".parse().expect("ip");
+    assert!(stats()["backends"].as_array().expect("array").iter().any(|b| b["ip"] == b2.to_string()));
+
+    // A broken config on SIGHUP is refused and logged; the state stays.
+    std::fs::write(&config.0, "this is not toml").expect("rewrite");
+    agent.signal(libc::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !agent.logs().contains("reload rejected") {
+        assert!(std::time::Instant::now() < deadline, "no rejection logged:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(stats()["backends"].as_array().map(Vec::len), Some(2));
+
+    // SIGTERM: clean exit, program detached, pins gone.
+    let logs_path = agent.log.0.clone();
+    let status = agent.stop().expect("stop");
+    assert!(status.success(), "{status}: {}", std::fs::read_to_string(&logs_path).unwrap_or_default());
+    let link = topo.lb.ip(&["-j", "link", "show", "eth0"]).expect("ip link");
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("\"xdp\""), "XDP still attached");
+    assert!(!topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins left behind");
+}
