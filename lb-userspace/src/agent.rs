@@ -14,7 +14,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::{
     config::{Config, ConfigError, Dataplane as DataplaneConfig, XdpMode},
@@ -224,7 +224,7 @@ async fn resolve_all(config: &Config, wait: Duration) -> Result<HashMap<IpAddr, 
     for task in tasks {
         let r = task.await.map_err(|e| AgentError::Join(e.to_string()))??;
         if !config.dataplane.interfaces.contains(&r.dev.name) {
-            warn!(target = %r.ip, interface = %r.dev.name, "target sits behind an interface without the LB program; frames are redirected there");
+            info!(target = %r.ip, interface = %r.dev.name, "target sits behind another interface: frames are redirected there");
         }
         out.insert(r.ip, r);
     }

@@ -88,7 +88,7 @@ pub struct GenOptions {
     /// Frames per second over all threads (None: as fast as possible).
     pub rate: Option<u64>,
     pub threads: usize,
-    /// Frames per BPF_PROG_RUN call.
+    /// Live-frames batch size (frames the kernel builds and sends per batch, 1..=256).
     pub batch: u32,
 }
 
@@ -137,30 +137,44 @@ pub fn run(engine: Engine, opts: &GenOptions) -> Result<GenReport, GenError> {
     }
 }
 
+/// The `lb_gen` program, loaded with a template.
+pub struct Generator {
+    ebpf: aya::Ebpf,
+}
+
+impl Generator {
+    pub fn load(template: GenTemplate) -> Result<Generator, GenError> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(maps::RINGS, 1)
+            .map_max_entries(maps::CONNS, 1024)
+            .load(crate::EBPF_OBJECT)
+            .map_err(|e| GenError::Load(Box::new(e)))?;
+        let missing = || GenError::Map(Box::new(aya::maps::MapError::InvalidName { name: maps::GEN_TEMPLATE.into() }));
+        let mut t: Array<&mut MapData, GenTemplate> =
+            ebpf.map_mut(maps::GEN_TEMPLATE).ok_or_else(missing)?.try_into().map_err(|e| GenError::Map(Box::new(e)))?;
+        t.set(0, template, 0).map_err(|e| GenError::Map(Box::new(e)))?;
+        let prog: &mut Xdp = ebpf
+            .program_mut(programs::GEN)
+            .ok_or_else(|| GenError::Program(Box::new(aya::programs::ProgramError::NotLoaded)))?
+            .try_into()
+            .map_err(|e| GenError::Program(Box::new(e)))?;
+        prog.load().map_err(|e| GenError::Program(Box::new(e)))?;
+        Ok(Generator { ebpf })
+    }
+
+    pub fn program(&self) -> Result<&Xdp, GenError> {
+        self.ebpf
+            .program(programs::GEN)
+            .ok_or_else(|| GenError::Program(Box::new(aya::programs::ProgramError::NotLoaded)))?
+            .try_into()
+            .map_err(|e| GenError::Program(Box::new(e)))
+    }
+}
+
 fn run_xdp(opts: &GenOptions) -> Result<GenReport, GenError> {
     let (frame, template) = opts.template()?;
-    let mut ebpf = EbpfLoader::new()
-        .map_max_entries(maps::RINGS, 1)
-        .map_max_entries(maps::CONNS, 1024)
-        .load(crate::EBPF_OBJECT)
-        .map_err(|e| GenError::Load(Box::new(e)))?;
-    {
-        let mut t: Array<&mut MapData, GenTemplate> = ebpf
-            .map_mut(maps::GEN_TEMPLATE)
-            .ok_or_else(|| {
-                GenError::Map(Box::new(aya::maps::MapError::InvalidName { name: maps::GEN_TEMPLATE.into() }))
-            })?
-            .try_into()
-            .map_err(|e| GenError::Map(Box::new(e)))?;
-        t.set(0, template, 0).map_err(|e| GenError::Map(Box::new(e)))?;
-    }
-    let prog: &mut Xdp = ebpf
-        .program_mut(programs::GEN)
-        .ok_or_else(|| GenError::Program(Box::new(aya::programs::ProgramError::NotLoaded)))?
-        .try_into()
-        .map_err(|e| GenError::Program(Box::new(e)))?;
-    prog.load().map_err(|e| GenError::Program(Box::new(e)))?;
-    let prog: &Xdp = prog;
+    let generator = Generator::load(template)?;
+    let prog = generator.program()?;
 
     // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
     let mut ctx = [0u8; 24];
@@ -174,7 +188,7 @@ fn run_xdp(opts: &GenOptions) -> Result<GenReport, GenError> {
     let start = Instant::now();
     let deadline = start + opts.duration;
     let per_thread_rate = opts.rate.map(|r| (r as f64 / threads as f64).max(1.0));
-    let batch = opts.batch.clamp(1, 256);
+    let kernel_batch = opts.batch.clamp(1, 256);
     let result: Result<(), GenError> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|cpu| {
@@ -182,31 +196,43 @@ fn run_xdp(opts: &GenOptions) -> Result<GenReport, GenError> {
                 s.spawn(move || -> Result<(), GenError> {
                     pin_to_cpu(cpu);
                     let mut mine = 0u64;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                        let total = sent.fetch_add(batch as u64, Ordering::Relaxed);
-                        if total >= limit {
-                            sent.fetch_sub(batch as u64, Ordering::Relaxed);
+                    // Each BPF_PROG_RUN call has a fixed cost of tens of ms (page pool
+                    // set-up and tear-down), so calls carry many frames: sized from the
+                    // rate measured so far to last about CALL_SECS, within the limits.
+                    let mut pps_estimate = 1_000_000.0f64;
+                    loop {
+                        let now = Instant::now();
+                        if stop.load(Ordering::Relaxed) || now >= deadline {
                             break;
                         }
-                        let n = (limit - total).min(batch as u64) as u32;
-                        if n < batch {
-                            sent.fetch_sub((batch - n) as u64, Ordering::Relaxed);
+                        let left_secs = (deadline - now).as_secs_f64();
+                        let rate = per_thread_rate.map_or(pps_estimate, |r| r.min(pps_estimate));
+                        let want = (rate * CALL_SECS.min(left_secs)).max(kernel_batch as f64) as u64;
+                        let total = sent.fetch_add(want, Ordering::Relaxed);
+                        if total >= limit {
+                            sent.fetch_sub(want, Ordering::Relaxed);
+                            break;
                         }
+                        let n = (limit - total).min(want).min(u32::MAX as u64);
+                        sent.fetch_sub(want - n, Ordering::Relaxed);
                         let mut o = TestRunOptions::new();
                         o.data_in = Some(frame);
                         o.ctx_in = Some(ctx);
-                        o.repeat = n;
-                        o.attrs = TestRunAttrs::new().xdp_live_frames(n.min(64));
+                        o.repeat = n as u32;
+                        o.attrs = TestRunAttrs::new().xdp_live_frames(kernel_batch);
+                        let started = Instant::now();
                         if let Err(e) = prog.test_run(o) {
                             stop.store(true, Ordering::Relaxed);
                             return Err(GenError::Run { cpu, source: Box::new(e) });
                         }
-                        mine += n as u64;
+                        let took = started.elapsed().as_secs_f64().max(1e-6);
+                        pps_estimate = (n as f64 / took).max(1_000.0);
+                        mine += n;
                         if let Some(rate) = per_thread_rate {
                             let due = start + Duration::from_secs_f64(mine as f64 / rate);
                             let now = Instant::now();
                             if due > now {
-                                std::thread::sleep(due - now);
+                                std::thread::sleep((due - now).min(deadline.saturating_duration_since(now)));
                             }
                         }
                     }
@@ -239,6 +265,9 @@ fn pin_to_cpu(cpu: usize) {
         let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
+
+/// Target duration of one BPF_PROG_RUN call.
+const CALL_SECS: f64 = 0.1;
 
 const PKTGEN: &str = "/proc/net/pktgen";
 

@@ -6,6 +6,7 @@
 //! use aya; everything else is plain Rust that unit tests run without privileges.
 
 pub mod agent;
+pub mod bench;
 pub mod config;
 pub mod dataplane;
 pub mod generator;

@@ -23,9 +23,7 @@ pub enum NetError {
     IpFailed { args: String, stderr: String },
     #[error("`ip {args}` printed JSON this lb does not understand: {detail}")]
     IpOutput { args: String, detail: String },
-    #[error(
-        "no interface named `{name}` in this network namespace (interfaces here: {available}); fix `dataplane.interfaces`"
-    )]
+    #[error("no interface named `{name}` in this network namespace; the interfaces here are: {available}")]
     UnknownInterface { name: String, available: String },
     #[error("interface `{name}` is not an Ethernet interface (link type {link_type}); L2 forwarding needs Ethernet")]
     NotEthernet { name: String, link_type: String },

@@ -533,6 +533,9 @@ impl BenchTopology {
         let id = format!("{NS_PREFIX}{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let client = Netns::create(&format!("{id}-bcl"))?;
         let lb = Netns::create(&format!("{id}-blb"))?;
+        // IPv4 only: no IPv6 neighbour discovery or MLD frames in the counts.
+        no_ipv6(&client)?;
+        no_ipv6(&lb)?;
         let (client_mac, lb_mac) = ([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1]);
         wire(&lb, "eth0", lb_mac, &client, "eth0", client_mac)?;
         lb.ip(&["addr", "add", &format!("{LB4}/24"), "dev", "eth0"])?;
@@ -553,6 +556,7 @@ impl BenchTopology {
             BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
         for i in 1..=sinks {
             let ns = Netns::create(&format!("{}-bs{i}", topo.id))?;
+            no_ipv6(&ns)?;
             let mac = [2, 0, 0, 0, 0x11, i as u8];
             let lb_side = format!("b{i}");
             wire(&topo.lb, &lb_side, [2, 0, 0, 0, 0x10, i as u8], &ns, "eth0", mac)?;
@@ -583,6 +587,12 @@ impl BenchTopology {
         }
         Ok(total)
     }
+}
+
+fn no_ipv6(ns: &Netns) -> Result<(), TopologyError> {
+    ns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
+    ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
+    Ok(())
 }
 
 /// A veth pair: `a_name` in `a`, `b_name` in `b`, both up, with the given MACs.

@@ -348,3 +348,77 @@ fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
     assert!(stats(&topo).backend(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))).is_some());
     agent.stop().expect("clean stop");
 }
+
+/// The benchmark harness runs end to end (a tiny run; its numbers are not checked).
+#[test]
+fn the_benchmark_harness_runs() {
+    if !privileged("the_benchmark_harness_runs") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let report = lb_userspace::bench::run(&lb_userspace::bench::BenchOptions::tiny()).expect("bench runs");
+    assert!(report.datapath.len() >= 6 && report.datapath.iter().all(|c| c.ns_per_packet > 0.0), "{report:?}");
+    assert_eq!(report.flatness.len(), 3);
+    assert_eq!(report.end_to_end.len(), 4);
+    for e in &report.end_to_end {
+        assert!(e.generated > 0 && e.delivered > 0, "{e:?}");
+        assert!(e.delivered <= e.generated, "sinks count only what was generated: {e:?}");
+    }
+    assert_eq!(report.lb_vs_nftables.len(), 2);
+    assert_eq!(report.control_plane.len(), 4);
+    assert!(report.render().contains("lb-xdp / nftables at 64 B"));
+}
+
+/// `lb gen` with a count sends exactly that many frames, and they cross the LB (native
+/// XDP, redirect) to the sinks: generated = LB forwarded = delivered.
+#[test]
+fn the_generator_sends_exactly_count_frames_through_the_lb() {
+    if !privileged("the_generator_sends_exactly_count_frames_through_the_lb") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let topo = lb_userspace::topology::BenchTopology::build(2).expect("bench topology");
+    let targets: Vec<String> = topo
+        .sinks
+        .iter()
+        .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", lb_userspace::config::MacAddr(*mac)))
+        .collect();
+    let pin_dir = format!("/sys/fs/bpf/{}", topo.id);
+    let config = TempFile::write(
+        &format!("{}.toml", topo.id),
+        &format!(
+            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 1\n[[listeners]]\nname = \"u\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n[[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+            targets.join(", ")
+        ),
+    )
+    .expect("config");
+    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&config.0)).expect("agent");
+    let opts = lb_userspace::generator::GenOptions {
+        ifindex: topo.client_ifindex,
+        interface: "eth0".into(),
+        src_mac: topo.client_mac,
+        dst_mac: topo.lb_mac,
+        src: IpAddr::V4(CLIENT4),
+        dst: SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT),
+        tcp: false,
+        frame_len: 64,
+        flows: 100,
+        count: 50_000,
+        duration: Duration::from_secs(20),
+        rate: None,
+        threads: 2,
+        batch: 64,
+    };
+    let report = topo
+        .client
+        .run(move || lb_userspace::generator::run(lb_userspace::generator::Engine::Xdp, &opts))
+        .expect("netns")
+        .expect("generator");
+    assert_eq!(report.sent, 50_000);
+    std::thread::sleep(Duration::from_millis(300));
+    let s = Snapshot::read_pinned(std::path::Path::new(&pin_dir)).expect("stats");
+    assert_eq!(s.global(GlobalCounter::Redirect), 50_000, "the LB forwarded every frame");
+    assert_eq!(s.global(GlobalCounter::ConnMiss), 100, "one miss per flow");
+    assert_eq!(topo.sink_packets().expect("sinks"), 50_000, "the sinks got every frame");
+    agent.stop().expect("stop");
+}

@@ -28,6 +28,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, build (release), and run `lb bench`: datapath cost, flatness, end-to-end
+    /// rate against an nftables baseline, control-plane timings. Writes
+    /// target/bench/bench.json. Needs root; a few minutes.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Set up, build, and run `lb demo` (client, LB and three HTTP backends in network
     /// namespaces, real traffic, counters). Needs root.
     Demo {
@@ -37,8 +44,14 @@ enum Cmd {
 }
 
 /// Debian packages the tests and the demo use, with a command that proves each present.
-const PACKAGES: &[(&str, &str)] =
-    &[("iproute2", "ip"), ("ethtool", "ethtool"), ("curl", "curl"), ("python3", "python3"), ("procps", "sysctl")];
+const PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    ("curl", "curl"),
+    ("python3", "python3"),
+    ("procps", "sysctl"),
+    ("nftables", "nft"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -63,6 +76,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // Tests that need root fail instead of skipping: CI must run them all.
             cmd.current_dir(&root).arg("test").args(&args).env("LB_TESTS_REQUIRE_PRIVILEGES", "1");
             status(&mut cmd)
+        }
+        Cmd::Bench { args } => {
+            setup()?;
+            let out = root.join("target/bench");
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            step("building and running `lb bench`");
+            status(
+                Command::new(cargo())
+                    .current_dir(&root)
+                    .args(["run", "--quiet", "--release", "-p", "lb-userspace", "--bin", "lb", "--", "bench", "--out"])
+                    .arg(out.join("bench.json"))
+                    .args(&args),
+            )
         }
         Cmd::Demo { args } => {
             setup()?;

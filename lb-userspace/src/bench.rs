@@ -1,0 +1,526 @@
+//! `lb bench`: what the load balancer costs and how fast it forwards, measured beside
+//! baselines in the same run. Prints numbers; never asserts times.
+//!
+//! 1. Datapath cost: the loaded program under BPF_PROG_RUN, ns per packet, per case,
+//!    against an empty XDP program. Repeat mode reuses one frame: every case below
+//!    stays a valid input after the program rewrote it (only MACs change). New flows
+//!    need distinct frames, so they are timed one run each, beside a known flow timed
+//!    the same way.
+//! 2. Flatness: the same with 1..1000 backends and 1..512 VIPs.
+//! 3. End to end: `lb gen` (live frames) in a client namespace -> LB (native XDP,
+//!    redirect) -> two backend namespaces whose XDP sinks count, 64 and 1500 bytes.
+//! 4. Baseline on the same topology and generator: the kernel forwarding with an
+//!    nftables DNAT load balancer (jhash over source address and port), XDP LB off.
+//! 5. Control plane: Maglev table build time; time from a target change to the new
+//!    table being in the map.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use lb_common::{GlobalCounter, programs};
+use serde::Serialize;
+
+use crate::{
+    agent::{AgentHandle, RunOptions},
+    config::Config,
+    dataplane::{AuxProgram, Dataplane, LoadOptions},
+    generator::{self, Engine, GenOptions},
+    maglev,
+    netinfo::{Interface, Resolved},
+    netns::Netns,
+    packet::{Frame, tcp_flags},
+    plan::{self, Allocators},
+    stats::Snapshot,
+    topology::{BenchTopology, CLIENT4, LB4, NS_PREFIX, TempFile, UDP_PORT, VIP4},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("benchmark setup ({what}): {detail}")]
+    Setup { what: &'static str, detail: String },
+}
+
+fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BenchError {
+    move |e| BenchError::Setup { what, detail: e.to_string() }
+}
+
+/// How much to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// BPF_PROG_RUN repeat count per datapath case.
+    pub repeat: u32,
+    /// Distinct frames for the single-run (new flow) cases.
+    pub single_runs: u32,
+    /// Seconds per end-to-end run.
+    pub e2e_seconds: f64,
+    /// Backend counts for the flatness runs.
+    pub backend_counts: Vec<u32>,
+    /// VIP counts for the flatness runs.
+    pub vip_counts: Vec<u32>,
+}
+
+impl BenchOptions {
+    /// The full run (a few minutes on 2 cores).
+    pub fn full() -> Self {
+        BenchOptions {
+            repeat: 2_000_000,
+            single_runs: 20_000,
+            e2e_seconds: 5.0,
+            backend_counts: vec![1, 10, 100, 1000],
+            vip_counts: vec![1, 64, 512],
+        }
+    }
+
+    /// A seconds-long run that exercises every part (the test suite uses it).
+    pub fn tiny() -> Self {
+        BenchOptions {
+            repeat: 10_000,
+            single_runs: 200,
+            e2e_seconds: 0.3,
+            backend_counts: vec![1, 10],
+            vip_counts: vec![1, 4],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    pub case: String,
+    pub method: &'static str,
+    pub ns_per_packet: f64,
+    /// ns_per_packet / the empty program's (same method).
+    pub vs_empty: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlatResult {
+    pub backends: u32,
+    pub vips: u32,
+    pub ring_size: u32,
+    pub known_flow_ns: f64,
+    pub new_flow_ns: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct E2eResult {
+    pub forwarder: &'static str,
+    pub frame_len: usize,
+    pub seconds: f64,
+    pub generated: u64,
+    pub generated_mpps: f64,
+    /// Frames the backends' sinks counted.
+    pub delivered: u64,
+    pub delivered_mpps: f64,
+    /// 1 - delivered / generated.
+    pub loss: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ControlResult {
+    pub what: String,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub datapath: Vec<CaseResult>,
+    pub flatness: Vec<FlatResult>,
+    pub end_to_end: Vec<E2eResult>,
+    /// (frame length, XDP LB delivered pps / nftables delivered pps).
+    pub lb_vs_nftables: Vec<(usize, f64)>,
+    pub control_plane: Vec<ControlResult>,
+}
+
+const RING: u32 = lb_common::DEFAULT_RING_SIZE;
+
+/// Runs everything. Needs root (namespaces, XDP).
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    let ns = Netns::create(&format!("{NS_PREFIX}{}-bench", std::process::id())).map_err(setup("netns"))?;
+    let (datapath, flatness) =
+        ns.run(|| -> Result<_, BenchError> { Ok((datapath(opts)?, flatness(opts)?)) }).map_err(setup("netns"))??;
+    drop(ns);
+    let end_to_end = end_to_end(opts)?;
+    let mut lb_vs_nftables = Vec::new();
+    for len in [64, 1500] {
+        let get =
+            |f: &str| end_to_end.iter().find(|r| r.forwarder == f && r.frame_len == len).map(|r| r.delivered_mpps);
+        if let (Some(lb), Some(nft)) = (get("lb-xdp"), get("nftables")) {
+            lb_vs_nftables.push((len, if nft > 0.0 { lb / nft } else { f64::INFINITY }));
+        }
+    }
+    let control_plane = control_plane(opts)?;
+    Ok(BenchReport { machine: machine(), datapath, flatness, end_to_end, lb_vs_nftables, control_plane })
+}
+
+fn machine() -> Machine {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    Machine { kernel, cpus: std::thread::available_parallelism().map(usize::from).unwrap_or(1), cpu_model }
+}
+
+const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+/// A dataplane filled with `vips` TCP+UDP VIPs over `backends` targets, all behind
+/// `lo` (ifindex 1, BPF_PROG_RUN's ingress): forwarded frames are XDP_TX.
+fn loaded(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<Dataplane, BenchError> {
+    let targets: Vec<Ipv4Addr> =
+        (0..backends).map(|i| Ipv4Addr::new(198, 18, 128 + (i / 250) as u8, 1 + (i % 250) as u8)).collect();
+    // `vips` TCP VIPs, plus an IPv6 one while there is room.
+    let with_v6 = vips < lb_common::MAX_VIPS;
+    let max_vips = vips + u32::from(with_v6);
+    let mut text = format!(
+        "[dataplane]\ninterfaces = [\"lo\"]\nring_size = {ring}\nmax_vips = {max_vips}\nconn_table_size = {conn_table}\n"
+    );
+    for v in 0..vips {
+        text.push_str(&format!(
+            "[[listeners]]\nname = \"t{v}\"\naddress = \"{}\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"g\"\n",
+            vip_addr(v)
+        ));
+    }
+    if with_v6 {
+        text.push_str(
+            "[[listeners]]\nname = \"v6\"\naddress = \"fd00:18:1::100\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"g\"\n",
+        );
+    }
+    text.push_str("[[target_groups]]\nname = \"g\"\ntargets = [");
+    text.push_str(&targets.iter().map(|t| format!("{{ ip = \"{t}\" }}")).collect::<Vec<_>>().join(", "));
+    text.push_str("]\n");
+    let config = Config::parse(&text, Path::new("bench.toml")).map_err(setup("config"))?;
+    let lo = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
+    let resolved: HashMap<IpAddr, Resolved> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ip = IpAddr::V4(*t);
+            (ip, Resolved { ip, dev: lo.clone(), mac: [2, 0, 0, 1, (i >> 8) as u8, i as u8] })
+        })
+        .collect();
+    let mut dp = Dataplane::load(LoadOptions {
+        ring_size: ring,
+        max_vips: config.dataplane.max_vips,
+        conn_table_size: conn_table,
+    })
+    .map_err(setup("load"))?;
+    let p = plan::build(&config, &resolved, &mut Allocators::new(config.dataplane.max_vips)).map_err(setup("plan"))?;
+    dp.apply(&p).map_err(setup("apply"))?;
+    Ok(dp)
+}
+
+fn vip_addr(v: u32) -> Ipv4Addr {
+    Ipv4Addr::new(198, 19, (v / 250) as u8, 1 + (v % 250) as u8)
+}
+
+fn tcp_frame(src_port: u16, dst: SocketAddr) -> Vec<u8> {
+    let src = match dst {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(CLIENT4), src_port),
+        SocketAddr::V6(_) => SocketAddr::new("fd00:18::2".parse().unwrap_or(IpAddr::V4(CLIENT4)), src_port),
+    };
+    Frame::tcp(src, dst, tcp_flags::ACK).with_macs(LB_MAC, CLIENT_MAC).build().unwrap_or_default()
+}
+
+/// Average ns per run of `repeat` runs over one frame (the kernel's own timing).
+fn repeat_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<f64, BenchError> {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut o = TestRunOptions::new();
+    o.data_in = Some(frame);
+    o.data_out = Some(&mut out);
+    o.repeat = repeat;
+    let r = prog.test_run(o).map_err(setup("BPF_PROG_RUN"))?;
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// Average ns of one run per frame, over distinct frames.
+fn single_ns(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64, BenchError> {
+    let mut total = 0u128;
+    let mut out = vec![0u8; 2048];
+    for f in frames {
+        let mut o = TestRunOptions::new();
+        o.data_in = Some(f);
+        o.data_out = Some(&mut out);
+        total += prog.test_run(o).map_err(setup("BPF_PROG_RUN"))?.duration.as_nanos();
+    }
+    Ok(total as f64 / frames.len().max(1) as f64)
+}
+
+fn new_flow_frames(n: u32, vip: Ipv4Addr, salt: u8) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let src =
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 200 + salt, (i >> 16) as u8)), (i & 0xffff) as u16);
+            Frame::tcp(src, SocketAddr::new(IpAddr::V4(vip), 80), tcp_flags::SYN)
+                .with_macs(LB_MAC, CLIENT_MAC)
+                .build()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+fn datapath(opts: &BenchOptions) -> Result<Vec<CaseResult>, BenchError> {
+    let empty = AuxProgram::load(programs::PASS).map_err(setup("empty program"))?;
+    let empty_prog = empty.program().map_err(setup("empty program"))?;
+    let dp = loaded(10, 1, RING, (opts.single_runs * 4).max(lb_common::MIN_CONN_TABLE_SIZE))?;
+    let prog = dp.program().map_err(setup("lb program"))?;
+    let vip = SocketAddr::new(IpAddr::V4(vip_addr(0)), 80);
+    let known = tcp_frame(40000, vip);
+    let known6 = tcp_frame(40001, "[fd00:18:1::100]:80".parse().map_err(setup("address"))?);
+    let non_vip = tcp_frame(40002, SocketAddr::new(IpAddr::V4(LB4), 22));
+    let mut malformed = known.clone();
+    malformed.truncate(14 + 20 + 10);
+    malformed[16..18].copy_from_slice(&30u16.to_be_bytes());
+
+    let empty_repeat = repeat_ns(empty_prog, &known, opts.repeat)?;
+    let mut out = Vec::new();
+    let mut case = |name: &str, method: &'static str, ns: f64, base: f64| {
+        out.push(CaseResult { case: name.to_string(), method, ns_per_packet: ns, vs_empty: ns / base.max(0.001) });
+    };
+    case("empty XDP program (baseline)", "repeat", empty_repeat, empty_repeat);
+    case("known flow, IPv4 TCP (table hit)", "repeat", repeat_ns(prog, &known, opts.repeat)?, empty_repeat);
+    case("known flow, IPv6 TCP (table hit)", "repeat", repeat_ns(prog, &known6, opts.repeat)?, empty_repeat);
+    case("non-VIP, to the kernel (XDP_PASS)", "repeat", repeat_ns(prog, &non_vip, opts.repeat)?, empty_repeat);
+    case("malformed, dropped", "repeat", repeat_ns(prog, &malformed, opts.repeat)?, empty_repeat);
+
+    let frames = new_flow_frames(opts.single_runs, vip_addr(0), 0);
+    let same: Vec<Vec<u8>> = (0..opts.single_runs).map(|_| known.clone()).collect();
+    let empty_single = single_ns(empty_prog, &same)?;
+    case("empty XDP program (baseline)", "single", empty_single, empty_single);
+    case("known flow, IPv4 TCP (table hit)", "single", single_ns(prog, &same)?, empty_single);
+    case("new flow, IPv4 TCP (Maglev pick + insert)", "single", single_ns(prog, &frames)?, empty_single);
+    Ok(out)
+}
+
+fn flatness(opts: &BenchOptions) -> Result<Vec<FlatResult>, BenchError> {
+    let mut out = Vec::new();
+    let mut shapes: Vec<(u32, u32, u32)> = opts.backend_counts.iter().map(|&b| (b, 1, RING)).collect();
+    // Many VIPs with a smaller ring: the VIP lookup is what scales, and 512 rings of
+    // 65537 slots take a minute of syscalls to fill.
+    shapes.extend(opts.vip_counts.iter().filter(|&&v| v > 1).map(|&v| (10, v, 4093)));
+    for (backends, vips, ring) in shapes {
+        let dp = loaded(backends, vips, ring, (opts.single_runs * 4).max(lb_common::MIN_CONN_TABLE_SIZE))?;
+        let prog = dp.program().map_err(setup("lb program"))?;
+        let last = vip_addr(vips - 1);
+        let known = tcp_frame(40000, SocketAddr::new(IpAddr::V4(last), 80));
+        let known_ns = repeat_ns(prog, &known, opts.repeat)?;
+        let new_ns = single_ns(prog, &new_flow_frames(opts.single_runs, last, 1))?;
+        out.push(FlatResult { backends, vips, ring_size: ring, known_flow_ns: known_ns, new_flow_ns: new_ns });
+    }
+    Ok(out)
+}
+
+fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
+    let topo = BenchTopology::build(2).map_err(setup("bench topology"))?;
+    let mut out = Vec::new();
+
+    // The load balancer: the agent on the LB's eth0, backends behind b1/b2 (redirect).
+    let targets: Vec<String> = topo
+        .sinks
+        .iter()
+        .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)))
+        .collect();
+    let pin_dir = format!("/sys/fs/bpf/{}", topo.id);
+    let config = format!(
+        "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 2\n\
+         [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
+         [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+        targets.join(", ")
+    );
+    let file = TempFile::write(&format!("{}-bench.toml", topo.id), &config).map_err(setup("config"))?;
+    {
+        let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).map_err(setup("agent"))?;
+        for len in [64, 1500] {
+            out.push(e2e_run(&topo, "lb-xdp", len, opts.e2e_seconds)?);
+        }
+        let s = Snapshot::read_pinned(Path::new(&pin_dir)).map_err(setup("stats"))?;
+        if s.global(GlobalCounter::DropRedirectFailed) > 0 || s.global(GlobalCounter::DropNoBackend) > 0 {
+            tracing::warn!("the LB dropped frames during the benchmark");
+        }
+        agent.stop().map_err(setup("agent stop"))?;
+    }
+
+    // The baseline: kernel forwarding with nftables DNAT, no LB program.
+    let lb_if = topo.lb_ifindex;
+    let _pass = topo
+        .lb
+        .run(move || AuxProgram::attach(programs::PASS, lb_if))
+        .map_err(setup("netns"))?
+        .map_err(setup("pass program"))?;
+    topo.lb.sysctl("net.ipv4.ip_forward", "1").map_err(setup("ip_forward"))?;
+    let rules = format!(
+        "table ip lbbench {{\n chain pre {{\n  type nat hook prerouting priority dstnat; policy accept;\n  \
+         ip daddr {VIP4} udp dport {UDP_PORT} dnat to jhash ip saddr . udp sport mod 2 map {{ 0 : {}, 1 : {} }}\n }}\n}}\n",
+        topo.sinks[0].1, topo.sinks[1].1
+    );
+    let rules_file = TempFile::write(&format!("{}-nft.conf", topo.id), &rules).map_err(setup("nft rules"))?;
+    topo.lb.exec("nft", &["-f", &rules_file.0.display().to_string()]).map_err(setup("nft (install nftables)"))?;
+    for len in [64, 1500] {
+        out.push(e2e_run(&topo, "nftables", len, opts.e2e_seconds)?);
+    }
+    Ok(out)
+}
+
+fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
+    let before = topo.sink_packets().map_err(setup("sink counters"))?;
+    let opts = GenOptions {
+        ifindex: topo.client_ifindex,
+        interface: "eth0".into(),
+        src_mac: topo.client_mac,
+        dst_mac: topo.lb_mac,
+        src: IpAddr::V4(CLIENT4),
+        dst: SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT),
+        tcp: false,
+        frame_len: len,
+        flows: 1024,
+        count: 0,
+        duration: Duration::from_secs_f64(seconds),
+        rate: None,
+        threads: 1,
+        batch: 256,
+    };
+    let report = topo
+        .client
+        .run(move || generator::run(Engine::Xdp, &opts))
+        .map_err(setup("netns"))?
+        .map_err(setup("generator"))?;
+    // Let queues drain.
+    std::thread::sleep(Duration::from_millis(200));
+    let delivered = topo.sink_packets().map_err(setup("sink counters"))? - before;
+    Ok(E2eResult {
+        forwarder,
+        frame_len: len,
+        seconds: report.seconds,
+        generated: report.sent,
+        generated_mpps: report.pps / 1e6,
+        delivered,
+        delivered_mpps: delivered as f64 / report.seconds / 1e6,
+        loss: if report.sent > 0 { 1.0 - delivered as f64 / report.sent as f64 } else { 0.0 },
+    })
+}
+
+fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> {
+    let mut out = Vec::new();
+    for &n in &[10u32, 100, 1000] {
+        let names: Vec<String> = (0..n).map(|i| format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250)).collect();
+        let backends: Vec<maglev::Backend<'_>> =
+            names.iter().enumerate().map(|(i, k)| maglev::Backend { id: i as u32 + 1, key: k, weight: 1 }).collect();
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            maglev::build(&backends, RING).map_err(setup("maglev"))?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        times.sort_by(f64::total_cmp);
+        out.push(ControlResult { what: format!("Maglev build, M={RING}, {n} backends (median of 5)"), ms: times[2] });
+    }
+
+    // A target leaves a 100-target group: new plan (Maglev) + only the changed slots
+    // written to the spare ring + the VIP switched.
+    let ns = Netns::create(&format!("{NS_PREFIX}{}-benchcp", std::process::id())).map_err(setup("netns"))?;
+    let ms = ns
+        .run(|| -> Result<f64, BenchError> {
+            let _ = opts;
+            let targets: Vec<String> = (0..100).map(|i| format!("198.18.128.{}", i + 1)).collect();
+            let text = |ts: &[String]| {
+                format!(
+                    "[dataplane]\ninterfaces = [\"lo\"]\nmax_vips = 2\n[[listeners]]\nname = \"a\"\naddress = \"198.19.0.1\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"g\"\n[[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+                    ts.iter().map(|t| format!("{{ ip = \"{t}\" }}")).collect::<Vec<_>>().join(", ")
+                )
+            };
+            let lo = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
+            let resolved: HashMap<IpAddr, Resolved> = targets
+                .iter()
+                .map(|t| {
+                    let ip: IpAddr = t.parse().unwrap_or(IpAddr::V4(CLIENT4));
+                    (ip, Resolved { ip, dev: lo.clone(), mac: [2, 0, 0, 1, 0, 1] })
+                })
+                .collect();
+            let mut ids = Allocators::new(2);
+            let full = Config::parse(&text(&targets), Path::new("b.toml")).map_err(setup("config"))?;
+            let less = Config::parse(&text(&targets[1..]), Path::new("b.toml")).map_err(setup("config"))?;
+            let mut dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 2, conn_table_size: 1024 }).map_err(setup("load"))?;
+            dp.apply(&plan::build(&full, &resolved, &mut ids).map_err(setup("plan"))?).map_err(setup("apply"))?;
+            // Fill the spare ring once so the measured change writes only differences.
+            dp.apply(&plan::build(&less, &resolved, &mut ids).map_err(setup("plan"))?).map_err(setup("apply"))?;
+            dp.apply(&plan::build(&full, &resolved, &mut ids).map_err(setup("plan"))?).map_err(setup("apply"))?;
+            let t = Instant::now();
+            let p = plan::build(&less, &resolved, &mut ids).map_err(setup("plan"))?;
+            dp.apply(&p).map_err(setup("apply"))?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })
+        .map_err(setup("netns"))??;
+    out.push(ControlResult { what: "target removed from 100 -> new table live in the map (plan + apply)".into(), ms });
+    Ok(out)
+}
+
+impl BenchReport {
+    /// The terminal table.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut s = String::new();
+        let m = &self.machine;
+        let _ = writeln!(s, "machine: {} ({} CPUs), kernel {}", m.cpu_model, m.cpus, m.kernel);
+        let _ = writeln!(
+            s,
+            "\n1. Datapath cost (BPF_PROG_RUN)\n{:<44} {:<7} {:>10} {:>10}",
+            "case", "method", "ns/pkt", "x empty"
+        );
+        for c in &self.datapath {
+            let _ = writeln!(s, "{:<44} {:<7} {:>10.1} {:>10.2}", c.case, c.method, c.ns_per_packet, c.vs_empty);
+        }
+        let _ = writeln!(
+            s,
+            "\n2. Flatness\n{:>9} {:>6} {:>7} {:>16} {:>14}",
+            "backends", "VIPs", "ring", "known flow ns", "new flow ns"
+        );
+        for f in &self.flatness {
+            let _ = writeln!(
+                s,
+                "{:>9} {:>6} {:>7} {:>16.1} {:>14.1}",
+                f.backends, f.vips, f.ring_size, f.known_flow_ns, f.new_flow_ns
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n3./4. End to end (lb gen -> forwarder -> 2 XDP sinks, 1024 flows)\n{:<10} {:>6} {:>12} {:>12} {:>12} {:>8}",
+            "forwarder", "bytes", "generated", "gen Mpps", "deliv Mpps", "loss"
+        );
+        for e in &self.end_to_end {
+            let _ = writeln!(
+                s,
+                "{:<10} {:>6} {:>12} {:>12.3} {:>12.3} {:>7.1}%",
+                e.forwarder,
+                e.frame_len,
+                e.generated,
+                e.generated_mpps,
+                e.delivered_mpps,
+                e.loss * 100.0
+            );
+        }
+        for (len, r) in &self.lb_vs_nftables {
+            let _ = writeln!(s, "lb-xdp / nftables at {len} B: {r:.2}x");
+        }
+        let _ = writeln!(s, "\n5. Control plane");
+        for c in &self.control_plane {
+            let _ = writeln!(s, "{:<72} {:>9.2} ms", c.what, c.ms);
+        }
+        s
+    }
+}
