@@ -93,6 +93,14 @@ pub mod programs {
 /// goes to the same backend (client stickiness).
 pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
 
+/// Backend.flags: the target is unhealthy and out of its ring: connection-table hits
+/// on it are re-picked from the ring (flows to healthy targets never move).
+pub const BACKEND_F_DOWN: u32 = 1 << 1;
+
+/// VipMeta.flags: every target of the VIP's group is unhealthy and the group fails
+/// open (the ring holds all of them): forwarded frames count `fail_open`.
+pub const VIP_F_FAIL_OPEN: u32 = 1 << 1;
+
 /// Backend.flags: the slot holds a configured backend. A ring never points at a slot
 /// without it; the datapath still checks and counts `DropNoBackend` if it does.
 pub const BACKEND_F_VALID: u32 = 1 << 0;
@@ -334,6 +342,10 @@ global_counters! {
     ConnMiss = "conn_miss", observation;
     /// Connection-table insert failed (the flow still goes to the picked backend).
     ConnInsertFailed = "conn_insert_failed", observation;
+    /// Connection-table hits on an unhealthy target, re-picked from the ring.
+    ConnRepicked = "conn_repicked", observation;
+    /// Frames forwarded for a VIP whose targets are all unhealthy (fail-open).
+    FailOpen = "fail_open", observation;
 }
 
 // ---------------------------------------------------------------------------------------

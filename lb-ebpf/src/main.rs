@@ -16,8 +16,8 @@ mod parse;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use lb_common::{
-    BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_HASH_SRC_ONLY, VipKey, VipMeta, flow_hash,
-    xdp_action,
+    BACKEND_F_DOWN, BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY,
+    VipKey, VipMeta, flow_hash, xdp_action,
 };
 use network_types::eth::EthHdr;
 
@@ -62,6 +62,9 @@ fn process(ctx: &XdpContext) -> Verdict {
     if verdict.1 != C::DropRedirectFailed {
         maps::vip_stats(vip.id, frame_len);
         maps::backend_stats(id, frame_len);
+        if vip.flags & VIP_F_FAIL_OPEN != 0 {
+            count(C::FailOpen);
+        }
     }
     verdict
 }
@@ -94,8 +97,11 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
         let remembered = unsafe { *v };
         if let Some(b) = backend(remembered.backend) {
             if b.generation == remembered.generation {
-                count(C::ConnHit);
-                return Some((remembered.backend, b));
+                if b.flags & BACKEND_F_DOWN == 0 {
+                    count(C::ConnHit);
+                    return Some((remembered.backend, b));
+                }
+                count(C::ConnRepicked);
             }
         }
         // The remembered backend was removed (its slot may hold another one now):

@@ -338,9 +338,10 @@ fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
         .collect();
     let pin_dir = format!("/sys/fs/bpf/{}", topo.id);
     let config = format!(
-        "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 2\n\
+        "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 2\n[control]\nsocket = \"/run/lb/{}.sock\"\n\
          [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
          [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+        topo.id,
         targets.join(", ")
     );
     let file = TempFile::write(&format!("{}-bench.toml", topo.id), &config).map_err(setup("config"))?;

@@ -83,7 +83,26 @@ pub enum ConfigError {
     RingTooSmall { group: String, count: usize, ring_size: u32 },
     #[error("target {ip} is given MAC {a} in one group and {b} in another")]
     ConflictingMac { ip: IpAddr, a: MacAddr, b: MacAddr },
+    #[error("target group `{group}`: {source}")]
+    HealthCheck {
+        group: String,
+        #[source]
+        source: crate::health::HealthConfigError,
+    },
+    #[error(
+        "target group `{group}`: deregistration_delay_secs = {value} is out of range: use 0..={MAX_DEREGISTRATION_DELAY_SECS}"
+    )]
+    DeregistrationDelay { group: String, value: u64 },
+    #[error(
+        "target group `{group}` is health checked but has no port to probe: its listeners are UDP or all-ports; set `health_check.port` (NLB checks UDP targets over TCP or HTTP on a health port)"
+    )]
+    NoProbePort { group: String },
 }
+
+/// Largest deregistration delay (seconds), as NLB.
+pub const MAX_DEREGISTRATION_DELAY_SECS: u64 = 3600;
+/// Default control socket.
+pub const DEFAULT_SOCKET: &str = "/run/lb/lb.sock";
 
 /// How the program is attached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -197,6 +216,43 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub target_groups: Vec<TargetGroup>,
+    #[serde(default)]
+    pub control: ControlConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The runtime API (`lb targets ...`, `lb status`, `lb reload`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Unix socket of the control API, mode 0600 (root only).
+    pub socket: PathBuf,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig { socket: PathBuf::from(DEFAULT_SOCKET) }
+    }
+}
+
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the `/metrics` endpoint, e.g. "127.0.0.1:9100". Absent: off.
+    pub listen: Option<std::net::SocketAddr>,
+}
+
+/// What a group does when every target is unhealthy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AllUnhealthy {
+    /// Send to all targets, as NLB does (counted as `fail_open`).
+    #[default]
+    FailOpen,
+    /// Drop new flows (counted as `drop_no_backend`).
+    Drop,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -269,6 +325,32 @@ pub struct TargetGroup {
     pub name: String,
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// Health checks. Absent: targets count as healthy once resolved.
+    #[serde(default)]
+    pub health_check: Option<crate::health::HealthCheck>,
+    /// Seconds a deregistered target keeps serving its existing flows, 0..=3600.
+    #[serde(default = "default_deregistration_delay")]
+    pub deregistration_delay_secs: u64,
+    /// What to do when every target is unhealthy: `fail-open` (default) or `drop`.
+    #[serde(default)]
+    pub on_all_unhealthy: AllUnhealthy,
+}
+
+impl TargetGroup {
+    /// The port health checks probe on targets without a port of their own: the
+    /// check's port, else the first TCP listener's port using this group.
+    pub fn probe_port(&self, listeners: &[Listener]) -> Option<u16> {
+        self.health_check.as_ref().and_then(|h| h.port).or_else(|| {
+            listeners
+                .iter()
+                .find(|l| l.target_group == self.name && l.protocol == Protocol::Tcp && l.port != 0)
+                .map(|l| l.port)
+        })
+    }
+}
+
+fn default_deregistration_delay() -> u64 {
+    300
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -280,6 +362,9 @@ pub struct Target {
     /// The target's MAC; resolved from the kernel's neighbour table when absent.
     #[serde(default)]
     pub mac: Option<MacAddr>,
+    /// Port health checks probe on this target (overrides the group's default).
+    #[serde(default)]
+    pub port: Option<u16>,
 }
 
 fn default_version() -> u32 {
@@ -342,6 +427,18 @@ impl Config {
         for g in &self.target_groups {
             if groups.insert(g.name.as_str(), g).is_some() {
                 return Err(ConfigError::DuplicateTargetGroup { name: g.name.clone() });
+            }
+            if let Some(h) = &g.health_check {
+                h.validate().map_err(|source| ConfigError::HealthCheck { group: g.name.clone(), source })?;
+                if g.probe_port(&self.listeners).is_none() && g.targets.iter().any(|t| t.port.is_none()) {
+                    return Err(ConfigError::NoProbePort { group: g.name.clone() });
+                }
+            }
+            if g.deregistration_delay_secs > MAX_DEREGISTRATION_DELAY_SECS {
+                return Err(ConfigError::DeregistrationDelay {
+                    group: g.name.clone(),
+                    value: g.deregistration_delay_secs,
+                });
             }
             if g.targets.len() > dp.ring_size as usize {
                 return Err(ConfigError::RingTooSmall {
@@ -416,7 +513,7 @@ impl Config {
 }
 
 /// Why an address cannot be a VIP or a target, if it cannot.
-fn unusable_unicast(ip: IpAddr) -> Option<&'static str> {
+pub(crate) fn unusable_unicast(ip: IpAddr) -> Option<&'static str> {
     if ip.is_unspecified() {
         Some("the unspecified address (0.0.0.0 / ::) is not usable here")
     } else if ip.is_multicast() {

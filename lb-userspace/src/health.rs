@@ -53,10 +53,8 @@ pub enum HealthConfigError {
         /// The configured value.
         value: u64,
     },
-    /// `timeout_secs` is 0 or not less than `interval_secs`.
-    #[error(
-        "health_check.timeout_secs = {value} is out of range: use 1 or more and less than interval_secs ({interval})"
-    )]
+    /// `timeout_secs` is 0 or more than `interval_secs`.
+    #[error("health_check.timeout_secs = {value} is out of range: use 1 up to interval_secs ({interval})")]
     Timeout {
         /// The configured value.
         value: u64,
@@ -134,7 +132,7 @@ pub struct HealthCheck {
     pub success_codes: String,
     /// Seconds between probes of one target, 1..=300. Default: 5.
     pub interval_secs: u64,
-    /// Seconds before a probe counts as failed; at least 1 and less than `interval_secs`. Default: 2.
+    /// Seconds before a probe counts as failed, 1 up to `interval_secs`. Default: 2.
     pub timeout_secs: u64,
     /// Consecutive successes that make a target healthy, 2..=10. Default: 3.
     pub healthy_threshold: u32,
@@ -164,7 +162,7 @@ impl HealthCheck {
         if !(min..=max).contains(&self.interval_secs) {
             return Err(HealthConfigError::Interval { value: self.interval_secs });
         }
-        if self.timeout_secs == 0 || self.timeout_secs >= self.interval_secs {
+        if self.timeout_secs == 0 || self.timeout_secs > self.interval_secs {
             return Err(HealthConfigError::Timeout { value: self.timeout_secs, interval: self.interval_secs });
         }
         for (field, value) in
@@ -791,15 +789,11 @@ mod tests {
             ),
             (|c| c.interval_secs = 301, HealthConfigError::Interval { value: 301 }, "interval_secs = 301"),
             (
-                |c| c.timeout_secs = 5,
-                HealthConfigError::Timeout { value: 5, interval: 5 },
-                "timeout_secs = 5 is out of range",
+                |c| c.timeout_secs = 6,
+                HealthConfigError::Timeout { value: 6, interval: 5 },
+                "timeout_secs = 6 is out of range",
             ),
-            (
-                |c| c.timeout_secs = 0,
-                HealthConfigError::Timeout { value: 0, interval: 5 },
-                "less than interval_secs (5)",
-            ),
+            (|c| c.timeout_secs = 0, HealthConfigError::Timeout { value: 0, interval: 5 }, "up to interval_secs (5)"),
             (
                 |c| c.healthy_threshold = 1,
                 HealthConfigError::Threshold { field: "healthy_threshold", value: 1 },

@@ -6,16 +6,20 @@
 //! use aya; everything else is plain Rust that unit tests run without privileges.
 
 pub mod agent;
+pub mod api;
 pub mod bench;
 pub mod config;
 pub mod dataplane;
 pub mod generator;
+pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod netinfo;
 pub mod netns;
 pub mod packet;
 pub mod plan;
 pub mod stats;
+pub mod targets;
 pub mod topology;
 
 /// The XDP object built by build.rs from lb-ebpf.

@@ -11,10 +11,13 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::{BACKEND_F_VALID, Backend, MAX_BACKENDS, VIP_F_HASH_SRC_ONLY, VipKey, v4_mapped};
+use lb_common::{
+    BACKEND_F_DOWN, BACKEND_F_VALID, Backend, MAX_BACKENDS, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY, VipKey, v4_mapped,
+};
 
 use crate::{
-    config::{Config, HashMode},
+    config::{AllUnhealthy, Config, HashMode},
+    health::TargetState,
     maglev::{self, MaglevError},
     netinfo::Resolved,
 };
@@ -85,9 +88,11 @@ impl<K: Eq + Hash + Clone> Ids<K> {
 #[derive(Debug, Clone)]
 pub struct Allocators {
     pub vips: Ids<VipKey>,
-    pub backends: Ids<IpAddr>,
+    /// Backends are (target group, target address): a target in two groups is two
+    /// backends, each with its own health, draining and counters (as in NLB).
+    pub backends: Ids<(String, IpAddr)>,
     /// Generation of each backend's current id assignment (see `Backend::generation`).
-    gens: HashMap<IpAddr, (u32, u32)>,
+    gens: HashMap<(String, IpAddr), (u32, u32)>,
     next_gen: u32,
 }
 
@@ -103,13 +108,13 @@ impl Allocators {
 
     /// The generation of `ip` holding `id`: unchanged while it keeps the id, new when
     /// it gets one.
-    fn generation(&mut self, ip: IpAddr, id: u32) -> u32 {
-        match self.gens.get(&ip) {
+    fn generation(&mut self, key: (String, IpAddr), id: u32) -> u32 {
+        match self.gens.get(&key) {
             Some((held, g)) if *held == id => *g,
             _ => {
                 let g = self.next_gen;
                 self.next_gen = self.next_gen.wrapping_add(1).max(1);
-                self.gens.insert(ip, (id, g));
+                self.gens.insert(key, (id, g));
                 g
             }
         }
@@ -131,6 +136,8 @@ pub struct Plan {
     pub vips: Vec<PlannedVip>,
     /// Backend id -> datapath entry.
     pub backends: BTreeMap<u32, (IpAddr, Backend)>,
+    /// Backend id -> its target group.
+    pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
 }
@@ -155,64 +162,127 @@ pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
     VipKey { addr: addr_bytes(address), port: port.to_be(), proto, _pad: 0 }
 }
 
-/// Builds the desired state. `resolved` must hold every target of `config`.
+/// A target as the plan sees it: what the agent knows of it now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanTarget {
+    pub ip: IpAddr,
+    pub weight: u32,
+    pub state: TargetState,
+}
+
+/// A target group's current targets (config plus runtime registrations).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanGroup {
+    pub name: String,
+    pub targets: Vec<PlanTarget>,
+}
+
+/// Every configured target, healthy: the state without health checks.
+pub fn static_groups(config: &Config) -> Vec<PlanGroup> {
+    config
+        .target_groups
+        .iter()
+        .map(|g| PlanGroup {
+            name: g.name.clone(),
+            targets: g
+                .targets
+                .iter()
+                .map(|t| PlanTarget { ip: t.ip, weight: t.weight, state: TargetState::Healthy })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Builds the desired state with every configured target healthy.
 pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Allocators) -> Result<Plan, PlanError> {
+    build_with(config, &static_groups(config), resolved, ids)
+}
+
+/// How a target takes part, given its state and its group's.
+fn role(state: TargetState, group_has_healthy: bool, fail_open: bool) -> (bool /* in ring */, u32 /* flags */) {
+    match state {
+        TargetState::Healthy => (true, BACKEND_F_VALID),
+        TargetState::Draining => (false, BACKEND_F_VALID),
+        TargetState::Initial | TargetState::Unhealthy if !group_has_healthy && fail_open => (true, BACKEND_F_VALID),
+        TargetState::Initial | TargetState::Unhealthy => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
+        TargetState::Unused => (false, 0),
+    }
+}
+
+/// Builds the desired state from the listeners and settings of `config` and the
+/// targets of `groups`. Rings hold healthy targets (all non-draining ones when none is
+/// healthy and the group fails open); unhealthy targets stay valid but `DOWN`, so their
+/// flows are re-picked; draining targets stay valid and keep their flows.
+/// `resolved` must hold every target in `groups`.
+pub fn build_with(
+    config: &Config,
+    groups: &[PlanGroup],
+    resolved: &HashMap<IpAddr, Resolved>,
+    ids: &mut Allocators,
+) -> Result<Plan, PlanError> {
     let ring_size = config.dataplane.ring_size;
     let keys: Vec<VipKey> = config.listeners.iter().map(|l| vip_key(l.address, l.port, l.protocol.number())).collect();
-    let mut ips: Vec<IpAddr> = config.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
-    ips.sort();
-    ips.dedup();
+    let members: Vec<(String, IpAddr)> = groups
+        .iter()
+        .flat_map(|g| g.targets.iter().filter(|t| t.state != TargetState::Unused).map(|t| (g.name.clone(), t.ip)))
+        .collect();
 
     // Work on copies so that a failure leaves the allocators as they were.
     let mut next_ids = ids.clone();
     let slots = next_ids.vips.assign(&keys, "VIP")?;
-    let backend_ids = next_ids.backends.assign(&ips, "backend")?;
+    let backend_ids = next_ids.backends.assign(&members, "backend")?;
 
     let mut backends = BTreeMap::new();
-    for ip in &ips {
-        let r = resolved.get(ip).ok_or(PlanError::Unresolved { ip: *ip })?;
-        let id = backend_ids[ip];
-        let b = Backend {
-            addr: addr_bytes(*ip),
-            dst_mac: r.mac,
-            src_mac: r.dev.mac,
-            ifindex: r.dev.ifindex,
-            flags: BACKEND_F_VALID,
-            generation: next_ids.generation(*ip, id),
-        };
-        backends.insert(id, (*ip, b));
+    let mut backend_groups = BTreeMap::new();
+    let mut rings: HashMap<&str, (Vec<u32>, bool)> = HashMap::new();
+    for g in groups {
+        let fail_open = config.target_group(&g.name).is_none_or(|c| c.on_all_unhealthy == AllUnhealthy::FailOpen);
+        let has_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy);
+        let mut in_ring = Vec::new();
+        for t in g.targets.iter().filter(|t| t.state != TargetState::Unused) {
+            let key = (g.name.clone(), t.ip);
+            let id = backend_ids[&key];
+            let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
+            let (ring_member, flags) = role(t.state, has_healthy, fail_open);
+            let b = Backend {
+                addr: addr_bytes(t.ip),
+                dst_mac: r.mac,
+                src_mac: r.dev.mac,
+                ifindex: r.dev.ifindex,
+                flags,
+                generation: next_ids.generation(key.clone(), id),
+            };
+            backends.insert(id, (t.ip, b));
+            backend_groups.insert(id, g.name.clone());
+            if ring_member {
+                in_ring.push((id, t.ip.to_string(), t.weight));
+            }
+        }
+        let mb: Vec<maglev::Backend<'_>> =
+            in_ring.iter().map(|(id, name, weight)| maglev::Backend { id: *id, key: name, weight: *weight }).collect();
+        let ring =
+            maglev::build(&mb, ring_size).map_err(|source| PlanError::Maglev { group: g.name.clone(), source })?;
+        rings.insert(&g.name, (ring, !has_healthy && fail_open && !in_ring.is_empty()));
     }
     let mut tx_ports: Vec<u32> = backends.values().map(|(_, b)| b.ifindex).collect();
     tx_ports.sort_unstable();
     tx_ports.dedup();
 
-    let mut rings: HashMap<&str, Vec<u32>> = HashMap::new();
+    let empty = (vec![0; ring_size as usize], false);
     let mut vips = Vec::with_capacity(config.listeners.len());
     for (l, key) in config.listeners.iter().zip(keys) {
-        let ring = match rings.get(l.target_group.as_str()) {
-            Some(r) => r.clone(),
-            None => {
-                let group = config.target_group(&l.target_group).map(|g| g.targets.as_slice()).unwrap_or_default();
-                let names: Vec<String> = group.iter().map(|t| t.ip.to_string()).collect();
-                let mb: Vec<maglev::Backend<'_>> = group
-                    .iter()
-                    .zip(&names)
-                    .map(|(t, name)| maglev::Backend { id: backend_ids[&t.ip], key: name, weight: t.weight })
-                    .collect();
-                let ring = maglev::build(&mb, ring_size)
-                    .map_err(|source| PlanError::Maglev { group: l.target_group.clone(), source })?;
-                rings.insert(&l.target_group, ring.clone());
-                ring
-            }
-        };
-        let flags = match l.hash {
+        let (ring, fail_open) = rings.get(l.target_group.as_str()).unwrap_or(&empty);
+        let mut flags = match l.hash {
             HashMode::FiveTuple => 0,
             HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
         };
-        vips.push(PlannedVip { name: l.name.clone(), key, slot: slots[&key], flags, ring });
+        if *fail_open {
+            flags |= VIP_F_FAIL_OPEN;
+        }
+        vips.push(PlannedVip { name: l.name.clone(), key, slot: slots[&key], flags, ring: ring.clone() });
     }
     *ids = next_ids;
-    Ok(Plan { vips, backends, tx_ports })
+    Ok(Plan { vips, backends, backend_groups, tx_ports })
 }
 
 #[cfg(test)]

@@ -248,6 +248,9 @@ xdp_mode = "native"
 pin_dir = "{pin}"
 max_vips = 8
 
+[control]
+socket = "{socket}"
+
 [[listeners]]
 name = "http"
 address = "{VIP4}"
@@ -283,7 +286,13 @@ targets = [{t}
 "#,
             id = self.id,
             pin = self.pin_dir.display(),
+            socket = self.socket().display(),
         )
+    }
+
+    /// The agent's control socket for this topology.
+    pub fn socket(&self) -> PathBuf {
+        PathBuf::from(format!("/run/lb/{}.sock", self.id))
     }
 
     /// `curl` from the client to `url`; returns the body.
@@ -300,6 +309,7 @@ targets = [{t}
 impl Drop for Topology {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_file(self.socket());
     }
 }
 
@@ -415,7 +425,7 @@ impl Drop for TempFile {
 /// config files whose names carry the pid of a process that no longer exists.
 pub fn sweep_stale() {
     netns::sweep_stale(NS_PREFIX);
-    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir()] {
+    for dir in [PathBuf::from("/sys/fs/bpf"), std::env::temp_dir(), PathBuf::from("/run/lb")] {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();

@@ -332,11 +332,22 @@ fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
 
     // Another XDP program already on the interface: a second agent must not steal it.
     let (agent, _cfg) = start_agent(&topo, &[(1, 1)]);
-    let other_pins = good.replace(&topo.pin_dir.display().to_string(), &format!("{}-second", topo.pin_dir.display()));
-    let file = TempFile::write(&format!("{}-second.toml", topo.id), &other_pins).expect("write");
+    // Same control socket: refused before anything is touched.
+    let same_socket = good.replace(&topo.pin_dir.display().to_string(), &format!("{}-second", topo.pin_dir.display()));
+    let file = TempFile::write(&format!("{}-second.toml", topo.id), &same_socket).expect("write");
+    let err =
+        AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).err().expect("second agent refused").to_string();
+    assert!(err.contains("control API"), "{err}");
+    // Its own socket and pins, same interface: the attach is refused.
+    let other = same_socket.replace(&topo.socket().display().to_string(), &format!("/run/lb/{}-second.sock", topo.id));
+    std::fs::write(&file.0, &other).expect("write");
     let err =
         AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).err().expect("second agent refused").to_string();
     assert!(err.contains("already has an XDP program attached"), "{err}");
+    assert!(
+        !std::path::Path::new(&format!("/run/lb/{}-second.sock", topo.id)).exists(),
+        "refused agent left its socket"
+    );
     // Nor may a second agent take over the first one's pin directory.
     let mut dp = Dataplane::load(LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024 }).expect("load");
     let busy = dp.pin(&topo.pin_dir).expect_err("pin dir is in use");
@@ -387,7 +398,8 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
     let config = TempFile::write(
         &format!("{}.toml", topo.id),
         &format!(
-            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 1\n[[listeners]]\nname = \"u\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n[[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 1\n[control]\nsocket = \"/run/lb/{}.sock\"\n[[listeners]]\nname = \"u\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n[[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+            topo.id,
             targets.join(", ")
         ),
     )

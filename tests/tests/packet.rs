@@ -155,7 +155,12 @@ impl Harness {
         let dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
         let mut h = Harness {
             dp,
-            plan: Plan { vips: vec![], backends: Default::default(), tx_ports: vec![] },
+            plan: Plan {
+                vips: vec![],
+                backends: Default::default(),
+                backend_groups: Default::default(),
+                tx_ports: vec![],
+            },
             ids: Allocators::new(8),
             resolved,
         };

@@ -1,0 +1,516 @@
+//! The agent's target registry: which targets each group has right now, their health
+//! state, and where they came from. Pure bookkeeping (no I/O): the agent resolves,
+//! plans and applies; this module decides.
+//!
+//! The effective targets of a group are the config file's, minus those deregistered at
+//! runtime, plus those registered at runtime. A reload keeps the runtime changes. A
+//! target that leaves the effective set drains: it takes no new flows at once, keeps
+//! its existing ones for the group's deregistration delay, and is then removed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    api::{ApiFailure, DeregisterRequest, RegisterRequest},
+    config::{Config, MAX_WEIGHT, MacAddr, TargetGroup},
+    health::{Probe, TargetState, Tracker},
+    plan::{PlanGroup, PlanTarget},
+};
+
+/// A target: (target group, address).
+pub type TargetKey = (String, IpAddr);
+
+/// Where a target was declared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Config,
+    Api,
+}
+
+/// One target's runtime state.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub weight: u32,
+    /// Health-check port of this target, if it has its own.
+    pub port: Option<u16>,
+    pub mac: Option<MacAddr>,
+    pub source: Source,
+    pub tracker: Tracker,
+    /// Set while draining: when the target is removed.
+    pub drain_until: Option<Instant>,
+    pub last_latency: Option<Duration>,
+    /// Whether its group is health checked (else it is healthy once resolved).
+    pub checked: bool,
+}
+
+impl Entry {
+    pub fn state(&self) -> TargetState {
+        self.tracker.state()
+    }
+
+    /// Why it is in its state, for `lb targets list`.
+    pub fn reason(&self) -> String {
+        match (self.state(), self.tracker.last_reason()) {
+            (TargetState::Draining, _) => "deregistered: existing flows continue until the delay ends".into(),
+            (_, Some(r)) => r.to_string(),
+            (TargetState::Healthy, None) if !self.checked => "health checks disabled".into(),
+            (_, None) => "not checked yet".into(),
+        }
+    }
+}
+
+/// What a target should be, from config and runtime changes.
+#[derive(Debug, Clone, PartialEq)]
+struct Desired {
+    weight: u32,
+    port: Option<u16>,
+    mac: Option<MacAddr>,
+    source: Source,
+}
+
+/// Changes that the agent must act on after a registry update.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Changes {
+    /// Targets to health check from now on (new or revived).
+    pub start_checks: Vec<TargetKey>,
+    /// Targets no longer checked (draining or removed).
+    pub stop_checks: Vec<TargetKey>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Registry {
+    entries: BTreeMap<TargetKey, Entry>,
+    api_added: BTreeMap<TargetKey, (u32, Option<u16>)>,
+    api_removed: BTreeSet<TargetKey>,
+}
+
+/// Parses `IP`, `IP:port` or `[IPv6]:port`.
+pub fn parse_target(s: &str) -> Result<(IpAddr, Option<u16>), ApiFailure> {
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok((ip, None));
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(ApiFailure::bad_request(format!(
+                "target `{s}`: port 0 is not a port; omit it or use 1..=65535"
+            )));
+        }
+        return Ok((sa.ip(), Some(sa.port())));
+    }
+    Err(ApiFailure::bad_request(format!(
+        "target `{s}` is not an address: write IP, IP:port or [IPv6]:port, e.g. 198.18.0.21 or 198.18.0.21:8080"
+    )))
+}
+
+impl Registry {
+    pub fn entries(&self) -> &BTreeMap<TargetKey, Entry> {
+        &self.entries
+    }
+
+    pub fn get(&self, key: &TargetKey) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    fn desired(&self, config: &Config) -> BTreeMap<TargetKey, Desired> {
+        let mut out = BTreeMap::new();
+        for g in &config.target_groups {
+            for t in &g.targets {
+                let key = (g.name.clone(), t.ip);
+                if !self.api_removed.contains(&key) {
+                    out.insert(key, Desired { weight: t.weight, port: t.port, mac: t.mac, source: Source::Config });
+                }
+            }
+        }
+        for (key, (weight, port)) in &self.api_added {
+            if config.target_group(&key.0).is_some() {
+                out.insert(key.clone(), Desired { weight: *weight, port: *port, mac: None, source: Source::Api });
+            }
+        }
+        out
+    }
+
+    /// Addresses of every target that is or will be in the datapath under `config`.
+    pub fn addresses(&self, config: &Config) -> Vec<(IpAddr, Option<MacAddr>)> {
+        let mut seen: BTreeMap<IpAddr, Option<MacAddr>> = BTreeMap::new();
+        for (key, d) in self.desired(config) {
+            let mac = seen.entry(key.1).or_default();
+            *mac = mac.or(d.mac);
+        }
+        for (key, e) in &self.entries {
+            seen.entry(key.1).or_insert(e.mac);
+        }
+        seen.into_iter().collect()
+    }
+
+    /// Brings the entries in line with `config` and the runtime changes: new targets
+    /// start (Initial, or Healthy if unchecked), revived ones restart, removed ones drain.
+    pub fn sync(&mut self, config: &Config, now: Instant) -> Changes {
+        let desired = self.desired(config);
+        let mut changes = Changes::default();
+        for (key, d) in &desired {
+            let group = config.target_group(&key.0);
+            let checked = group.is_some_and(|g| g.health_check.is_some());
+            match self.entries.get_mut(key) {
+                Some(e) if e.drain_until.is_none() && e.checked == checked => {
+                    e.weight = d.weight;
+                    e.port = d.port;
+                    e.mac = d.mac;
+                    e.source = d.source;
+                }
+                _ => {
+                    let tracker = new_tracker(group);
+                    self.entries.insert(
+                        key.clone(),
+                        Entry {
+                            weight: d.weight,
+                            port: d.port,
+                            mac: d.mac,
+                            source: d.source,
+                            tracker,
+                            drain_until: None,
+                            last_latency: None,
+                            checked,
+                        },
+                    );
+                    if checked {
+                        changes.start_checks.push(key.clone());
+                    }
+                }
+            }
+        }
+        let leaving: Vec<TargetKey> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| !desired.contains_key(*k) && e.drain_until.is_none())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in leaving {
+            changes.stop_checks.push(key.clone());
+            let delay = config.target_group(&key.0).map(|g| g.deregistration_delay_secs).unwrap_or(0);
+            if delay == 0 {
+                self.entries.remove(&key);
+            } else if let Some(e) = self.entries.get_mut(&key) {
+                e.tracker.set_draining();
+                e.drain_until = Some(now + Duration::from_secs(delay));
+            }
+        }
+        changes
+    }
+
+    /// Removes targets whose drain ended. Returns them.
+    pub fn expire(&mut self, now: Instant) -> Vec<TargetKey> {
+        let done: Vec<TargetKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.drain_until.is_some_and(|t| t <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &done {
+            self.entries.remove(k);
+        }
+        done
+    }
+
+    /// Checks a registration without changing anything.
+    pub fn check_register(
+        &self,
+        config: &Config,
+        req: &RegisterRequest,
+    ) -> Result<(TargetKey, u32, Option<u16>), ApiFailure> {
+        let group = group(config, &req.group)?;
+        let (ip, port) = parse_target(&req.target)?;
+        if let Some(reason) = crate::config::unusable_unicast(ip) {
+            return Err(ApiFailure::bad_request(format!("target {ip}: {reason}")));
+        }
+        let weight = req.weight.unwrap_or(1);
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            return Err(ApiFailure::bad_request(format!("weight {weight} is out of range: use 1..={MAX_WEIGHT}")));
+        }
+        let key = (group.name.clone(), ip);
+        if self.entries.get(&key).is_some_and(|e| e.drain_until.is_none()) {
+            return Err(ApiFailure::conflict(format!(
+                "target {ip} is already registered in group `{}`; deregister it first to change it",
+                group.name
+            )));
+        }
+        if group.health_check.is_some() && port.is_none() && group.probe_port(&config.listeners).is_none() {
+            return Err(ApiFailure::bad_request(format!(
+                "group `{}` health checks need a port for this target: register it as IP:port",
+                group.name
+            )));
+        }
+        let in_group = self.entries.keys().filter(|k| k.0 == group.name).count();
+        if in_group + 1 > config.dataplane.ring_size as usize {
+            return Err(ApiFailure::conflict(format!(
+                "group `{}` is full: {in_group} targets fill its ring of {}",
+                group.name, config.dataplane.ring_size
+            )));
+        }
+        if self.entries.len() + 1 >= lb_common::MAX_BACKENDS as usize {
+            return Err(ApiFailure::conflict(format!(
+                "the LB is full: {} targets, the datapath holds {}",
+                self.entries.len(),
+                lb_common::MAX_BACKENDS - 1
+            )));
+        }
+        Ok((key, weight, port))
+    }
+
+    /// Records a checked registration; call `sync` next.
+    pub fn register(&mut self, key: TargetKey, weight: u32, port: Option<u16>) {
+        self.api_removed.remove(&key);
+        self.api_added.insert(key, (weight, port));
+    }
+
+    /// Records a deregistration (after checking it); call `sync` next.
+    pub fn deregister(&mut self, config: &Config, req: &DeregisterRequest) -> Result<TargetKey, ApiFailure> {
+        let group = group(config, &req.group)?;
+        let (ip, _) = parse_target(&req.target)?;
+        let key = (group.name.clone(), ip);
+        match self.entries.get(&key) {
+            None => Err(ApiFailure::not_found(format!("target {ip} is not registered in group `{}`", group.name))),
+            Some(e) if e.drain_until.is_some() => {
+                Err(ApiFailure::conflict(format!("target {ip} in group `{}` is already deregistering", group.name)))
+            }
+            Some(_) => {
+                self.api_added.remove(&key);
+                if config.target_group(&key.0).is_some_and(|g| g.targets.iter().any(|t| t.ip == ip)) {
+                    self.api_removed.insert(key.clone());
+                }
+                Ok(key)
+            }
+        }
+    }
+
+    /// Feeds a probe to its target's tracker; returns the state change, if any.
+    pub fn on_probe(&mut self, key: &TargetKey, probe: &Probe) -> Option<(TargetState, TargetState)> {
+        let e = self.entries.get_mut(key)?;
+        if e.drain_until.is_some() {
+            return None;
+        }
+        e.last_latency = Some(probe.latency);
+        e.tracker.record(probe)
+    }
+
+    /// The planner's view.
+    pub fn plan_groups(&self, config: &Config) -> Vec<PlanGroup> {
+        config
+            .target_groups
+            .iter()
+            .map(|g| PlanGroup {
+                name: g.name.clone(),
+                targets: self
+                    .entries
+                    .iter()
+                    .filter(|(k, _)| k.0 == g.name)
+                    .map(|(k, e)| PlanTarget { ip: k.1, weight: e.weight, state: e.state() })
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The probe address of a target.
+    pub fn probe_addr(&self, config: &Config, key: &TargetKey) -> Option<SocketAddr> {
+        let e = self.entries.get(key)?;
+        let g = config.target_group(&key.0)?;
+        let port =
+            g.health_check.as_ref().and_then(|h| h.port).or(e.port).or_else(|| g.probe_port(&config.listeners))?;
+        Some(SocketAddr::new(key.1, port))
+    }
+
+    /// `lb targets list` as JSON.
+    pub fn list(&self, config: &Config, group_filter: Option<&str>, now: Instant) -> Result<Value, ApiFailure> {
+        if let Some(g) = group_filter {
+            group(config, g)?;
+        }
+        let targets: Vec<Value> = self
+            .entries
+            .iter()
+            .filter(|(k, _)| group_filter.is_none_or(|g| k.0 == g))
+            .map(|(k, e)| {
+                json!({
+                    "group": k.0,
+                    "target": k.1.to_string(),
+                    "port": e.port,
+                    "weight": e.weight,
+                    "state": e.state().to_string(),
+                    "reason": e.reason(),
+                    "source": e.source,
+                    "drain_remaining_secs": e.drain_until.map(|t| t.saturating_duration_since(now).as_secs_f64()),
+                    "last_check_latency_ms": e.last_latency.map(|d| d.as_secs_f64() * 1e3),
+                })
+            })
+            .collect();
+        Ok(json!({ "targets": targets }))
+    }
+
+    /// (healthy, total) per configured group.
+    pub fn group_counts(&self, config: &Config) -> Vec<(String, usize, usize)> {
+        config
+            .target_groups
+            .iter()
+            .map(|g| {
+                let members: Vec<&Entry> = self.entries.iter().filter(|(k, _)| k.0 == g.name).map(|(_, e)| e).collect();
+                let healthy = members.iter().filter(|e| e.state() == TargetState::Healthy).count();
+                (g.name.clone(), healthy, members.len())
+            })
+            .collect()
+    }
+}
+
+fn group<'a>(config: &'a Config, name: &str) -> Result<&'a TargetGroup, ApiFailure> {
+    config.target_group(name).ok_or_else(|| {
+        let known: Vec<&str> = config.target_groups.iter().map(|g| g.name.as_str()).collect();
+        ApiFailure::not_found(format!("no target group `{name}`; the groups are: {}", known.join(", ")))
+    })
+}
+
+/// A new target's tracker: health checked from Initial, or healthy at once if its group
+/// has no health check.
+fn new_tracker(group: Option<&TargetGroup>) -> Tracker {
+    match group.and_then(|g| g.health_check.as_ref()) {
+        Some(h) => Tracker::from_config(h),
+        None => {
+            let mut t = Tracker::new(1, 1);
+            t.observe(true);
+            t
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            r#"
+            [dataplane]
+            interfaces = ["eth0"]
+            ring_size = 251
+            [[listeners]]
+            name = "web"
+            address = "198.18.1.100"
+            port = 80
+            protocol = "tcp"
+            target_group = "web"
+            [[target_groups]]
+            name = "web"
+            deregistration_delay_secs = 10
+            targets = [{{ ip = "198.18.0.11" }}, {{ ip = "198.18.0.12", weight = 2 }}]
+            {extra}
+            "#
+        );
+        Config::parse(&text, Path::new("t.toml")).expect("config")
+    }
+
+    fn key(ip: &str) -> TargetKey {
+        ("web".to_string(), ip.parse().expect("ip"))
+    }
+
+    fn reg(target: &str, weight: Option<u32>) -> RegisterRequest {
+        RegisterRequest { group: "web".into(), target: target.into(), weight }
+    }
+
+    #[test]
+    fn unchecked_targets_are_healthy_at_once() {
+        let c = config("");
+        let mut r = Registry::default();
+        let changes = r.sync(&c, Instant::now());
+        assert!(changes.start_checks.is_empty());
+        assert_eq!(r.get(&key("198.18.0.11")).map(Entry::state), Some(TargetState::Healthy));
+        assert_eq!(r.get(&key("198.18.0.11")).map(Entry::reason).as_deref(), Some("health checks disabled"));
+    }
+
+    #[test]
+    fn checked_targets_start_initial_and_follow_probes() {
+        let c = config("health_check = { interval_secs = 1, timeout_secs = 1, healthy_threshold = 2 }");
+        let mut r = Registry::default();
+        let changes = r.sync(&c, Instant::now());
+        assert_eq!(changes.start_checks.len(), 2);
+        let k = key("198.18.0.11");
+        let ok = Probe { ok: true, latency: Duration::from_millis(1), reason: "connected".into() };
+        assert_eq!(r.on_probe(&k, &ok), None);
+        assert_eq!(r.on_probe(&k, &ok), Some((TargetState::Initial, TargetState::Healthy)));
+        assert_eq!(r.probe_addr(&c, &k), Some("198.18.0.11:80".parse().expect("sa")));
+    }
+
+    #[test]
+    fn register_validates_and_changes_nothing_on_error() {
+        let c = config("");
+        let mut r = Registry::default();
+        r.sync(&c, Instant::now());
+        let before = r.entries.len();
+        let cases = [
+            (
+                RegisterRequest { group: "nope".into(), target: "198.18.0.20".into(), weight: None },
+                404,
+                "no target group `nope`",
+            ),
+            (reg("198.18.0.300", None), 400, "is not an address"),
+            (reg("198.18.0.20", Some(0)), 400, "weight 0 is out of range"),
+            (reg("198.18.0.11", None), 409, "already registered"),
+            (reg("224.0.0.1", None), 400, "multicast"),
+            (reg("198.18.0.20:0", None), 400, "port 0"),
+        ];
+        for (req, status, msg) in cases {
+            let err = r.check_register(&c, &req).expect_err("invalid");
+            assert_eq!(err.status, status, "{req:?}: {}", err.message);
+            assert!(err.message.contains(msg), "{req:?}: {}", err.message);
+        }
+        assert_eq!(r.entries.len(), before);
+        let (k, w, p) = r.check_register(&c, &reg("[fd00:18::21]:8080", Some(3))).expect("valid");
+        assert_eq!((w, p), (3, Some(8080)));
+        r.register(k.clone(), w, p);
+        r.sync(&c, Instant::now());
+        assert_eq!(r.get(&k).map(|e| e.source), Some(Source::Api));
+    }
+
+    #[test]
+    fn deregistration_drains_then_removes_and_reload_keeps_runtime_changes() {
+        let c = config("");
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        r.sync(&c, t0);
+        let k = key("198.18.0.11");
+        r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() }).expect("ok");
+        let changes = r.sync(&c, t0);
+        assert_eq!(changes.stop_checks, vec![k.clone()]);
+        assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
+        let again = r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() });
+        assert_eq!(again.map_err(|e| e.status), Err(409));
+        // A reload (sync with the same file) keeps it deregistered.
+        r.sync(&c, t0 + Duration::from_secs(1));
+        assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
+        assert!(r.expire(t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(r.expire(t0 + Duration::from_secs(10)), vec![k.clone()]);
+        assert!(r.get(&k).is_none());
+        let missing = r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() });
+        assert_eq!(missing.map_err(|e| e.status), Err(404));
+        // Registering it again brings it back.
+        let (k2, w, p) = r.check_register(&c, &reg("198.18.0.11", None)).expect("valid");
+        r.register(k2, w, p);
+        r.sync(&c, t0 + Duration::from_secs(11));
+        assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Healthy));
+    }
+
+    #[test]
+    fn plan_groups_carry_states() {
+        let c = config("");
+        let mut r = Registry::default();
+        r.sync(&c, Instant::now());
+        let groups = r.plan_groups(&c);
+        assert_eq!(groups.len(), 1);
+        assert_eq!(groups[0].targets.len(), 2);
+        assert!(groups[0].targets.iter().all(|t| t.state == TargetState::Healthy));
+        assert_eq!(r.group_counts(&c), vec![("web".to_string(), 2, 2)]);
+    }
+}
