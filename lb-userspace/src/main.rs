@@ -68,6 +68,44 @@ struct GenArgs {
     json: bool,
 }
 
+#[derive(clap::Args, Debug)]
+struct ApiArgs {
+    /// The agent's control socket (`control.socket`).
+    #[arg(long, global = true, env = "LB_SOCKET", default_value = config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the agent's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum TargetsCommand {
+    /// Add a target to a group. It takes new flows once healthy (at once if the group
+    /// has no health check).
+    Register {
+        #[arg(short, long)]
+        group: String,
+        /// IP, IP:port or [IPv6]:port; the port is where health checks probe it.
+        #[arg(short, long)]
+        target: String,
+        /// Share of new flows relative to the group's other targets (1..=1000).
+        #[arg(short, long)]
+        weight: Option<u32>,
+    },
+    /// Remove a target from a group, draining it first.
+    Deregister {
+        #[arg(short, long)]
+        group: String,
+        #[arg(short, long)]
+        target: String,
+    },
+    /// List targets with their health state and its reason.
+    List {
+        #[arg(short, long)]
+        group: Option<String>,
+    },
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent: load the XDP program, attach it to the configured interfaces,
@@ -105,6 +143,26 @@ enum Command {
     },
     /// Print a commented example config.
     ExampleConfig,
+    /// Manage the targets of a running agent's target groups (control API on its unix
+    /// socket; root only). Registration takes effect at once; deregistration drains:
+    /// no new flows, existing flows continue for the group's deregistration delay.
+    Targets {
+        #[command(subcommand)]
+        command: TargetsCommand,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Show a running agent's listeners, target groups and healthy target counts.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Make a running agent re-read its config file: applied whole, or rejected with the
+    /// reason and nothing changed. Runtime registrations and deregistrations are kept.
+    Reload {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Generate traffic without a pktgen module: BPF_PROG_RUN in XDP live-frames mode
     /// sends frames built from a template (UDP or TCP SYN, IPv4 or IPv6) out of an
     /// interface, cycling the source port over `--flows`, one thread per CPU, bounded by
@@ -202,6 +260,91 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Gen(args) => gen_command(args),
+        Command::Targets { command, api } => {
+            let (method, path, body) = match command {
+                TargetsCommand::Register { group, target, weight } => (
+                    "POST",
+                    "/v1/targets".to_string(),
+                    Some(serde_json::json!({ "group": group, "target": target, "weight": weight })),
+                ),
+                TargetsCommand::Deregister { group, target } => {
+                    ("DELETE", "/v1/targets".to_string(), Some(serde_json::json!({ "group": group, "target": target })))
+                }
+                TargetsCommand::List { group } => (
+                    "GET",
+                    match group {
+                        Some(g) => format!("/v1/targets?group={}", lb_userspace::api::encode_query_value(&g)),
+                        None => "/v1/targets".to_string(),
+                    },
+                    None,
+                ),
+            };
+            let answer = api_call(&api, method, &path, body)?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else if let Some(targets) = answer["targets"].as_array() {
+                println!("{:<12} {:<28} {:>6} {:<10} {:<7} REASON", "GROUP", "TARGET", "WEIGHT", "STATE", "SOURCE");
+                for t in targets {
+                    let target = match t["port"].as_u64() {
+                        Some(p) => format!("{}:{p}", t["target"].as_str().unwrap_or_default()),
+                        None => t["target"].as_str().unwrap_or_default().to_string(),
+                    };
+                    println!(
+                        "{:<12} {:<28} {:>6} {:<10} {:<7} {}",
+                        t["group"].as_str().unwrap_or_default(),
+                        target,
+                        t["weight"],
+                        t["state"].as_str().unwrap_or_default(),
+                        t["source"].as_str().unwrap_or_default(),
+                        t["reason"].as_str().unwrap_or_default()
+                    );
+                }
+            } else {
+                println!(
+                    "{} {} in group {}: {}",
+                    answer["target"].as_str().unwrap_or_default(),
+                    if method == "POST" { "registered" } else { "deregistered" },
+                    answer["group"].as_str().unwrap_or_default(),
+                    answer["state"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        Command::Status { api } => {
+            let answer = api_call(&api, "GET", "/v1/status", None)?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!(
+                    "agent pid {} up {} s, config {}",
+                    answer["pid"],
+                    answer["uptime_secs"],
+                    answer["config"].as_str().unwrap_or_default()
+                );
+                for l in answer["listeners"].as_array().into_iter().flatten() {
+                    println!(
+                        "listener {:<16} {:<32} -> {}",
+                        l["name"].as_str().unwrap_or_default(),
+                        l["vip"].as_str().unwrap_or_default(),
+                        l["target_group"].as_str().unwrap_or_default()
+                    );
+                }
+                for g in answer["target_groups"].as_array().into_iter().flatten() {
+                    println!(
+                        "group    {:<16} {}/{} targets healthy",
+                        g["group"].as_str().unwrap_or_default(),
+                        g["healthy"],
+                        g["targets"]
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Reload { api } => {
+            api_call(&api, "POST", "/v1/reload", None)?;
+            println!("config reloaded");
+            Ok(())
+        }
         Command::Bench { tiny, out } => {
             let opts = if tiny {
                 lb_userspace::bench::BenchOptions::tiny()
@@ -302,4 +445,21 @@ fn gen_command(a: GenArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// One control-API request; a non-2xx answer becomes an error with the agent's message.
+fn api_call(
+    api: &ApiArgs,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    let (status, answer) = rt.block_on(lb_userspace::api::call(&api.socket, method, path, body.as_ref()))?;
+    if !(200..300).contains(&status) {
+        let msg = answer["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| answer.to_string());
+        anyhow::bail!("{msg} (HTTP {status})");
+    }
+    Ok(answer)
 }

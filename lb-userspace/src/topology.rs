@@ -229,6 +229,22 @@ impl Topology {
         Ok(())
     }
 
+    /// Stops backend `index`'s HTTP server (1-based); `start_http` starts it again.
+    pub fn stop_http(&mut self, index: usize) {
+        if let Some(b) = self.backends.get_mut(index - 1) {
+            if let Some(mut child) = b.http.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// [`Topology::config`] with `extra` appended: keys for the target group (health
+    /// check, deregistration delay) and then any further tables (e.g. `[metrics]`).
+    pub fn config_with(&self, targets: &[(usize, u32)], extra: &str) -> String {
+        format!("{}{extra}\n", self.config(targets))
+    }
+
     /// An agent config for this topology: HTTP (v4 and v6), echo and UDP listeners,
     /// all on one target group of the given backends (1-based index, weight).
     pub fn config(&self, targets: &[(usize, u32)]) -> String {
