@@ -163,6 +163,16 @@ impl Dataplane {
         xdp_ref(&self.ebpf, programs::LB)
     }
 
+    /// Pins the LB program at `path`, so another process or thread can run it
+    /// (BPF_PROG_RUN, `bpftool prog run pinned PATH`) while this one updates the maps.
+    pub fn pin_program(&mut self, path: &Path) -> Result<(), DataplaneError> {
+        xdp_mut(&mut self.ebpf, programs::LB)?.pin(path).map_err(|source| DataplaneError::Pin {
+            name: programs::LB,
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
+    }
+
     /// A map of the loaded object, by its lb-common name.
     pub fn map(&self, name: &'static str) -> Result<&Map, DataplaneError> {
         self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })

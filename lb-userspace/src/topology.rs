@@ -231,11 +231,11 @@ impl Topology {
 
     /// Stops backend `index`'s HTTP server (1-based); `start_http` starts it again.
     pub fn stop_http(&mut self, index: usize) {
-        if let Some(b) = self.backends.get_mut(index - 1) {
-            if let Some(mut child) = b.http.take() {
-                let _ = child.kill();
-                let _ = child.wait();
-            }
+        if let Some(b) = self.backends.get_mut(index - 1)
+            && let Some(mut child) = b.http.take()
+        {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 

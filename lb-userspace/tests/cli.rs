@@ -100,3 +100,81 @@ fn run_serves_reloads_on_sighup_and_detaches_on_sigterm() {
     assert!(!String::from_utf8_lossy(&link.stdout).contains("\"xdp\""), "XDP still attached");
     assert!(!topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins left behind");
 }
+
+#[test]
+fn control_api_from_the_cli_refuses_bad_input_and_strangers() {
+    if !privileged("control_api_from_the_cli_refuses_bad_input_and_strangers") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut topo = Topology::build(3).expect("topology");
+    topo.start_http().expect("http");
+    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1), (2, 1)])).expect("config");
+    let agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
+    let socket = topo.socket().display().to_string();
+    let list = || {
+        let out = lb(&["targets", "list", "--json", "--socket", &socket]);
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("JSON")
+    };
+    let before = list();
+    assert_eq!(before["targets"].as_array().map(Vec::len), Some(2));
+
+    // A user without permission on the socket is refused.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", LB, "targets", "list", "--socket", &socket])
+        .output()
+        .expect("setpriv");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("permission denied"), "{out:?}");
+
+    // Bad requests: precise errors, nothing changes.
+    for (args, expect) in [
+        (vec!["register", "-g", "nope", "-t", "198.18.0.13"], "no target group `nope`"),
+        (vec!["register", "-g", "web", "-t", "198.18.0.300"], "is not an address"),
+        (vec!["register", "-g", "web", "-t", "198.18.0.11"], "already registered"),
+        (vec!["register", "-g", "web", "-t", "198.18.0.13", "-w", "0"], "weight 0 is out of range"),
+        (vec!["register", "-g", "web", "-t", "198.19.9.9"], "no route to target"),
+        (vec!["deregister", "-g", "web", "-t", "198.18.0.13"], "not registered"),
+    ] {
+        let mut full = vec!["targets"];
+        full.extend(args.iter().copied());
+        full.extend(["--socket", &socket]);
+        let out = lb(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
+    assert_eq!(list(), before, "rejected requests changed nothing");
+
+    // A good one, shown by list and status.
+    let out = lb(&["targets", "register", "-g", "web", "-t", "198.18.0.13", "-w", "2", "--socket", &socket]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("198.18.0.13 registered in group web: healthy"));
+    let table = lb(&["targets", "list", "--socket", &socket]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("198.18.0.13"), "{table:?}");
+    let status = lb(&["status", "--socket", &socket]);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("3/3 targets healthy"), "{status:?}");
+    let after = list();
+
+    // A broken config is rejected by `lb reload`; the running state stays.
+    std::fs::write(&config.0, topo.config(&[(1, 1), (2, 1)]).replace("protocol = \"udp\"", "protocol = \"sctp\""))
+        .expect("write");
+    let out = lb(&["reload", "--socket", &socket]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config rejected, nothing changed") && err.contains("sctp"), "{err}");
+    assert_eq!(list(), after);
+    // A good reload keeps the runtime registration.
+    std::fs::write(&config.0, topo.config(&[(1, 1), (2, 3)])).expect("write");
+    let out = lb(&["reload", "--socket", &socket]);
+    assert!(out.status.success(), "{out:?}");
+    let targets = list();
+    let weight_of = |ip: &str| {
+        targets["targets"].as_array().and_then(|t| t.iter().find(|t| t["target"] == ip)).map(|t| t["weight"].clone())
+    };
+    assert_eq!(weight_of("198.18.0.12"), Some(serde_json::json!(3)), "the file's new weight applies");
+    assert_eq!(weight_of("198.18.0.13"), Some(serde_json::json!(2)), "the runtime registration stays");
+    assert!(agent.stop().expect("stop").success());
+    assert!(!topo.socket().exists(), "socket removed on exit");
+}

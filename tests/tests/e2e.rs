@@ -79,7 +79,7 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
     let topo = Topology::build(3).expect("topology");
     let (agent, _cfg) = start_agent(&topo, &[(1, 1), (2, 2), (3, 3)]);
 
-    const FLOWS: u16 = 3000;
+    const FLOWS: u16 = 12_000;
     const PER_FLOW: u32 = 2;
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let received = Arc::new(AtomicU64::new(0));
@@ -114,11 +114,12 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
     }
     assert_eq!(received, sent, "every datagram arrived once");
     assert_eq!(flow_backend.len(), FLOWS as usize, "every flow arrived");
-    // Weights 1:2:3. Expected flows 500/1000/1500; binomial sd <= 28, so 20% is > 5 sd.
+    // Weights 1:2:3. The client's ports are fixed (20000..), so the split is
+    // deterministic; hashing 12,000 flows over Maglev shares lands within a few percent.
     for (i, (weight, (_, flows))) in [1.0f64, 2.0, 3.0].iter().zip(&per_backend).enumerate() {
         let expected = FLOWS as f64 * weight / 6.0;
         let ratio = *flows as f64 / expected;
-        assert!((0.8..1.2).contains(&ratio), "backend b{} got {flows} flows, expected ~{expected:.0}", i + 1);
+        assert!((0.95..1.05).contains(&ratio), "backend b{} got {flows} flows, expected {expected:.0} +-5%", i + 1);
     }
     eprintln!("flows per backend (weights 1:2:3): {:?}", per_backend.iter().map(|(_, f)| f).collect::<Vec<_>>());
 

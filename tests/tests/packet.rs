@@ -594,3 +594,90 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
         assert_eq!(ports, expected, "21 frames cycle through the 7 flows' source ports");
     }
 }
+
+/// A packet never sees a half-written table: while one thread switches a VIP between
+/// three disjoint target sets as fast as it can, another runs new flows through the
+/// program; every flow must land on a target of a set that was live during its run.
+#[test]
+fn ring_switches_are_atomic_under_traffic() {
+    if !privileged("ring_switches_are_atomic_under_traffic") {
+        return;
+    }
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ns = Netns::create(&format!("lbt{}-atomic", std::process::id())).expect("netns");
+    ns.run(|| {
+        const SETS: [[&str; 2]; 3] =
+            [["198.18.0.11", "198.18.0.12"], ["198.18.0.13", "198.18.0.14"], ["198.18.0.15", "198.18.0.16"]];
+        let config = |set: usize| {
+            format!(
+                "[dataplane]\ninterfaces = [\"lo\"]\nring_size = 4093\nmax_vips = 1\nconn_table_size = 65536\n\
+                 [[listeners]]\nname = \"a\"\naddress = \"198.18.1.100\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"g\"\n\
+                 [[target_groups]]\nname = \"g\"\ntargets = [{{ ip = \"{}\" }}, {{ ip = \"{}\" }}]\n",
+                SETS[set][0], SETS[set][1]
+            )
+        };
+        let lo = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
+        let resolved: HashMap<IpAddr, Resolved> = SETS
+            .iter()
+            .flatten()
+            .map(|ip| {
+                let ip: IpAddr = ip.parse().expect("ip");
+                (ip, Resolved { ip, dev: lo.clone(), mac: mac_of(&ip.to_string()) })
+            })
+            .collect();
+        let set_of_mac: HashMap<[u8; 6], usize> =
+            SETS.iter().enumerate().flat_map(|(i, s)| s.iter().map(move |ip| (mac_of(ip), i))).collect();
+        let mut dp =
+            Dataplane::load(LoadOptions { ring_size: 4093, max_vips: 1, conn_table_size: 65536 }).expect("load");
+        let mut ids = Allocators::new(1);
+        let apply = |dp: &mut Dataplane, ids: &mut Allocators, set: usize| {
+            let c = Config::parse(&config(set), Path::new("atomic.toml")).expect("config");
+            dp.apply(&plan::build(&c, &resolved, ids).expect("plan")).expect("apply");
+        };
+        apply(&mut dp, &mut ids, 0);
+        let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/lbt{}-atomic-prog", std::process::id()));
+        let _ = std::fs::remove_file(&pin);
+        dp.pin_program(&pin).expect("pin program");
+        let runner = aya::programs::Xdp::from_pin(&pin, aya_obj::programs::XdpAttachType::Interface).expect("from pin");
+        let _ = std::fs::remove_file(&pin);
+
+        let started = AtomicU64::new(0);
+        let finished = AtomicU64::new(0);
+        const SWITCHES: u64 = 90;
+        let (mut frames, mut during_switch) = (0u64, 0u64);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for k in 1..=SWITCHES {
+                    started.store(k, Ordering::SeqCst);
+                    apply(&mut dp, &mut ids, (k % 3) as usize);
+                    finished.store(k, Ordering::SeqCst);
+                }
+            });
+            let mut out = vec![0u8; 128];
+            let mut i: u32 = 0;
+            while finished.load(Ordering::SeqCst) < SWITCHES {
+                i += 1;
+                let src = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 100 + (i >> 16) as u8, (i >> 8) as u8)), i as u16);
+                let f = Frame::tcp(src, sa("198.18.1.100:80"), tcp_flags::SYN).with_macs(LB_MAC, CLIENT_MAC).build().expect("frame");
+                let live_from = finished.load(Ordering::SeqCst);
+                let mut o = TestRunOptions::new();
+                o.data_in = Some(&f);
+                o.data_out = Some(&mut out);
+                let r = runner.test_run(o).expect("BPF_PROG_RUN");
+                let live_to = started.load(Ordering::SeqCst);
+                assert_eq!(r.return_value, xdp_action::TX);
+                let mac: [u8; 6] = out[..6].try_into().expect("mac");
+                let set = set_of_mac[&mac];
+                // Sets live during this run: the one applied last before it started,
+                // up to the one being applied when it ended.
+                let ok = (live_from..=live_to).any(|k| (k % 3) as usize == set);
+                assert!(ok, "frame {i} went to set {set}, but only switches {live_from}..={live_to} were live");
+                frames += 1;
+                during_switch += u64::from(live_to > live_from);
+            }
+        });
+        eprintln!("{frames} new flows checked, {during_switch} of them while a switch was being written");
+        assert!(during_switch > 0, "no frame overlapped a switch: the test proved nothing");
+    })
+    .expect("netns");
+}
