@@ -383,6 +383,74 @@ mod tests {
         assert_eq!(addr_from_bytes(b.addr), *ip);
     }
 
+    fn with_states(config: &Config, states: &[TargetState]) -> Vec<PlanGroup> {
+        let mut groups = static_groups(config);
+        for (t, st) in groups[0].targets.iter_mut().zip(states) {
+            t.state = *st;
+        }
+        groups
+    }
+
+    fn backend_of<'a>(p: &'a Plan, ip: &str) -> Option<(u32, &'a Backend)> {
+        let ip: IpAddr = ip.parse().expect("ip");
+        p.backends.iter().find(|(_, (i, _))| *i == ip).map(|(id, (_, b))| (*id, b))
+    }
+
+    #[test]
+    fn health_states_decide_ring_membership_and_flags() {
+        use TargetState::*;
+        let c = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }, { ip = "198.18.0.13" }"#);
+        let p =
+            build_with(&c, &with_states(&c, &[Healthy, Unhealthy, Draining]), &resolved(&c), &mut Allocators::new(8))
+                .expect("plan");
+        let (h, hb) = backend_of(&p, "198.18.0.11").expect("healthy");
+        let (_, ub) = backend_of(&p, "198.18.0.12").expect("unhealthy");
+        let (d, db) = backend_of(&p, "198.18.0.13").expect("draining");
+        assert!(p.vips[0].ring.iter().all(|id| *id == h), "only the healthy target takes new flows");
+        assert_eq!(hb.flags, BACKEND_F_VALID);
+        assert_eq!(ub.flags, BACKEND_F_VALID | BACKEND_F_DOWN, "unhealthy: flows re-picked");
+        assert_eq!(db.flags, BACKEND_F_VALID, "draining: existing flows stay");
+        assert!(!p.vips[0].ring.contains(&d));
+        assert_eq!(p.vips[0].flags & VIP_F_FAIL_OPEN, 0);
+    }
+
+    #[test]
+    fn all_unhealthy_fails_open_or_drops() {
+        use TargetState::*;
+        let c = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }"#);
+        let p = build_with(&c, &with_states(&c, &[Unhealthy, Initial]), &resolved(&c), &mut Allocators::new(8))
+            .expect("plan");
+        assert!(p.vips.iter().all(|v| v.flags & VIP_F_FAIL_OPEN != 0), "fail-open is the default");
+        assert!(p.backends.values().all(|(_, b)| b.flags == BACKEND_F_VALID), "fail-open keeps flows where they are");
+        let mut ids: Vec<u32> = p.vips[0].ring.clone();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 2, "both targets take new flows");
+
+        let mut drop_c = c.clone();
+        drop_c.target_groups[0].on_all_unhealthy = crate::config::AllUnhealthy::Drop;
+        let p = build_with(
+            &drop_c,
+            &with_states(&drop_c, &[Unhealthy, Unhealthy]),
+            &resolved(&drop_c),
+            &mut Allocators::new(8),
+        )
+        .expect("plan");
+        assert!(p.vips[0].ring.iter().all(|id| *id == 0), "drop: an empty ring");
+        assert_eq!(p.vips[0].flags & VIP_F_FAIL_OPEN, 0);
+    }
+
+    #[test]
+    fn a_target_in_two_groups_is_two_backends() {
+        let text = toml::to_string(&config(r#"{ ip = "198.18.0.11" }"#)).expect("serialize")
+            + "\n[[target_groups]]\nname = \"h\"\ntargets = [{ ip = \"198.18.0.11\" }]\n";
+        let c = Config::parse(&text, Path::new("t.toml")).expect("config");
+        let p = build(&c, &resolved(&c), &mut Allocators::new(8)).expect("plan");
+        assert_eq!(p.backends.len(), 2);
+        let groups: Vec<&String> = p.backend_groups.values().collect();
+        assert_eq!(groups, vec!["g", "h"]);
+    }
+
     #[test]
     fn exhausted_slots_leave_allocators_unchanged() {
         let mut ids = Allocators::new(1);
