@@ -404,7 +404,7 @@ impl Agent {
     fn sync_monitors(&mut self) {
         let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr)> = HashMap::new();
         for (key, e) in self.registry.entries() {
-            if !e.checked || e.drain_until.is_some() {
+            if !e.checked || e.drain_until.is_some() || e.state() == health::TargetState::Unused {
                 continue;
             }
             let check = self.config.target_group(&key.0).and_then(|g| g.health_check.clone());

@@ -157,15 +157,27 @@ impl Registry {
         for (key, d) in &desired {
             let group = config.target_group(&key.0);
             let checked = group.is_some_and(|g| g.health_check.is_some());
+            // A group no listener uses: its targets are `unused` (not in the datapath,
+            // not checked), as in NLB.
+            let used = config.listeners.iter().any(|l| l.target_group == key.0);
             match self.entries.get_mut(key) {
-                Some(e) if e.drain_until.is_none() && e.checked == checked => {
+                Some(e)
+                    if e.drain_until.is_none()
+                        && e.checked == checked
+                        && (e.state() == TargetState::Unused) == !used =>
+                {
                     e.weight = d.weight;
                     e.port = d.port;
                     e.mac = d.mac;
                     e.source = d.source;
                 }
                 _ => {
-                    let tracker = new_tracker(group);
+                    let mut tracker = new_tracker(group);
+                    if !used {
+                        tracker.set_unused();
+                    } else if checked {
+                        changes.start_checks.push(key.clone());
+                    }
                     self.entries.insert(
                         key.clone(),
                         Entry {
@@ -179,9 +191,6 @@ impl Registry {
                             checked,
                         },
                     );
-                    if checked {
-                        changes.start_checks.push(key.clone());
-                    }
                 }
             }
         }
@@ -499,6 +508,20 @@ mod tests {
         let (k2, w, p) = r.check_register(&c, &reg("198.18.0.11", None)).expect("valid");
         r.register(k2, w, p);
         r.sync(&c, t0 + Duration::from_secs(11));
+        assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Healthy));
+    }
+
+    #[test]
+    fn targets_of_a_group_no_listener_uses_are_unused() {
+        let c = config("[[target_groups]]\nname = \"spare\"\ntargets = [{ ip = \"198.18.0.31\" }]");
+        let mut r = Registry::default();
+        r.sync(&c, Instant::now());
+        let k = ("spare".to_string(), "198.18.0.31".parse().expect("ip"));
+        assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Unused));
+        // A listener starts using the group: the target is back in play.
+        let mut c2 = c.clone();
+        c2.listeners[0].target_group = "spare".into();
+        r.sync(&c2, Instant::now());
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Healthy));
     }
 

@@ -138,11 +138,20 @@ fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
 
     let served = new_flows(&topo, 30);
     assert!(!served.iter().any(|b| b == "b2"), "a new flow went to the unhealthy target: {served:?}");
+    let repicked_before = Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
+    let mut on_b2 = 0;
     for (i, (c, backend)) in conns.iter_mut().enumerate() {
-        if backend != "b2" {
+        if backend == "b2" {
+            // Not sent into the dead target: re-picked to a healthy one, which knows
+            // nothing of this connection and resets it.
+            on_b2 += 1;
+            assert!(echo(c, &format!("still {i}")).is_err(), "a flow kept going to the unhealthy target");
+        } else {
             assert_eq!(&echo(c, &format!("still {i}")).expect("echo"), backend, "a flow to a healthy target moved");
         }
     }
+    let repicked = Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
+    assert!(on_b2 == 0 || repicked > repicked_before, "{on_b2} connections on b2, none re-picked");
 
     topo.start_http().expect("restart b2's server");
     let took = wait_until("b2 healthy again", Duration::from_secs(6), || {
