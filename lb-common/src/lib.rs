@@ -220,9 +220,9 @@ pub struct Counter {
 /// Header bytes the generator restores on every frame (live-frames mode recycles pages
 /// without re-initialising them, so whatever a device under test rewrote comes back).
 pub const GEN_HDR_MAX: usize = 80;
-/// Flows the generator can vary over: source ports `GEN_PORT_BASE..65536`.
+/// Source ports the generator uses per source address: `GEN_PORT_BASE..65536`.
 pub const GEN_PORT_BASE: u16 = 1024;
-pub const GEN_MAX_FLOWS: u32 = 65536 - GEN_PORT_BASE as u32;
+pub const GEN_PORTS: u32 = 65536 - GEN_PORT_BASE as u32;
 /// `GenTemplate::csum_off` value for "no L4 checksum to update".
 pub const GEN_NO_CSUM: u32 = 0xffff;
 
@@ -237,8 +237,15 @@ pub struct GenTemplate {
     pub sport_off: u32,
     /// Offset of the L4 checksum, or [`GEN_NO_CSUM`].
     pub csum_off: u32,
-    /// Flows to cycle through (1..=[`GEN_MAX_FLOWS`]).
+    /// Flows to cycle through: flow `f` uses source address `f % addrs` (added to the
+    /// last 16 bits of the template's) and source port `GEN_PORT_BASE + f / addrs`.
     pub flows: u32,
+    /// Source addresses to spread the flows over (1..=65535).
+    pub addrs: u32,
+    /// Offset of the last 16 bits of the source address.
+    pub addr_off: u32,
+    /// Offset of the IPv4 header checksum, or [`GEN_NO_CSUM`] (IPv6).
+    pub ip_csum_off: u32,
 }
 
 #[cfg(feature = "user")]

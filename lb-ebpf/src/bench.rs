@@ -34,8 +34,31 @@ fn restore8(ctx: &XdpContext, t: &GenTemplate, off: usize) {
     }
 }
 
-/// Generates one frame: restores the template headers, sets the source port of this
-/// frame's flow (fixing the L4 checksum incrementally, RFC 1624), sends it out (XDP_TX
+/// Replaces the big-endian 16-bit word at `off` with `f(old)`; returns the old word.
+#[inline(always)]
+fn replace16(ctx: &XdpContext, off: u32, f: impl FnOnce(u16) -> u16) -> Option<u16> {
+    let off = off as usize;
+    if off > GEN_HDR_MAX {
+        return None;
+    }
+    let p = ptr_at::<[u8; 2]>(ctx, off).ok()?;
+    // SAFETY: ptr_at checked the two bytes are inside the frame.
+    let old = u16::from_be_bytes(unsafe { *p });
+    unsafe { *p = f(old).to_be_bytes() };
+    Some(old)
+}
+
+/// RFC 1624 incremental checksum update for one 16-bit word: HC' = ~(~HC + ~m + m').
+#[inline(always)]
+fn csum_replace(hc: u16, old: u16, new: u16) -> u16 {
+    let mut sum = (!hc) as u32 + (!old) as u32 + new as u32;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// Generates one frame: restores the template headers, sets the source address and port
+/// of this frame's flow (fixing the L4 checksum incrementally, RFC 1624), sends it out (XDP_TX
 /// from the ingress interface given to BPF_PROG_RUN).
 #[xdp]
 pub fn lb_gen(ctx: XdpContext) -> u32 {
@@ -61,34 +84,30 @@ pub fn lb_gen(ctx: XdpContext) -> u32 {
     // SAFETY: no preconditions.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
     let flows = if t.flows == 0 { 1 } else { t.flows as u64 };
-    let flow = (n.wrapping_add(cpu.wrapping_mul(7919)) % flows) as u16;
-    let port = GEN_PORT_BASE.wrapping_add(flow);
+    let addrs = if t.addrs == 0 { 1 } else { t.addrs as u64 };
+    let flow = n.wrapping_add(cpu.wrapping_mul(7919)) % flows;
+    let port = GEN_PORT_BASE.wrapping_add((flow / addrs) as u16);
+    let addr_delta = (flow % addrs) as u16;
 
-    let off = t.sport_off as usize;
-    if off > GEN_HDR_MAX {
+    // Source port, then the low 16 bits of the source address; each change is folded
+    // into the checksums that cover it.
+    let Some(old_port) = replace16(&ctx, t.sport_off, |_| port) else { return xdp_action::ABORTED };
+    let Some(old_addr) = replace16(&ctx, t.addr_off, |w| w.wrapping_add(addr_delta)) else {
         return xdp_action::ABORTED;
-    }
-    let Ok(sport) = ptr_at::<[u8; 2]>(&ctx, off) else { return xdp_action::ABORTED };
-    // SAFETY: ptr_at checked the bytes are inside the frame.
-    let old = u16::from_be_bytes(unsafe { *sport });
-    unsafe { *sport = port.to_be_bytes() };
-
+    };
+    let new_addr = old_addr.wrapping_add(addr_delta);
     if t.csum_off != GEN_NO_CSUM {
-        let coff = t.csum_off as usize;
-        if coff > GEN_HDR_MAX {
+        let fixed = replace16(&ctx, t.csum_off, |c| {
+            let c = csum_replace(csum_replace(c, old_port, port), old_addr, new_addr);
+            if c == 0 { 0xffff } else { c } // UDP: 0 means "no checksum"; TCP treats both alike
+        });
+        if fixed.is_none() {
             return xdp_action::ABORTED;
         }
-        let Ok(csum) = ptr_at::<[u8; 2]>(&ctx, coff) else { return xdp_action::ABORTED };
-        // SAFETY: as above.
-        let hc = u16::from_be_bytes(unsafe { *csum });
-        let mut sum = (!hc) as u32 + (!old) as u32 + port as u32;
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        let mut new = !(sum as u16);
-        if new == 0 {
-            new = 0xffff; // UDP: 0 means "no checksum"; TCP treats 0 and 0xffff alike
-        }
-        unsafe { *csum = new.to_be_bytes() };
+    }
+    if t.ip_csum_off != GEN_NO_CSUM && replace16(&ctx, t.ip_csum_off, |c| csum_replace(c, old_addr, new_addr)).is_none()
+    {
+        return xdp_action::ABORTED;
     }
     xdp_action::TX
 }

@@ -390,6 +390,7 @@ fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f
         tcp: false,
         frame_len: len,
         flows: 1024,
+        src_addrs: 1,
         count: 0,
         duration: Duration::from_secs_f64(seconds),
         rate: None,

@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
-use lb_common::{GEN_HDR_MAX, GEN_MAX_FLOWS, GEN_NO_CSUM, GEN_PORT_BASE, GenTemplate, maps, programs};
+use lb_common::{GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GEN_PORTS, GenTemplate, maps, programs};
 use serde::Serialize;
 
 use crate::packet::{Frame, L4, tcp_flags};
@@ -34,7 +34,9 @@ pub enum GenError {
     Frame(#[from] crate::packet::FrameError),
     #[error("the headers are {len} bytes; the generator restores at most {GEN_HDR_MAX}")]
     HeadersTooLong { len: usize },
-    #[error("flows must be 1..={GEN_MAX_FLOWS} (source ports {GEN_PORT_BASE}..65535)")]
+    #[error(
+        "flows must be 1..=(source addresses x {GEN_PORTS}) (each address uses source ports {GEN_PORT_BASE}..65535), and source addresses 1..=65535"
+    )]
     Flows,
     #[error(
         "BPF_PROG_RUN in live-frames mode failed on CPU {cpu}: {source}; this needs kernel 5.18+ and an interface whose peer has NAPI (an XDP program or GRO)"
@@ -81,6 +83,8 @@ pub struct GenOptions {
     pub tcp: bool,
     pub frame_len: usize,
     pub flows: u32,
+    /// Source addresses the flows are spread over, counting up from `src` (1: `src` only).
+    pub src_addrs: u32,
     /// Stop after this many frames (0: no limit).
     pub count: u64,
     /// Stop after this long.
@@ -106,7 +110,9 @@ pub struct GenReport {
 impl GenOptions {
     /// The template frame and the generator's view of it.
     pub fn template(&self) -> Result<(Vec<u8>, GenTemplate), GenError> {
-        if !(1..=GEN_MAX_FLOWS).contains(&self.flows) {
+        if !(1..=65_535).contains(&self.src_addrs)
+            || !(1..=self.src_addrs as u64 * GEN_PORTS as u64).contains(&(self.flows as u64))
+        {
             return Err(GenError::Flows);
         }
         let src = SocketAddr::new(self.src, GEN_PORT_BASE);
@@ -124,7 +130,19 @@ impl GenOptions {
         let mut hdr = [0u8; GEN_HDR_MAX];
         hdr[..hdr_len].copy_from_slice(&bytes[..hdr_len]);
         let csum_off = if u16::from_be_bytes([bytes[csum], bytes[csum + 1]]) == 0 { GEN_NO_CSUM } else { csum as u32 };
-        let t = GenTemplate { hdr, hdr_len: hdr_len as u32, sport_off: l4 as u32, csum_off, flows: self.flows };
+        // The source address's last 16 bits: IPv4 header bytes 14..16, IPv6 22..24.
+        let (addr_off, ip_csum_off) =
+            if self.src.is_ipv4() { (14 + 14, 14 + 10) } else { (14 + 22, GEN_NO_CSUM as usize) };
+        let t = GenTemplate {
+            hdr,
+            hdr_len: hdr_len as u32,
+            sport_off: l4 as u32,
+            csum_off,
+            flows: self.flows,
+            addrs: self.src_addrs,
+            addr_off: addr_off as u32,
+            ip_csum_off: ip_csum_off as u32,
+        };
         Ok((bytes, t))
     }
 }
@@ -363,6 +381,7 @@ mod tests {
             tcp,
             frame_len: 64,
             flows: 100,
+            src_addrs: 1,
             count: 0,
             duration: Duration::from_secs(1),
             rate: None,
@@ -387,7 +406,9 @@ mod tests {
         let mut o = opts(false, "198.18.0.2", "198.18.1.100:9000");
         o.flows = 0;
         assert!(matches!(o.template(), Err(GenError::Flows)));
-        o.flows = GEN_MAX_FLOWS + 1;
+        o.flows = GEN_PORTS + 1;
         assert!(matches!(o.template(), Err(GenError::Flows)));
+        o.src_addrs = 2;
+        assert!(o.template().is_ok(), "two addresses double the flows");
     }
 }

@@ -43,9 +43,12 @@ struct GenArgs {
     /// Frame size in bytes (without FCS).
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Flows (distinct source ports) to cycle through.
+    /// Flows to cycle through: distinct (source address, source port) pairs.
     #[arg(long, default_value_t = 1024)]
     flows: u32,
+    /// Source addresses to spread the flows over, counting up from --src.
+    #[arg(long, default_value_t = 1)]
+    src_addrs: u32,
     /// Stop after this many frames (0 = no limit).
     #[arg(long, default_value_t = 0)]
     count: u64,
@@ -423,6 +426,7 @@ fn gen_command(a: GenArgs) -> anyhow::Result<()> {
         tcp: a.tcp,
         frame_len: a.size,
         flows: a.flows,
+        src_addrs: a.src_addrs,
         count: a.count,
         duration: Duration::from_secs_f64(a.duration),
         rate: a.rate,

@@ -164,7 +164,7 @@ impl Registry {
                 Some(e)
                     if e.drain_until.is_none()
                         && e.checked == checked
-                        && (e.state() == TargetState::Unused) == !used =>
+                        && (e.state() == TargetState::Unused) != used =>
                 {
                     e.weight = d.weight;
                     e.port = d.port;

@@ -138,7 +138,8 @@ fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
 
     let served = new_flows(&topo, 30);
     assert!(!served.iter().any(|b| b == "b2"), "a new flow went to the unhealthy target: {served:?}");
-    let repicked_before = Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
+    let repicked_before =
+        Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
     let mut on_b2 = 0;
     for (i, (c, backend)) in conns.iter_mut().enumerate() {
         if backend == "b2" {

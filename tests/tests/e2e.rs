@@ -416,6 +416,7 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
         tcp: false,
         frame_len: 64,
         flows: 100,
+        src_addrs: 1,
         count: 50_000,
         duration: Duration::from_secs(20),
         rate: None,

@@ -552,7 +552,8 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
             dst: dst.parse().expect("socket address"),
             tcp,
             frame_len: 128,
-            flows: 7,
+            flows: 14,
+            src_addrs: 2,
             count: 0,
             duration: std::time::Duration::from_secs(1),
             rate: None,
@@ -562,8 +563,8 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
         let (template, t) = opts.template().expect("template");
         let generator = Generator::load(t).expect("load lb_gen");
         let prog = generator.program().expect("program");
-        let mut ports = std::collections::HashSet::new();
-        for i in 0..21 {
+        let mut flows_seen = std::collections::HashSet::new();
+        for i in 0..42 {
             // What a device under test leaves in a recycled page: rewritten MACs and
             // addresses; the generator must restore them.
             let mut input = template.clone();
@@ -579,9 +580,8 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
             assert_eq!(r.return_value, xdp_action::TX);
             let p = lb_userspace::packet::parse(&out).expect("parses");
             assert_eq!((p.dst_mac, p.src_mac), (LB_MAC, CLIENT_MAC), "MACs restored");
-            assert_eq!(p.src, opts.src, "source address restored");
             assert_eq!(SocketAddr::new(p.dst, p.dport), opts.dst);
-            ports.insert(p.sport);
+            flows_seen.insert((p.src, p.sport));
             let l4 = if opts.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
             let proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
             let c = lb_userspace::packet::l4_checksum(p.src, p.dst, proto, &out[l4..]);
@@ -590,8 +590,15 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
                 assert_eq!(lb_userspace::packet::ipv4_header_checksum(&out[14..34]), 0, "IPv4 header checksum");
             }
         }
-        let expected: std::collections::HashSet<u16> = (0..7).map(|f| lb_common::GEN_PORT_BASE + f).collect();
-        assert_eq!(ports, expected, "21 frames cycle through the 7 flows' source ports");
+        // Flow f: address src + f % 2, port base + f / 2.
+        let next = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) + 1).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) + 1).into()),
+        };
+        let expected: std::collections::HashSet<(IpAddr, u16)> = (0..14u16)
+            .map(|f| (if f % 2 == 0 { opts.src } else { next(opts.src) }, lb_common::GEN_PORT_BASE + f / 2))
+            .collect();
+        assert_eq!(flows_seen, expected, "42 frames cycle through the 14 flows (2 addresses x 7 ports)");
     }
 }
 
