@@ -55,7 +55,13 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("== Building the demo topology: client, LB and 3 backends on one L2 segment");
     let mut topo = Topology::build(3).context("building the demo topology")?;
     topo.start_http().context("starting the backends' HTTP servers")?;
-    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1), (2, 1), (3, 1)]))?;
+    let config = TempFile::write(
+        &format!("{}.toml", topo.id),
+        &topo.config_with(
+            &[(1, 1), (2, 1), (3, 1)],
+            "health_check = { protocol = \"http\", port = 80, path = \"/\", interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }",
+        ),
+    )?;
     println!("   namespaces  {}-{{sw,cl,lb,b1,b2,b3}}", topo.id);
     println!(
         "   client {CLIENT4}, LB {}, backends {} (VIPs on their loopback)",
@@ -69,6 +75,23 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let agent = AgentProcess::start(&lb, &topo.lb, &config.0, &topo.pin_dir).context("starting the agent")?;
     for line in agent.logs().lines() {
         println!("   | {line}");
+    }
+    // Targets start `initial`; HTTP health checks (every second, 2 passes) make them
+    // healthy. Until then the group fails open, so traffic would flow anyway.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
+    let started = Instant::now();
+    loop {
+        let (_, status) = rt.block_on(lb_userspace::api::call(&topo.socket(), "GET", "/v1/status", None))?;
+        let healthy = status["target_groups"][0]["healthy"].as_u64().unwrap_or(0);
+        if healthy == 3 {
+            println!("   all 3 targets passed their HTTP health checks in {:.1} s", started.elapsed().as_secs_f64());
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            bail!("targets did not become healthy within 15 s:\n{}", agent.logs());
+        }
+        check_interrupt()?;
+        std::thread::sleep(Duration::from_millis(200));
     }
     check_interrupt()?;
 
@@ -123,6 +146,20 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .context("running lb stats")?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         println!("   {line}");
+    }
+
+    let socket = topo.socket();
+    for args in [vec!["status"], vec!["targets", "list"]] {
+        println!("\n== `lb {} --socket {}`", args.join(" "), socket.display());
+        let out = std::process::Command::new(&lb)
+            .args(&args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .with_context(|| format!("running lb {}", args.join(" ")))?;
+        for line in String::from_utf8_lossy(&out.stdout).lines().chain(String::from_utf8_lossy(&out.stderr).lines()) {
+            println!("   {line}");
+        }
     }
 
     if !opts.linger.is_zero() {

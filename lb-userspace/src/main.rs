@@ -296,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "{:<12} {:<28} {:>6} {:<10} {:<7} {}",
                         t["group"].as_str().unwrap_or_default(),
                         target,
-                        t["weight"],
+                        t["weight"].as_u64().unwrap_or_default(),
                         t["state"].as_str().unwrap_or_default(),
                         t["source"].as_str().unwrap_or_default(),
                         t["reason"].as_str().unwrap_or_default()
