@@ -175,6 +175,21 @@ impl Harness {
         self.dp.apply(&self.plan).expect("apply");
     }
 
+    /// Like `apply`, with the health state of some targets of group "web" set.
+    fn apply_states(&mut self, config: &str, states: &[(&str, lb_userspace::health::TargetState)]) {
+        let config = Config::parse(config, Path::new("packet-test.toml")).expect("config");
+        let mut groups = plan::static_groups(&config);
+        for g in groups.iter_mut().filter(|g| g.name == "web") {
+            for t in &mut g.targets {
+                if let Some((_, st)) = states.iter().find(|(ip, _)| t.ip == ip.parse::<IpAddr>().expect("ip")) {
+                    t.state = *st;
+                }
+            }
+        }
+        self.plan = plan::build_with(&config, &groups, &self.resolved, &mut self.ids).expect("plan");
+        self.dp.apply(&self.plan).expect("apply");
+    }
+
     /// The backend the current ring gives `frame`'s flow.
     fn ring_backend(&self, frame: &Frame) -> IpAddr {
         self.expected_backend(frame).0.0
@@ -306,6 +321,7 @@ fn xdp_program_verdicts_and_output_bytes() {
         let mut h = Harness::new(redirect_ifindex, CONFIG);
         run_cases(&h);
         known_flows_keep_their_backend_when_the_ring_changes(&mut h);
+        unhealthy_targets_lose_their_flows_healthy_ones_keep_theirs(&mut h);
         // The redirect interface disappears: the kernel drops it from the DevMap.
         lb_userspace::netns::cmd("ip", &["link", "del", "r0"]).expect("delete r0");
         let (f, _) = frame(Frame::tcp(sa("198.18.0.2:40007"), sa("198.18.1.104:80"), tcp_flags::SYN));
@@ -687,4 +703,46 @@ fn ring_switches_are_atomic_under_traffic() {
         assert!(during_switch > 0, "no frame overlapped a switch: the test proved nothing");
     })
     .expect("netns");
+}
+
+/// A target turning unhealthy: out of the ring, and its known flows are re-picked
+/// (`conn_repicked`); flows on healthy targets stay. All unhealthy: fail-open sends to
+/// all and counts it.
+fn unhealthy_targets_lose_their_flows_healthy_ones_keep_theirs(h: &mut Harness) {
+    use lb_userspace::health::TargetState::{Healthy, Unhealthy};
+    h.apply(CONFIG);
+    let flows: Vec<Frame> = (44000..44040)
+        .map(|port| {
+            Frame::tcp(SocketAddr::new("198.18.0.9".parse().expect("ip"), port), sa("198.18.1.100:80"), tcp_flags::ACK)
+                .with_macs(LB_MAC, CLIENT_MAC)
+        })
+        .collect();
+    let first: Vec<IpAddr> = flows
+        .iter()
+        .map(|f| h.check("flow while healthy", &f.build().expect("frame"), Some(f), Expect::Tx).expect("fwd"))
+        .collect();
+    let b1: IpAddr = B1.parse().expect("ip");
+    assert!(first.contains(&b1) && first.iter().any(|b| *b != b1), "flows on both targets");
+
+    h.apply_states(CONFIG, &[(B1, Unhealthy), (B2, Healthy)]);
+    for (f, b) in flows.iter().zip(&first) {
+        let bytes = f.build().expect("frame");
+        let before = h.counters();
+        if *b == b1 {
+            let got = h.check("flow of an unhealthy target", &bytes, Some(f), Expect::Tx);
+            assert_eq!(got, Some(B2.parse().expect("ip")), "re-picked to the healthy target");
+            assert_eq!(h.counters()[C::ConnRepicked as usize] - before[C::ConnRepicked as usize], 1);
+        } else {
+            let ip: &'static str = Box::leak(b.to_string().into_boxed_str());
+            h.check("flow of a healthy target", &bytes, Some(f), Expect::TxTo(ip));
+        }
+    }
+
+    // Every target unhealthy: fail-open (the default) forwards and counts.
+    h.apply_states(CONFIG, &[(B1, Unhealthy), (B2, Unhealthy)]);
+    let (f, ff) = frame(Frame::tcp(sa("198.18.0.9:45000"), sa("198.18.1.100:80"), tcp_flags::SYN));
+    let before = h.counters();
+    h.check("new flow, all targets unhealthy (fail-open)", &f, Some(&ff), Expect::Tx);
+    assert_eq!(h.counters()[C::FailOpen as usize] - before[C::FailOpen as usize], 1);
+    h.apply(CONFIG);
 }
