@@ -621,6 +621,21 @@ mod tests {
     }
 
     #[test]
+    fn health_check_settings_are_validated() {
+        let with = |extra: &str| parse(&format!("{MINIMAL}\n{extra}"));
+        assert!(with("health_check = { protocol = \"http\", interval_secs = 2, timeout_secs = 1 }").is_ok());
+        let err = with("health_check = { healthy_threshold = 1 }").expect_err("threshold").to_string();
+        assert!(err.contains("target group `web`") && err.contains("healthy_threshold = 1"), "{err}");
+        let err = with("deregistration_delay_secs = 3601").expect_err("delay").to_string();
+        assert!(err.contains("deregistration_delay_secs = 3601") && err.contains("0..=3600"), "{err}");
+        // A group only a UDP listener uses has no traffic port to probe.
+        let udp_only = MINIMAL.replace("protocol = \"tcp\"", "protocol = \"udp\"");
+        let err = parse(&format!("{udp_only}\nhealth_check = {{ protocol = \"tcp\" }}")).expect_err("port").to_string();
+        assert!(err.contains("set `health_check.port`"), "{err}");
+        assert!(parse(&format!("{udp_only}\nhealth_check = {{ protocol = \"tcp\", port = 8080 }}")).is_ok());
+    }
+
+    #[test]
     fn mac_round_trip() {
         let m: MacAddr = "02:00:5e:00:53:0a".parse().expect("mac");
         assert_eq!(m.to_string(), "02:00:5e:00:53:0a");
