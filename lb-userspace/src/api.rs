@@ -772,18 +772,18 @@ mod tests {
             server.call("POST", "/v1/targets", Some(body)).await,
             (200, json!({ "registered": "[2001:db8::1]:80" }))
         );
-        let body = json!({ "group": "web", "target": "10.0.0.1" });
+        let body = json!({ "group": "web", "target": "198.18.0.21" });
         assert_eq!(server.call("POST", "/v1/targets", Some(body.clone())).await.0, 200);
         assert_eq!(
             server.call("DELETE", "/v1/targets", Some(body)).await,
-            (200, json!({ "deregistered": "10.0.0.1" }))
+            (200, json!({ "deregistered": "198.18.0.21" }))
         );
         assert_eq!(
             server.calls(),
             [
                 r#"register RegisterRequest { group: "web", target: "[2001:db8::1]:80", weight: Some(3) }"#,
-                r#"register RegisterRequest { group: "web", target: "10.0.0.1", weight: None }"#,
-                r#"deregister DeregisterRequest { group: "web", target: "10.0.0.1" }"#,
+                r#"register RegisterRequest { group: "web", target: "198.18.0.21", weight: None }"#,
+                r#"deregister DeregisterRequest { group: "web", target: "198.18.0.21" }"#,
             ]
         );
         server.stop().await;
@@ -802,7 +802,8 @@ mod tests {
         let server = Server::start();
         let response = server.call("GET", "/v1/targets?group=missing", None).await;
         assert_error(&response, 404, "not_found", "no group `missing`");
-        let response = server.call("POST", "/v1/targets", Some(json!({ "group": "full", "target": "10.0.0.1" }))).await;
+        let response =
+            server.call("POST", "/v1/targets", Some(json!({ "group": "full", "target": "198.18.0.21" }))).await;
         assert_error(&response, 409, "conflict", "is full");
         let response = server.call("GET", "/v1/targets?group=panic", None).await;
         assert_error(&response, 500, "internal", "handler bug");
@@ -827,7 +828,7 @@ mod tests {
         let raw = server.raw(b"POST /v1/targets HTTP/1.1\r\nContent-Length: 9\r\n\r\n{\"group\":").await;
         let response = parse_response(raw.as_bytes()).expect("response");
         assert_error(&response, 400, "bad_request", "invalid JSON body: EOF while parsing");
-        let body = json!({ "group": "web", "target": "10.0.0.1", "wieght": 1 });
+        let body = json!({ "group": "web", "target": "198.18.0.21", "wieght": 1 });
         assert_error(
             &server.call("POST", "/v1/targets", Some(body)).await,
             400,
@@ -849,10 +850,10 @@ mod tests {
     #[tokio::test]
     async fn oversized_body_is_413() {
         let server = Server::start();
-        let body = json!({ "group": "x".repeat(MAX_BODY), "target": "10.0.0.1" });
+        let body = json!({ "group": "x".repeat(MAX_BODY), "target": "198.18.0.21" });
         assert_error(&server.call("POST", "/v1/targets", Some(body)).await, 413, "payload_too_large", "limit is 65536");
         // Far over the socket buffers: the server answers without reading the body.
-        let body = json!({ "group": "x".repeat(4 << 20), "target": "10.0.0.1" });
+        let body = json!({ "group": "x".repeat(4 << 20), "target": "198.18.0.21" });
         assert_eq!(server.call("POST", "/v1/targets", Some(body)).await.0, 413);
         assert!(server.calls().is_empty());
         server.stop().await;

@@ -29,7 +29,7 @@ use crate::{
     agent::{AgentHandle, RunOptions},
     config::Config,
     dataplane::{AuxProgram, Dataplane, LoadOptions},
-    generator::{self, Engine, GenOptions},
+    generator::{self, Engine},
     maglev,
     netinfo::{Interface, Resolved},
     netns::Netns,
@@ -331,26 +331,14 @@ fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
     let mut out = Vec::new();
 
     // The load balancer: the agent on the LB's eth0, backends behind b1/b2 (redirect).
-    let targets: Vec<String> = topo
-        .sinks
-        .iter()
-        .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)))
-        .collect();
-    let pin_dir = format!("/sys/fs/bpf/{}", topo.id);
-    let config = format!(
-        "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 2\n[control]\nsocket = \"/run/lb/{}.sock\"\n\
-         [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
-         [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
-        topo.id,
-        targets.join(", ")
-    );
-    let file = TempFile::write(&format!("{}-bench.toml", topo.id), &config).map_err(setup("config"))?;
+    let pin_dir = topo.pin_dir();
+    let file = TempFile::write(&format!("{}-bench.toml", topo.id), &topo.agent_config()).map_err(setup("config"))?;
     {
         let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).map_err(setup("agent"))?;
         for len in [64, 1500] {
             out.push(e2e_run(&topo, "lb-xdp", len, opts.e2e_seconds)?);
         }
-        let s = Snapshot::read_pinned(Path::new(&pin_dir)).map_err(setup("stats"))?;
+        let s = Snapshot::read_pinned(&pin_dir).map_err(setup("stats"))?;
         if s.global(GlobalCounter::DropRedirectFailed) > 0 || s.global(GlobalCounter::DropNoBackend) > 0 {
             tracing::warn!("the LB dropped frames during the benchmark");
         }
@@ -380,23 +368,7 @@ fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
 
 fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
     let before = topo.sink_packets().map_err(setup("sink counters"))?;
-    let opts = GenOptions {
-        ifindex: topo.client_ifindex,
-        interface: "eth0".into(),
-        src_mac: topo.client_mac,
-        dst_mac: topo.lb_mac,
-        src: IpAddr::V4(CLIENT4),
-        dst: SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT),
-        tcp: false,
-        frame_len: len,
-        flows: 1024,
-        src_addrs: 1,
-        count: 0,
-        duration: Duration::from_secs_f64(seconds),
-        rate: None,
-        threads: 1,
-        batch: 256,
-    };
+    let opts = topo.gen_options(len, 1024, Duration::from_secs_f64(seconds));
     let report = topo
         .client
         .run(move || generator::run(Engine::Xdp, &opts))

@@ -605,6 +605,52 @@ impl BenchTopology {
         Ok(topo)
     }
 
+    /// The agent's pin directory on this topology.
+    pub fn pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.id))
+    }
+
+    /// An agent config: the LB on eth0, one UDP VIP (VIP4:UDP_PORT) over the sinks,
+    /// which sit behind their own LB interfaces (the LB redirects).
+    pub fn agent_config(&self) -> String {
+        let targets: Vec<String> = self
+            .sinks
+            .iter()
+            .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)))
+            .collect();
+        format!(
+            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\nmax_vips = 1\n\
+             [control]\nsocket = \"/run/lb/{}.sock\"\n\
+             [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
+             [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+            self.pin_dir().display(),
+            self.id,
+            targets.join(", ")
+        )
+    }
+
+    /// Generator options for UDP to the VIP from the client (one thread, as fast as it
+    /// goes, bounded by `duration`); adjust fields as needed.
+    pub fn gen_options(&self, frame_len: usize, flows: u32, duration: Duration) -> crate::generator::GenOptions {
+        crate::generator::GenOptions {
+            ifindex: self.client_ifindex,
+            interface: "eth0".into(),
+            src_mac: self.client_mac,
+            dst_mac: self.lb_mac,
+            src: IpAddr::V4(CLIENT4),
+            dst: SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT),
+            tcp: false,
+            frame_len,
+            flows,
+            src_addrs: 1,
+            count: 0,
+            duration,
+            rate: None,
+            threads: 1,
+            batch: 256,
+        }
+    }
+
     /// Frames counted by all sinks.
     pub fn sink_packets(&self) -> Result<u64, TopologyError> {
         let mut total = 0;

@@ -390,38 +390,15 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
     }
     let _lock = traffic_lock();
     let topo = lb_userspace::topology::BenchTopology::build(2).expect("bench topology");
-    let targets: Vec<String> = topo
-        .sinks
-        .iter()
-        .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", lb_userspace::config::MacAddr(*mac)))
-        .collect();
-    let pin_dir = format!("/sys/fs/bpf/{}", topo.id);
-    let config = TempFile::write(
-        &format!("{}.toml", topo.id),
-        &format!(
-            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{pin_dir}\"\nmax_vips = 1\n[control]\nsocket = \"/run/lb/{}.sock\"\n[[listeners]]\nname = \"u\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n[[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
-            topo.id,
-            targets.join(", ")
-        ),
-    )
-    .expect("config");
+    let pin_dir = topo.pin_dir();
+    let config = TempFile::write(&format!("{}.toml", topo.id), &topo.agent_config()).expect("config");
     let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&config.0)).expect("agent");
     let opts = lb_userspace::generator::GenOptions {
-        ifindex: topo.client_ifindex,
-        interface: "eth0".into(),
-        src_mac: topo.client_mac,
-        dst_mac: topo.lb_mac,
-        src: IpAddr::V4(CLIENT4),
-        dst: SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT),
-        tcp: false,
-        frame_len: 64,
-        flows: 100,
-        src_addrs: 1,
         count: 50_000,
         duration: Duration::from_secs(20),
-        rate: None,
         threads: 2,
         batch: 64,
+        ..topo.gen_options(64, 100, Duration::from_secs(20))
     };
     let report = topo
         .client
@@ -430,7 +407,7 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
         .expect("generator");
     assert_eq!(report.sent, 50_000);
     std::thread::sleep(Duration::from_millis(300));
-    let s = Snapshot::read_pinned(std::path::Path::new(&pin_dir)).expect("stats");
+    let s = Snapshot::read_pinned(&pin_dir).expect("stats");
     assert_eq!(s.global(GlobalCounter::Redirect), 50_000, "the LB forwarded every frame");
     assert_eq!(s.global(GlobalCounter::ConnMiss), 100, "one miss per flow");
     assert_eq!(topo.sink_packets().expect("sinks"), 50_000, "the sinks got every frame");
