@@ -458,6 +458,7 @@ impl Agent {
                     state: e.state(),
                     backend_id: ids.get(&(g.as_str(), *ip)).copied(),
                     last_latency: e.last_latency,
+                    checked: e.checked,
                     probes: e.tracker.total_probes(),
                     failures: e.tracker.total_failures(),
                 })
@@ -487,6 +488,7 @@ impl Agent {
                 let outcome = self.reload().await;
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(json!({ "reloaded": true })),
+                    Err(e @ AgentError::RolledBackFailed { .. }) => Err(ApiFailure::internal(e.to_string())),
                     Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {e}"))),
                 });
             }

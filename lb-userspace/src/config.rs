@@ -57,7 +57,7 @@ pub enum ConfigError {
         "{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners"
     )]
     TooManyListeners { count: usize, max: u32 },
-    #[error("{count} distinct targets exceed the capacity of {max}: remove targets")]
+    #[error("{count} targets (a target in two groups counts twice) exceed the datapath's {max}: remove targets")]
     TooManyTargets { count: usize, max: u32 },
     #[error("listener name `{name}` is used twice: listener names must be unique")]
     DuplicateListener { name: String },
@@ -474,11 +474,10 @@ impl Config {
                 }
             }
         }
-        let distinct: HashSet<IpAddr> =
-            self.target_groups.iter().flat_map(|g| g.targets.iter().map(|t| t.ip)).collect();
-        // Backend id 0 is reserved.
-        if distinct.len() >= MAX_BACKENDS as usize {
-            return Err(ConfigError::TooManyTargets { count: distinct.len(), max: MAX_BACKENDS - 1 });
+        // Each (group, target) is one datapath backend; id 0 is reserved.
+        let backends: usize = self.target_groups.iter().map(|g| g.targets.len()).sum();
+        if backends >= MAX_BACKENDS as usize {
+            return Err(ConfigError::TooManyTargets { count: backends, max: MAX_BACKENDS - 1 });
         }
 
         let mut names = HashSet::new();

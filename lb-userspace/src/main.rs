@@ -288,9 +288,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else if let Some(targets) = answer["targets"].as_array() {
                 println!("{:<12} {:<28} {:>6} {:<10} {:<7} REASON", "GROUP", "TARGET", "WEIGHT", "STATE", "SOURCE");
                 for t in targets {
+                    let ip = t["target"].as_str().unwrap_or_default();
                     let target = match t["port"].as_u64() {
-                        Some(p) => format!("{}:{p}", t["target"].as_str().unwrap_or_default()),
-                        None => t["target"].as_str().unwrap_or_default().to_string(),
+                        Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
+                        Some(p) => format!("{ip}:{p}"),
+                        None => ip.to_string(),
                     };
                     println!(
                         "{:<12} {:<28} {:>6} {:<10} {:<7} {}",
@@ -344,8 +346,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Reload { api } => {
-            api_call(&api, "POST", "/v1/reload", None)?;
-            println!("config reloaded");
+            let answer = api_call(&api, "POST", "/v1/reload", None)?;
+            if api.json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("config reloaded");
+            }
             Ok(())
         }
         Command::Bench { tiny, out } => {

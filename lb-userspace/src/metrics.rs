@@ -17,6 +17,8 @@ pub struct TargetView {
     /// Its datapath backend id (absent while not in the datapath).
     pub backend_id: Option<u32>,
     pub last_latency: Option<Duration>,
+    /// Whether its group is health checked (else no health-check series).
+    pub checked: bool,
     pub probes: u64,
     pub failures: u64,
 }
@@ -132,7 +134,7 @@ pub fn render(view: &View, snap: Option<&Snapshot>) -> String {
         let _ = writeln!(out, "lb_target_group_targets{{group=\"{}\"}} {total}", esc(g));
     }
     header(&mut out, "lb_health_check_latency_seconds", "gauge", "Duration of the target's last health check.");
-    for t in &view.targets {
+    for t in view.targets.iter().filter(|t| t.checked) {
         if let Some(l) = t.last_latency {
             let _ = writeln!(
                 out,
@@ -144,7 +146,7 @@ pub fn render(view: &View, snap: Option<&Snapshot>) -> String {
         }
     }
     header(&mut out, "lb_health_checks_total", "counter", "Health checks run, by result.");
-    for t in &view.targets {
+    for t in view.targets.iter().filter(|t| t.checked) {
         let (g, ip) = (esc(&t.group), t.target);
         let _ = writeln!(
             out,
@@ -170,6 +172,7 @@ mod tests {
                 state: TargetState::Unhealthy,
                 backend_id: Some(1),
                 last_latency: Some(Duration::from_millis(3)),
+                checked: true,
                 probes: 5,
                 failures: 2,
             }],

@@ -262,10 +262,10 @@ impl Registry {
                 group.name, config.dataplane.ring_size
             )));
         }
-        if self.entries.len() + 1 >= lb_common::MAX_BACKENDS as usize {
+        let in_datapath = self.entries.values().filter(|e| e.state() != TargetState::Unused).count();
+        if in_datapath + 1 >= lb_common::MAX_BACKENDS as usize {
             return Err(ApiFailure::conflict(format!(
-                "the LB is full: {} targets, the datapath holds {}",
-                self.entries.len(),
+                "the LB is full: {in_datapath} targets, the datapath holds {}",
                 lb_common::MAX_BACKENDS - 1
             )));
         }
