@@ -109,6 +109,21 @@ impl RunOptions {
     }
 }
 
+/// An error and all its causes, for API answers and logs.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 /// A target's health monitor and the check settings it runs with.
 struct Monitor {
     task: tokio::task::JoinHandle<()>,
@@ -235,7 +250,7 @@ pub async fn run(
                 Some(Control::Reload { reply }) => {
                     let outcome = agent.reload().await;
                     if let Some(reply) = reply {
-                        let _ = reply.send(outcome.map_err(|e| e.to_string()));
+                        let _ = reply.send(outcome.map_err(|e| chain(&e)));
                     }
                 }
                 Some(Control::Shutdown) | None => break,
@@ -310,7 +325,7 @@ impl Agent {
         let outcome = self.try_reload().await;
         match &outcome {
             Ok(()) => info!("reload applied"),
-            Err(e) => error!(error = %e, "reload rejected; the running state is unchanged"),
+            Err(e) => error!(error = %chain(e), "reload rejected; the running state is unchanged"),
         }
         outcome
     }
@@ -322,6 +337,7 @@ impl Agent {
             return Err(AgentError::NeedsRestart { field });
         }
         let mut registry = self.registry.clone();
+        registry.readmit(&self.config, &config);
         registry.sync(&config, Instant::now());
         let resolved = resolve_all(&config, &registry.addresses(&config), self.opts.resolve_wait).await?;
         let report = self.apply_state(&config, &registry, &resolved)?;
@@ -374,7 +390,7 @@ impl Agent {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "datapath updated"
             ),
-            Err(e) => error!(why, error = %e, "updating the datapath failed"),
+            Err(e) => error!(why, error = %chain(&e), "updating the datapath failed"),
         }
         self.publish();
     }
@@ -489,7 +505,7 @@ impl Agent {
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(json!({ "reloaded": true })),
                     Err(e @ AgentError::RolledBackFailed { .. }) => Err(ApiFailure::internal(e.to_string())),
-                    Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {e}"))),
+                    Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {}", chain(&e)))),
                 });
             }
         }
@@ -529,7 +545,7 @@ impl Agent {
                 tokio::task::spawn_blocking(move || netinfo::resolve_target(ip, None, wait))
                     .await
                     .map_err(|e| ApiFailure::internal(e.to_string()))?
-                    .map_err(|e| ApiFailure::bad_request(e.to_string()))?
+                    .map_err(|e| ApiFailure::bad_request(chain(&e)))?
             }
         };
         let mut registry = self.registry.clone();
@@ -538,7 +554,7 @@ impl Agent {
         let mut resolved_all = self.resolved.clone();
         resolved_all.insert(ip, resolved);
         let config = self.config.clone();
-        self.apply_state(&config, &registry, &resolved_all).map_err(|e| ApiFailure::conflict(e.to_string()))?;
+        self.apply_state(&config, &registry, &resolved_all).map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.registry = registry;
         self.resolved = resolved_all;
         self.sync_monitors();
@@ -554,7 +570,7 @@ impl Agent {
         registry.sync(&self.config, Instant::now());
         let config = self.config.clone();
         let resolved = self.resolved.clone();
-        self.apply_state(&config, &registry, &resolved).map_err(|e| ApiFailure::internal(e.to_string()))?;
+        self.apply_state(&config, &registry, &resolved).map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.registry = registry;
         self.sync_monitors();
         self.publish();

@@ -108,6 +108,8 @@ struct Applied {
     vips: HashMap<VipKey, VipMeta>,
     /// Ring index -> contents, for every ring written so far.
     rings: HashMap<u32, Vec<u32>>,
+    /// Rings whose last write failed partway: contents unknown.
+    dirty_rings: BTreeSet<u32>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
 }
@@ -176,10 +178,6 @@ impl Dataplane {
     /// A map of the loaded object, by its lb-common name.
     pub fn map(&self, name: &'static str) -> Result<&Map, DataplaneError> {
         self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })
-    }
-
-    fn map_mut(&mut self, name: &'static str) -> Result<&mut Map, DataplaneError> {
-        self.ebpf.map_mut(name).ok_or(DataplaneError::MissingMap { name })
     }
 
     /// Attaches the LB program to `iface`. Returns the mode actually used.
@@ -333,16 +331,24 @@ impl Dataplane {
 
     /// Writes the slots of ring `ring` that differ from what it holds. Returns how many.
     fn write_ring(&mut self, ring: u32, table: &[u32], m: u32) -> Result<usize, DataplaneError> {
-        let old = self.applied.rings.remove(&ring).unwrap_or_else(|| vec![0; m as usize]);
-        let map = self.map_mut(maps::RINGS)?;
+        // A ring never written holds zeros; one whose last write failed holds anything,
+        // so all of it is written again.
+        let known = self.applied.rings.remove(&ring);
+        let old = if self.applied.dirty_rings.remove(&ring) {
+            None
+        } else {
+            Some(known.unwrap_or_else(|| vec![0; m as usize]))
+        };
+        let map = self.ebpf.map_mut(maps::RINGS).ok_or(DataplaneError::MissingMap { name: maps::RINGS })?;
         let mut rings: Array<&mut MapData, u32> = typed(Some(map), maps::RINGS)?;
         let base = ring * m;
         let mut written = 0;
-        for (i, (&new, &was)) in table.iter().zip(&old).enumerate() {
-            if new != was {
-                rings
-                    .set(base + i as u32, new, 0)
-                    .map_err(|source| DataplaneError::Map { name: maps::RINGS, source: Box::new(source) })?;
+        for (i, &new) in table.iter().enumerate() {
+            if old.as_ref().is_none_or(|o| o[i] != new) {
+                if let Err(source) = rings.set(base + i as u32, new, 0) {
+                    self.applied.dirty_rings.insert(ring);
+                    return Err(DataplaneError::Map { name: maps::RINGS, source: Box::new(source) });
+                }
                 written += 1;
             }
         }

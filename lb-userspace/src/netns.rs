@@ -80,10 +80,12 @@ impl Netns {
         cmd("ip", &full)
     }
 
-    /// A `Command` that runs `program` inside the namespace (via `ip netns exec`).
+    /// A `Command` that runs `program` inside the namespace (via `ip netns exec`). It is
+    /// killed if the thread that spawns it dies, so a killed test leaves no server behind.
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name, program]);
+        die_with_parent(&mut c);
         c
     }
 
@@ -93,6 +95,7 @@ impl Netns {
         use std::os::unix::process::CommandExt as _;
         let path = self.path();
         let file = File::open(&path).map_err(|source| NetnsError::Enter { path, source })?;
+        die_with_parent(cmd);
         // SAFETY: the closure runs in the forked child before exec and only calls
         // setns(2), which is async-signal-safe. `file` stays open in the parent (moved
         // into the closure, which the Command keeps) until the child is spawned.
@@ -143,6 +146,20 @@ impl Drop for Netns {
         if let Err(e) = cmd("ip", &["netns", "del", &self.name]) {
             tracing::warn!(netns = %self.name, error = %e, "could not delete network namespace");
         }
+    }
+}
+
+/// Makes the child get SIGKILL when the spawning thread exits (PR_SET_PDEATHSIG).
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe; runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

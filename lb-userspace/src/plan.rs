@@ -168,6 +168,8 @@ pub struct PlanTarget {
     pub ip: IpAddr,
     pub weight: u32,
     pub state: TargetState,
+    /// Draining a target that was unhealthy: its flows stay re-picked.
+    pub down: bool,
 }
 
 /// A target group's current targets (config plus runtime registrations).
@@ -187,7 +189,7 @@ pub fn static_groups(config: &Config) -> Vec<PlanGroup> {
             targets: g
                 .targets
                 .iter()
-                .map(|t| PlanTarget { ip: t.ip, weight: t.weight, state: TargetState::Healthy })
+                .map(|t| PlanTarget { ip: t.ip, weight: t.weight, state: TargetState::Healthy, down: false })
                 .collect(),
         })
         .collect()
@@ -198,13 +200,17 @@ pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Al
     build_with(config, &static_groups(config), resolved, ids)
 }
 
-/// How a target takes part, given its state and its group's.
-fn role(state: TargetState, group_has_healthy: bool, fail_open: bool) -> (bool /* in ring */, u32 /* flags */) {
-    match state {
+/// How a target takes part, given its state and its group's. Only an unhealthy target
+/// loses the flows it has (`DOWN`); an initial one has none to lose, or (re-registered,
+/// health checks just enabled) has flows that were fine a moment ago.
+fn role(t: &PlanTarget, group_has_healthy: bool, fail_open: bool) -> (bool /* in ring */, u32 /* flags */) {
+    match t.state {
         TargetState::Healthy => (true, BACKEND_F_VALID),
+        TargetState::Draining if t.down => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
         TargetState::Draining => (false, BACKEND_F_VALID),
         TargetState::Initial | TargetState::Unhealthy if !group_has_healthy && fail_open => (true, BACKEND_F_VALID),
-        TargetState::Initial | TargetState::Unhealthy => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
+        TargetState::Initial => (false, BACKEND_F_VALID),
+        TargetState::Unhealthy => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
         TargetState::Unused => (false, 0),
     }
 }
@@ -243,7 +249,7 @@ pub fn build_with(
             let key = (g.name.clone(), t.ip);
             let id = backend_ids[&key];
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
-            let (ring_member, flags) = role(t.state, has_healthy, fail_open);
+            let (ring_member, flags) = role(t, has_healthy, fail_open);
             let b = Backend {
                 addr: addr_bytes(t.ip),
                 dst_mac: r.mac,
@@ -412,6 +418,20 @@ mod tests {
         assert_eq!(db.flags, BACKEND_F_VALID, "draining: existing flows stay");
         assert!(!p.vips[0].ring.contains(&d));
         assert_eq!(p.vips[0].flags & VIP_F_FAIL_OPEN, 0);
+    }
+
+    #[test]
+    fn initial_targets_keep_flows_and_unhealthy_drains_stay_down() {
+        use TargetState::*;
+        let c = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }, { ip = "198.18.0.13" }"#);
+        let mut groups = with_states(&c, &[Healthy, Initial, Draining]);
+        groups[0].targets[2].down = true;
+        let p = build_with(&c, &groups, &resolved(&c), &mut Allocators::new(8)).expect("plan");
+        let (i, ib) = backend_of(&p, "198.18.0.12").expect("initial");
+        let (_, db) = backend_of(&p, "198.18.0.13").expect("draining");
+        assert_eq!(ib.flags, BACKEND_F_VALID, "an initial target takes no new flows but keeps any it has");
+        assert!(!p.vips[0].ring.contains(&i));
+        assert_eq!(db.flags, BACKEND_F_VALID | BACKEND_F_DOWN, "draining an unhealthy target keeps its flows away");
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Entry {
     pub last_latency: Option<Duration>,
     /// Whether its group is health checked (else it is healthy once resolved).
     pub checked: bool,
+    /// It was unhealthy when its drain began: its flows stay re-picked.
+    pub drained_unhealthy: bool,
 }
 
 impl Entry {
@@ -189,6 +191,7 @@ impl Registry {
                             drain_until: None,
                             last_latency: None,
                             checked,
+                            drained_unhealthy: false,
                         },
                     );
                 }
@@ -206,6 +209,7 @@ impl Registry {
             if delay == 0 {
                 self.entries.remove(&key);
             } else if let Some(e) = self.entries.get_mut(&key) {
+                e.drained_unhealthy = e.state() == TargetState::Unhealthy;
                 e.tracker.set_draining();
                 e.drain_until = Some(now + Duration::from_secs(delay));
             }
@@ -272,6 +276,16 @@ impl Registry {
         Ok((key, weight, port))
     }
 
+    /// Before a reload from `old` to `new`: a target deregistered at runtime that the new
+    /// file adds back (absent from the old file) is the operator's new intent: it
+    /// counts again.
+    pub fn readmit(&mut self, old: &Config, new: &Config) {
+        let listed = |c: &Config, key: &TargetKey| {
+            c.target_group(&key.0).is_some_and(|g| g.targets.iter().any(|t| t.ip == key.1))
+        };
+        self.api_removed.retain(|key| !listed(new, key) || listed(old, key));
+    }
+
     /// Records a checked registration; call `sync` next.
     pub fn register(&mut self, key: TargetKey, weight: u32, port: Option<u16>) {
         self.api_removed.remove(&key);
@@ -319,7 +333,7 @@ impl Registry {
                     .entries
                     .iter()
                     .filter(|(k, _)| k.0 == g.name)
-                    .map(|(k, e)| PlanTarget { ip: k.1, weight: e.weight, state: e.state() })
+                    .map(|(k, e)| PlanTarget { ip: k.1, weight: e.weight, state: e.state(), down: e.drained_unhealthy })
                     .collect(),
             })
             .collect()
@@ -496,9 +510,18 @@ mod tests {
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
         let again = r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() });
         assert_eq!(again.map_err(|e| e.status), Err(409));
-        // A reload (sync with the same file) keeps it deregistered.
+        // A reload (sync with the same file) keeps it deregistered...
+        r.readmit(&c, &c);
         r.sync(&c, t0 + Duration::from_secs(1));
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
+        // ...but a file that drops it and a later one that lists it again bring it back.
+        let without = config("").target_groups[0].targets[1..].to_vec();
+        let mut c_without = c.clone();
+        c_without.target_groups[0].targets = without;
+        let mut again = r.clone();
+        again.readmit(&c_without, &c);
+        again.sync(&c, t0 + Duration::from_secs(1));
+        assert_eq!(again.get(&k).map(Entry::state), Some(TargetState::Healthy));
         assert!(r.expire(t0 + Duration::from_secs(9)).is_empty());
         assert_eq!(r.expire(t0 + Duration::from_secs(10)), vec![k.clone()]);
         assert!(r.get(&k).is_none());

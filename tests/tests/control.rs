@@ -175,7 +175,7 @@ fn runtime_registration_and_draining() {
     echo_servers(&topo, &stop);
     let cfg = TempFile::write(
         &format!("{}.toml", topo.id),
-        &topo.config_with(&[(1, 1), (2, 1)], "deregistration_delay_secs = 3"),
+        &topo.config_with(&[(1, 1), (2, 1)], "deregistration_delay_secs = 8"),
     )
     .expect("config");
     let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
@@ -209,7 +209,9 @@ fn runtime_registration_and_draining() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(state_of(&topo, "198.18.0.11").as_deref(), Some("draining"));
-    wait_until("b1 removed after the delay", Duration::from_secs(4), || state_of(&topo, "198.18.0.11").is_none());
+    let removed =
+        wait_until("b1 removed after the delay", Duration::from_secs(12), || state_of(&topo, "198.18.0.11").is_none());
+    assert!(started.elapsed() >= Duration::from_secs(7), "removed before its delay ({removed:?} after the checks)");
     let snap = Snapshot::read_pinned(&topo.pin_dir).expect("stats");
     assert!(snap.backend("198.18.0.11".parse().expect("ip")).is_none(), "b1 gone from the datapath");
     assert!(!new_flows(&topo, 20).iter().any(|b| b == "b1"));
