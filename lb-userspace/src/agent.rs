@@ -144,6 +144,8 @@ struct Agent {
     health_tx: mpsc::Sender<HealthEvent<TargetKey>>,
     view: Arc<Mutex<View>>,
     started: Instant,
+    /// How long the last health/drain-driven datapath update took (decision to maps).
+    last_update: Option<Duration>,
 }
 
 /// Requests from the control API, answered by the agent task.
@@ -314,6 +316,7 @@ async fn start(
         health_tx,
         view: Arc::new(Mutex::new(View::default())),
         started: Instant::now(),
+        last_update: None,
     };
     agent.sync_monitors();
     agent.publish();
@@ -383,6 +386,7 @@ impl Agent {
         let resolved = std::mem::take(&mut self.resolved);
         let outcome = self.apply_state(&config, &registry, &resolved);
         self.resolved = resolved;
+        self.last_update = Some(started.elapsed());
         match outcome {
             Ok(report) => info!(
                 why,
@@ -532,6 +536,7 @@ impl Agent {
             "pin_dir": self.config.dataplane.pin_dir.display().to_string(),
             "listeners": listeners,
             "target_groups": groups,
+            "last_datapath_update_ms": self.last_update.map(|d| d.as_secs_f64() * 1e3),
         })
     }
 

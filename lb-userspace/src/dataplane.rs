@@ -273,6 +273,11 @@ impl Dataplane {
             self.applied.vips.insert(vip.key, meta);
             report.vips_switched += 1;
             debug!(vip = %vip.name, ring = target_ring, "VIP switched to new ring");
+            if current.is_none_or(|meta| meta.id != vip.slot) {
+                // A new VIP: fill its spare ring too, so that its first change (a target
+                // turning unhealthy, say) writes only the slots that change.
+                report.ring_slots_written += self.write_ring(target_ring + 1, &vip.ring, m)?;
+            }
         }
 
         // 3. VIPs no longer configured.

@@ -334,6 +334,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         l["target_group"].as_str().unwrap_or_default()
                     );
                 }
+                if let Some(ms) = answer["last_datapath_update_ms"].as_f64() {
+                    println!("last health/drain change reached the datapath in {ms:.2} ms");
+                }
                 for g in answer["target_groups"].as_array().into_iter().flatten() {
                     println!(
                         "group    {:<16} {}/{} targets healthy",

@@ -126,7 +126,11 @@ fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
     let took = wait_until("b2 unhealthy", Duration::from_secs(5), || {
         state_of(&topo, "198.18.0.12").as_deref() == Some("unhealthy")
     });
-    eprintln!("b2 marked unhealthy {took:?} after its server stopped");
+    let (_, status) = api(&topo, "GET", "/v1/status", None);
+    eprintln!(
+        "b2 marked unhealthy {took:?} after its server stopped; that change reached the datapath in {} ms",
+        status["last_datapath_update_ms"]
+    );
     let m = metrics(&topo);
     assert!(m.contains("lb_target_health_state{group=\"web\",target=\"198.18.0.12\",state=\"unhealthy\"} 1"), "{m}");
     assert!(m.contains("lb_target_group_healthy_targets{group=\"web\"} 2"), "{m}");
