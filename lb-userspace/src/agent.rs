@@ -146,6 +146,8 @@ struct Agent {
     started: Instant,
     /// How long the last health/drain-driven datapath update took (decision to maps).
     last_update: Option<Duration>,
+    /// The last health/drain-driven update failed: retried on the next tick.
+    dirty: bool,
 }
 
 /// Requests from the control API, answered by the agent task.
@@ -317,6 +319,7 @@ async fn start(
         view: Arc::new(Mutex::new(View::default())),
         started: Instant::now(),
         last_update: None,
+        dirty: false,
     };
     agent.sync_monitors();
     agent.publish();
@@ -387,6 +390,7 @@ impl Agent {
         let outcome = self.apply_state(&config, &registry, &resolved);
         self.resolved = resolved;
         self.last_update = Some(started.elapsed());
+        self.dirty = outcome.is_err();
         match outcome {
             Ok(report) => info!(
                 why,
@@ -394,7 +398,7 @@ impl Agent {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "datapath updated"
             ),
-            Err(e) => error!(why, error = %chain(&e), "updating the datapath failed"),
+            Err(e) => error!(why, error = %chain(&e), "updating the datapath failed; retrying every 100 ms"),
         }
         self.publish();
     }
@@ -410,6 +414,9 @@ impl Agent {
     }
 
     fn expire_drains(&mut self) {
+        if self.dirty {
+            self.replan("retrying a failed datapath update");
+        }
         let gone = self.registry.expire(Instant::now());
         if !gone.is_empty() {
             for (group, ip) in &gone {
