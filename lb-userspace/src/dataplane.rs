@@ -84,6 +84,9 @@ pub enum DataplaneError {
     SlotOutOfRange { slot: u32, max_vips: u32 },
 }
 
+/// Wait between switching VIPs away from backends and invalidating those backends.
+const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
+
 const PERMISSION_HINT: &str = " (permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
 
 /// `hint` if the error chain holds EPERM/EACCES.
@@ -293,10 +296,15 @@ impl Dataplane {
             }
         }
 
-        // 4. Backends no longer configured: no ring points at them any more.
+        // 4. Backends no longer configured: no ring points at them any more. A packet
+        // that read a VIP's old ring just before the switch may still be about to read
+        // one: program runs last microseconds, so a short grace period lets them finish.
         let stale: Vec<u32> =
             self.applied.backends.keys().filter(|id| !plan.backends.contains_key(id)).copied().collect();
         if !stale.is_empty() {
+            if report.vips_switched > 0 {
+                std::thread::sleep(REMOVAL_GRACE);
+            }
             let mut backends: Array<&mut MapData, Backend> = typed(self.ebpf.map_mut(maps::BACKENDS), maps::BACKENDS)?;
             for id in stale {
                 backends
