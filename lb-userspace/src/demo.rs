@@ -111,11 +111,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("\n== {flows} UDP flows (3 datagrams each, one source port per flow) to {VIP4}:{UDP_PORT}");
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let received = Arc::new(AtomicU64::new(0));
-    let sinks: Vec<_> = topo
-        .backends
-        .iter()
-        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.0.clone(), received.clone(), Duration::from_secs(60)))
-        .collect();
+    let sinks = topo.udp_sinks(UDP_PORT, &stop.0, &received);
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
     let sent = topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), flows, 20_000, 3)??;

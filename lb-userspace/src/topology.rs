@@ -311,6 +311,19 @@ targets = [{t}
         PathBuf::from(format!("/run/lb/{}.sock", self.id))
     }
 
+    /// A [`udp_sink`] on `port` on every backend, sharing `stop` and `count`.
+    pub fn udp_sinks(
+        &self,
+        port: u16,
+        stop: &Arc<AtomicBool>,
+        count: &Arc<AtomicU64>,
+    ) -> Vec<JoinHandle<Result<Result<Datagrams, std::io::Error>, NetnsError>>> {
+        self.backends
+            .iter()
+            .map(|b| udp_sink(&b.ns, port, stop.clone(), count.clone(), Duration::from_secs(60)))
+            .collect()
+    }
+
     /// `curl` from the client to `url`; returns the body.
     pub fn curl(&self, url: &str) -> Result<String, TopologyError> {
         let out = self.client.exec("curl", &["-sS", "--max-time", "5", "-g", url])?;

@@ -105,42 +105,56 @@ fn echo_servers(topo: &Topology, stop: &StopOnDrop) {
     }
 }
 
+/// Three backends with HTTP and echo servers, and the agent running `targets` with
+/// `extra` group settings. Field order is drop order: agent, config, helpers, topology.
+struct Setup {
+    agent: AgentHandle,
+    _cfg: TempFile,
+    _stop: StopOnDrop,
+    topo: Topology,
+}
+
+fn setup(targets: &[(usize, u32)], extra: &str) -> Setup {
+    let mut topo = Topology::build(3).expect("topology");
+    topo.start_http().expect("http");
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    echo_servers(&topo, &stop);
+    let cfg = TempFile::write(&format!("{}.toml", topo.id), &topo.config_with(targets, extra)).expect("config");
+    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
+    Setup { agent, _cfg: cfg, _stop: stop, topo }
+}
+
 #[test]
 fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
     if !privileged("an_unhealthy_target_stops_taking_new_flows_and_comes_back") {
         return;
     }
     let _lock = traffic_lock();
-    let mut topo = Topology::build(3).expect("topology");
-    topo.start_http().expect("http");
-    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-    echo_servers(&topo, &stop);
-    let cfg = TempFile::write(&format!("{}.toml", topo.id), &topo.config_with(&[(1, 1), (2, 1), (3, 1)], HEALTH))
-        .expect("config");
-    let _agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
-    wait_until("all targets healthy", Duration::from_secs(10), || states(&topo).iter().all(|(_, s)| s == "healthy"));
+    let mut s = setup(&[(1, 1), (2, 1), (3, 1)], HEALTH);
+    let topo = &mut s.topo;
+    wait_until("all targets healthy", Duration::from_secs(10), || states(topo).iter().all(|(_, s)| s == "healthy"));
 
-    let mut conns = open_conns(&topo, 12);
+    let mut conns = open_conns(topo, 12);
     topo.stop_http(2);
     // interval 1 s x unhealthy threshold 2, plus a probe in flight and slack.
     let took = wait_until("b2 unhealthy", Duration::from_secs(5), || {
-        state_of(&topo, "198.18.0.12").as_deref() == Some("unhealthy")
+        state_of(topo, "198.18.0.12").as_deref() == Some("unhealthy")
     });
-    let (_, status) = api(&topo, "GET", "/v1/status", None);
+    let (_, status) = api(topo, "GET", "/v1/status", None);
     eprintln!(
         "b2 marked unhealthy {took:?} after its server stopped; that change reached the datapath in {} ms",
         status["last_datapath_update_ms"]
     );
-    let m = metrics(&topo);
+    let m = metrics(topo);
     assert!(m.contains("lb_target_health_state{group=\"web\",target=\"198.18.0.12\",state=\"unhealthy\"} 1"), "{m}");
     assert!(m.contains("lb_target_group_healthy_targets{group=\"web\"} 2"), "{m}");
     assert!(m.contains("lb_health_checks_total{group=\"web\",target=\"198.18.0.12\",result=\"failure\"}"), "{m}");
-    let (_, list) = api(&topo, "GET", "/v1/targets?group=web", None);
+    let (_, list) = api(topo, "GET", "/v1/targets?group=web", None);
     let b2 =
         list["targets"].as_array().and_then(|t| t.iter().find(|t| t["target"] == "198.18.0.12")).expect("b2 listed");
     assert!(b2["reason"].as_str().unwrap_or_default().contains("refused"), "{b2}");
 
-    let served = new_flows(&topo, 30);
+    let served = new_flows(topo, 30);
     assert!(!served.iter().any(|b| b == "b2"), "a new flow went to the unhealthy target: {served:?}");
     let repicked_before =
         Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
@@ -160,10 +174,10 @@ fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
 
     topo.start_http().expect("restart b2's server");
     let took = wait_until("b2 healthy again", Duration::from_secs(6), || {
-        state_of(&topo, "198.18.0.12").as_deref() == Some("healthy")
+        state_of(topo, "198.18.0.12").as_deref() == Some("healthy")
     });
     eprintln!("b2 healthy again {took:?} after its server came back");
-    let served = new_flows(&topo, 30);
+    let served = new_flows(topo, 30);
     assert!(served.iter().any(|b| b == "b2"), "b2 takes new flows again: {served:?}");
 }
 
@@ -173,53 +187,45 @@ fn runtime_registration_and_draining() {
         return;
     }
     let _lock = traffic_lock();
-    let mut topo = Topology::build(3).expect("topology");
-    topo.start_http().expect("http");
-    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-    echo_servers(&topo, &stop);
-    let cfg = TempFile::write(
-        &format!("{}.toml", topo.id),
-        &topo.config_with(&[(1, 1), (2, 1)], "deregistration_delay_secs = 8"),
-    )
-    .expect("config");
-    let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
-    let mut conns = open_conns(&topo, 16);
+    let s = setup(&[(1, 1), (2, 1)], "deregistration_delay_secs = 8");
+    let topo = &s.topo;
+    let mut conns = open_conns(topo, 16);
 
     // Register b3 at runtime: new flows reach it, established ones stay.
     let (status, body) =
-        api(&topo, "POST", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.13", "weight": 1 })));
+        api(topo, "POST", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.13", "weight": 1 })));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "healthy");
-    let served = new_flows(&topo, 30);
+    let served = new_flows(topo, 30);
     assert!(served.iter().any(|b| b == "b3"), "30 new flows, none on the registered target: {served:?}");
     for (i, (c, backend)) in conns.iter_mut().enumerate() {
         assert_eq!(&echo(c, &format!("after register {i}")).expect("echo"), backend, "connection {i} moved");
     }
-    let (status, body) = api(&topo, "POST", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.13" })));
+    let (status, body) = api(topo, "POST", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.13" })));
     assert_eq!(status, 409, "duplicate registration: {body}");
 
     // Deregister b1 while it holds live connections: they keep working during the
     // delay, no new flow reaches it, then it is gone.
     assert!(conns.iter().any(|(_, b)| b == "b1"), "some of 16 connections are on b1");
-    let (status, body) = api(&topo, "DELETE", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.11" })));
+    let (status, body) = api(topo, "DELETE", "/v1/targets", Some(json!({ "group": "web", "target": "198.18.0.11" })));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["state"], "draining");
     let started = Instant::now();
-    assert!(!new_flows(&topo, 30).iter().any(|b| b == "b1"), "a new flow reached the draining target");
+    assert!(!new_flows(topo, 30).iter().any(|b| b == "b1"), "a new flow reached the draining target");
     while started.elapsed() < Duration::from_millis(2000) {
         for (i, (c, backend)) in conns.iter_mut().enumerate() {
             assert_eq!(&echo(c, &format!("draining {i}")).expect("echo while draining"), backend);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(state_of(&topo, "198.18.0.11").as_deref(), Some("draining"));
+    assert_eq!(state_of(topo, "198.18.0.11").as_deref(), Some("draining"));
     let removed =
-        wait_until("b1 removed after the delay", Duration::from_secs(12), || state_of(&topo, "198.18.0.11").is_none());
+        wait_until("b1 removed after the delay", Duration::from_secs(12), || state_of(topo, "198.18.0.11").is_none());
     assert!(started.elapsed() >= Duration::from_secs(7), "removed before its delay ({removed:?} after the checks)");
     let snap = Snapshot::read_pinned(&topo.pin_dir).expect("stats");
     assert!(snap.backend("198.18.0.11".parse().expect("ip")).is_none(), "b1 gone from the datapath");
-    assert!(!new_flows(&topo, 20).iter().any(|b| b == "b1"));
-    agent.stop().expect("stop");
+    assert!(!new_flows(topo, 20).iter().any(|b| b == "b1"));
+    s.agent.stop().expect("stop");
 }
 
 #[test]

@@ -83,11 +83,7 @@ fn udp_flows_spread_by_weight_keep_the_source_address_and_are_all_counted() {
     const PER_FLOW: u32 = 2;
     let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
     let received = Arc::new(AtomicU64::new(0));
-    let sinks: Vec<_> = topo
-        .backends
-        .iter()
-        .map(|b| topology::udp_sink(&b.ns, UDP_PORT, stop.0.clone(), received.clone(), Duration::from_secs(60)))
-        .collect();
+    let sinks = topo.udp_sinks(UDP_PORT, &stop.0, &received);
     std::thread::sleep(Duration::from_millis(200));
     let sent =
         topology::send_udp_flows(&topo.client, SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT), FLOWS, 20_000, PER_FLOW)
