@@ -31,6 +31,26 @@ pub const MAX_TX_PORTS: u32 = 64;
 /// Rings per VIP slot: the active one and the one the agent writes next.
 pub const RINGS_PER_VIP: u32 = 2;
 
+/// Whether `n` is prime (deterministic trial division; fine for any `u32`). Maglev
+/// ring sizes must be prime.
+pub const fn is_prime(n: u32) -> bool {
+    if n < 4 {
+        return n >= 2;
+    }
+    if n.is_multiple_of(2) || n.is_multiple_of(3) {
+        return false;
+    }
+    let n = n as u64;
+    let mut d = 5u64;
+    while d * d <= n {
+        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
+            return false;
+        }
+        d += 6;
+    }
+    true
+}
+
 // ---------------------------------------------------------------------------------------
 // Map and global names (the XDP program's `#[map]` statics carry exactly these names;
 // the agent checks at load time that every one of them exists in the object).
@@ -143,6 +163,23 @@ pub const fn v4_mapped(v4: [u8; 4]) -> Addr {
     [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, v4[0], v4[1], v4[2], v4[3]]
 }
 
+/// The map form of an address (see [`Addr`]).
+pub const fn addr_from_ip(ip: core::net::IpAddr) -> Addr {
+    match ip {
+        core::net::IpAddr::V4(v4) => v4_mapped(v4.octets()),
+        core::net::IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// The inverse of [`addr_from_ip`].
+pub fn ip_from_addr(a: Addr) -> core::net::IpAddr {
+    let v6 = core::net::Ipv6Addr::from(a);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => core::net::IpAddr::V4(v4),
+        None => core::net::IpAddr::V6(v6),
+    }
+}
+
 /// Key of [`maps::VIPS`]. `port` is in network byte order; port 0 is an all-ports VIP.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -151,6 +188,13 @@ pub struct VipKey {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+impl VipKey {
+    /// The key of (address, port in host order, IP protocol number).
+    pub const fn new(addr: core::net::IpAddr, port: u16, proto: u8) -> VipKey {
+        VipKey { addr: addr_from_ip(addr), port: port.to_be(), proto, _pad: 0 }
+    }
 }
 
 /// Value of [`maps::VIPS`].

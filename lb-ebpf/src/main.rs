@@ -10,7 +10,6 @@
 #![no_std]
 #![no_main]
 
-mod bench;
 mod maps;
 mod parse;
 
@@ -35,12 +34,6 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let (action, why) = process(&ctx);
     count(why);
     action
-}
-
-/// Gives a veth peer NAPI so that it receives native-mode XDP_TX/redirected frames.
-#[xdp]
-pub fn lb_pass(_ctx: XdpContext) -> u32 {
-    xdp_action::PASS
 }
 
 #[inline(always)]

@@ -1,26 +1,27 @@
-//! The load balancer's userspace: config, Maglev, target resolution, the dataplane
-//! (the one module that touches aya), the agent, stats, packet builders, and the
-//! namespace topology used by the demo and the tests.
+//! The load balancer's userspace, one folder per layer. Dependencies point one way:
 //!
-//! Architecture invariant: only `dataplane` (and `stats`, reading maps it is handed)
-//! use aya; everything else is plain Rust that unit tests run without privileges.
+//! - `config`: the TOML schema and its validation. Pure.
+//! - `control`: decisions: Maglev, the plan (desired datapath state), id allocation,
+//!   the target registry, the health state machine. Pure: no I/O, no aya.
+//! - `datapath`: the only code that touches aya: loading, map writes, pins, stats.
+//! - `host`: facts about this host: interfaces, routes, neighbours (netlink).
+//! - `health`: health probes and the monitors that run them.
+//! - `api`: the control API: request/response types, server, client.
+//! - `metrics`: the Prometheus endpoint.
+//! - `agent`: the event loop that owns the state and ties the layers together.
+//! - `tools` and `testing` (feature `tools`): `lb gen`, `lb bench`, `lb demo`, and the
+//!   namespaces, topologies and packet builders they and the tests share. The agent
+//!   never uses them.
 
 pub mod agent;
 pub mod api;
-pub mod bench;
 pub mod config;
-pub mod dataplane;
-pub mod generator;
+pub mod control;
+pub mod datapath;
 pub mod health;
-pub mod maglev;
+pub mod host;
 pub mod metrics;
-pub mod netinfo;
-pub mod netns;
-pub mod packet;
-pub mod plan;
-pub mod stats;
-pub mod targets;
-pub mod topology;
-
-/// The XDP object built by build.rs from lb-ebpf.
-pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+#[cfg(feature = "tools")]
+pub mod testing;
+#[cfg(feature = "tools")]
+pub mod tools;

@@ -4,12 +4,11 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-mod demo;
 
 use lb_userspace::{
     agent::{self, Control, RunOptions},
     config::{self, Config, XdpMode},
-    stats::Snapshot,
+    datapath::stats::Snapshot,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -23,6 +22,7 @@ struct Cli {
     command: Command,
 }
 
+#[cfg(feature = "tools")]
 #[derive(clap::Args, Debug)]
 struct GenArgs {
     /// Interface the frames leave through.
@@ -65,7 +65,7 @@ struct GenArgs {
     #[arg(long, default_value_t = 64)]
     batch: u32,
     #[arg(long, value_enum, default_value = "xdp")]
-    engine: lb_userspace::generator::Engine,
+    engine: lb_userspace::tools::generator::Engine,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -166,6 +166,7 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    #[cfg(feature = "tools")]
     /// Generate traffic without a pktgen module: BPF_PROG_RUN in XDP live-frames mode
     /// sends frames built from a template (UDP or TCP SYN, IPv4 or IPv6) out of an
     /// interface, cycling the source port over `--flows`, one thread per CPU, bounded by
@@ -173,6 +174,7 @@ enum Command {
     /// where the kernel has it. The interface's peer needs NAPI (an XDP program or GRO)
     /// to receive live frames. Needs root.
     Gen(GenArgs),
+    #[cfg(feature = "tools")]
     /// Measure: datapath ns/packet (BPF_PROG_RUN), flatness over backends and VIPs,
     /// end-to-end forwarding rate of the XDP LB and of an nftables baseline on the same
     /// namespace topology with `lb gen`, and control-plane timings. Prints a table and
@@ -185,6 +187,7 @@ enum Command {
         #[arg(long, default_value = "lb-bench.json")]
         out: PathBuf,
     },
+    #[cfg(feature = "tools")]
     /// Build a demo topology in network namespaces (client, LB, three HTTP backends),
     /// run the agent on it, send real traffic, print who served what and the counters,
     /// and clean everything up. Needs root.
@@ -262,6 +265,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", config::EXAMPLE);
             Ok(())
         }
+        #[cfg(feature = "tools")]
         Command::Gen(args) => gen_command(args),
         Command::Targets { command, api } => {
             let (method, path, body) = match command {
@@ -357,20 +361,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        #[cfg(feature = "tools")]
         Command::Bench { tiny, out } => {
             let opts = if tiny {
-                lb_userspace::bench::BenchOptions::tiny()
+                lb_userspace::tools::bench::BenchOptions::tiny()
             } else {
-                lb_userspace::bench::BenchOptions::full()
+                lb_userspace::tools::bench::BenchOptions::full()
             };
-            let report = lb_userspace::bench::run(&opts).context("benchmark")?;
+            let report = lb_userspace::tools::bench::run(&opts).context("benchmark")?;
             print!("{}", report.render());
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("\nJSON results: {}", out.display());
             Ok(())
         }
+        #[cfg(feature = "tools")]
         Command::Demo { udp_flows, linger } => {
+            use lb_userspace::tools::demo;
             demo::run(demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) })
         }
     }
@@ -405,19 +412,20 @@ async fn serve(opts: RunOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[cfg(feature = "tools")]
 fn gen_command(a: GenArgs) -> anyhow::Result<()> {
-    use lb_userspace::{generator, netinfo};
+    use lb_userspace::{host, tools::generator};
     if !(0.0..=3600.0).contains(&a.duration) || a.duration == 0.0 {
         anyhow::bail!("--duration must be more than 0 and at most 3600 seconds");
     }
     if a.size < 60 || a.size > 3_000 {
         anyhow::bail!("--size must be 60..=3000 bytes (a veth with native XDP takes frames up to about 3.5 KB)");
     }
-    let dev = netinfo::interface(&a.interface)?;
+    let dev = host::interface(&a.interface)?;
     let (dst_mac, src) = match (a.dst_mac, a.src) {
         (Some(mac), Some(src)) => (mac.0, src),
         (mac, src) => {
-            let (_, hop_mac, prefsrc) = netinfo::next_hop(a.dst.ip(), Duration::from_secs(3)).with_context(|| {
+            let (_, hop_mac, prefsrc) = host::next_hop(a.dst.ip(), Duration::from_secs(3)).with_context(|| {
                 format!("finding the next hop towards {} (or pass --dst-mac and --src)", a.dst.ip())
             })?;
             let src = src.or(prefsrc).context("no source address towards --dst: pass --src")?;

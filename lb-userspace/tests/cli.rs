@@ -3,7 +3,7 @@
 
 use std::{net::IpAddr, process::Command, time::Duration};
 
-use lb_userspace::topology::{AgentProcess, TempFile, Topology, VIP4, privileged, traffic_lock};
+use lb_userspace::testing::topology::{AgentProcess, TempFile, Topology, VIP4, privileged, traffic_lock};
 
 const LB: &str = env!("CARGO_BIN_EXE_lb");
 

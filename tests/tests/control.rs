@@ -10,9 +10,10 @@ use std::{
 
 use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
-    agent::{AgentHandle, RunOptions},
-    stats::Snapshot,
-    topology::{self, ECHO_PORT, StopOnDrop, TempFile, Topology, VIP4},
+    agent::RunOptions,
+    datapath::stats::Snapshot,
+    testing::agent::AgentHandle,
+    testing::topology::{self, ECHO_PORT, StopOnDrop, TempFile, Topology, VIP4},
 };
 use serde_json::{Value, json};
 

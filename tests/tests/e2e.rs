@@ -1,5 +1,5 @@
 //! End to end: a client, the LB (agent in native XDP mode) and real servers in network
-//! namespaces on one L2 segment (see lb_userspace::topology). Real curl, real HTTP
+//! namespaces on one L2 segment (see lb_userspace::testing::topology). Real curl, real HTTP
 //! servers, real UDP and TCP sockets. Namespaces are deleted on drop, also on failure.
 
 use std::{
@@ -16,10 +16,13 @@ use std::{
 use lb_common::GlobalCounter;
 use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
-    agent::{AgentHandle, RunOptions},
-    dataplane::{Dataplane, DataplaneError, LoadOptions, open_pinned},
-    stats::Snapshot,
-    topology::{self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6},
+    agent::RunOptions,
+    datapath::stats::Snapshot,
+    datapath::{Dataplane, DataplaneError, LoadOptions, open_pinned},
+    testing::agent::AgentHandle,
+    testing::topology::{
+        self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6,
+    },
 };
 
 /// Writes the topology's config for `targets` and starts the agent on the LB.
@@ -136,7 +139,7 @@ fn echo_ring(topo: &Topology) -> Vec<u32> {
     use aya::maps::{Array, HashMap as BpfHashMap, MapData};
     let vips = open_pinned(&topo.pin_dir, lb_common::maps::VIPS).expect("pinned VIPS");
     let vips: BpfHashMap<&MapData, lb_common::VipKey, lb_common::VipMeta> = (&vips).try_into().expect("typed");
-    let key = lb_userspace::plan::vip_key(IpAddr::V4(VIP4), ECHO_PORT, lb_common::IPPROTO_TCP);
+    let key = lb_common::VipKey::new(IpAddr::V4(VIP4), ECHO_PORT, lb_common::IPPROTO_TCP);
     let meta = vips.get(&key, 0).expect("echo VIP");
     let rings = open_pinned(&topo.pin_dir, lb_common::maps::RINGS).expect("pinned RINGS");
     let rings: Array<&MapData, u32> = (&rings).try_into().expect("typed");
@@ -148,8 +151,8 @@ fn echo_ring(topo: &Topology) -> Vec<u32> {
 fn ring_slot(conn: &TcpStream, m: u32) -> usize {
     let local = conn.local_addr().expect("local address");
     let key = lb_common::FlowKey {
-        src: lb_userspace::plan::addr_bytes(local.ip()),
-        dst: lb_userspace::plan::addr_bytes(IpAddr::V4(VIP4)),
+        src: lb_common::addr_from_ip(local.ip()),
+        dst: lb_common::addr_from_ip(IpAddr::V4(VIP4)),
         sport: local.port().to_be(),
         dport: ECHO_PORT.to_be(),
         proto: lb_common::IPPROTO_TCP,
@@ -364,7 +367,8 @@ fn the_benchmark_harness_runs() {
         return;
     }
     let _lock = traffic_lock();
-    let report = lb_userspace::bench::run(&lb_userspace::bench::BenchOptions::tiny()).expect("bench runs");
+    let report =
+        lb_userspace::tools::bench::run(&lb_userspace::tools::bench::BenchOptions::tiny()).expect("bench runs");
     assert!(report.datapath.len() >= 6 && report.datapath.iter().all(|c| c.ns_per_packet > 0.0), "{report:?}");
     assert_eq!(report.flatness.len(), 3);
     assert_eq!(report.end_to_end.len(), 4);
@@ -385,11 +389,11 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
         return;
     }
     let _lock = traffic_lock();
-    let topo = lb_userspace::topology::BenchTopology::build(2).expect("bench topology");
+    let topo = lb_userspace::testing::topology::BenchTopology::build(2).expect("bench topology");
     let pin_dir = topo.pin_dir();
     let config = TempFile::write(&format!("{}.toml", topo.id), &topo.agent_config()).expect("config");
     let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&config.0)).expect("agent");
-    let opts = lb_userspace::generator::GenOptions {
+    let opts = lb_userspace::tools::generator::GenOptions {
         count: 50_000,
         duration: Duration::from_secs(20),
         // One thread: its frames are received by the LB's NAPI on the same CPU, so none
@@ -401,7 +405,7 @@ fn the_generator_sends_exactly_count_frames_through_the_lb() {
     };
     let report = topo
         .client
-        .run(move || lb_userspace::generator::run(lb_userspace::generator::Engine::Xdp, &opts))
+        .run(move || lb_userspace::tools::generator::run(lb_userspace::tools::generator::Engine::Xdp, &opts))
         .expect("netns")
         .expect("generator");
     assert_eq!(report.sent, 50_000);

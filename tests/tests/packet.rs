@@ -17,12 +17,12 @@ use lb_common::{FlowKey, GlobalCounter as C, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_
 use lb_tests::privileged;
 use lb_userspace::{
     config::Config,
-    dataplane::{Dataplane, LoadOptions},
-    netinfo::{Interface, Resolved},
-    netns::Netns,
-    packet::{Frame, tcp_flags},
-    plan::{self, Allocators, Plan, addr_bytes},
-    stats::Snapshot,
+    control::plan::{self, Allocators, Plan},
+    datapath::stats::Snapshot,
+    datapath::{Dataplane, LoadOptions},
+    host::{Interface, Resolved},
+    testing::netns::Netns,
+    testing::packet::{Frame, tcp_flags},
 };
 
 const RING: u32 = 251;
@@ -176,7 +176,7 @@ impl Harness {
     }
 
     /// Like `apply`, with the health state of some targets of group "web" set.
-    fn apply_states(&mut self, config: &str, states: &[(&str, lb_userspace::health::TargetState)]) {
+    fn apply_states(&mut self, config: &str, states: &[(&str, lb_userspace::control::health_state::TargetState)]) {
         let config = Config::parse(config, Path::new("packet-test.toml")).expect("config");
         let mut groups = plan::static_groups(&config);
         for g in groups.iter_mut().filter(|g| g.name == "web") {
@@ -218,12 +218,12 @@ impl Harness {
     /// sent with.
     fn expected_backend(&self, frame: &Frame) -> ((IpAddr, [u8; 6]), [u8; 6]) {
         let (sport, dport, proto) = match frame.l4 {
-            lb_userspace::packet::L4::Tcp { sport, dport, .. } => (sport, dport, IPPROTO_TCP),
-            lb_userspace::packet::L4::Udp { sport, dport } => (sport, dport, IPPROTO_UDP),
+            lb_userspace::testing::packet::L4::Tcp { sport, dport, .. } => (sport, dport, IPPROTO_TCP),
+            lb_userspace::testing::packet::L4::Udp { sport, dport } => (sport, dport, IPPROTO_UDP),
         };
         let key = FlowKey {
-            src: addr_bytes(frame.src),
-            dst: addr_bytes(frame.dst),
+            src: lb_common::addr_from_ip(frame.src),
+            dst: lb_common::addr_from_ip(frame.dst),
             sport: sport.to_be(),
             dport: dport.to_be(),
             proto,
@@ -317,13 +317,13 @@ fn xdp_program_verdicts_and_output_bytes() {
     let ns = Netns::create(&format!("lbt{}-pkt", std::process::id())).expect("netns");
     ns.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "r1"]).expect("veth");
     ns.run(|| {
-        let redirect_ifindex = lb_userspace::netinfo::interface("r0").expect("r0").ifindex;
+        let redirect_ifindex = lb_userspace::host::interface("r0").expect("r0").ifindex;
         let mut h = Harness::new(redirect_ifindex, CONFIG);
         run_cases(&h);
         known_flows_keep_their_backend_when_the_ring_changes(&mut h);
         unhealthy_targets_lose_their_flows_healthy_ones_keep_theirs(&mut h);
         // The redirect interface disappears: the kernel drops it from the DevMap.
-        lb_userspace::netns::cmd("ip", &["link", "del", "r0"]).expect("delete r0");
+        lb_userspace::testing::netns::cmd("ip", &["link", "del", "r0"]).expect("delete r0");
         let (f, _) = frame(Frame::tcp(sa("198.18.0.2:40007"), sa("198.18.1.104:80"), tcp_flags::SYN));
         h.check("redirect to a vanished interface", &f, None, Expect::Drop(C::DropRedirectFailed));
     })
@@ -552,7 +552,7 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
     if !privileged("generator_frames_vary_the_flow_and_keep_valid_checksums") {
         return;
     }
-    use lb_userspace::generator::{GenOptions, Generator};
+    use lb_userspace::tools::generator::{GenOptions, Generator};
     for (tcp, src, dst) in [
         (false, "198.18.0.2", "198.18.1.100:9000"),
         (true, "198.18.0.2", "198.18.1.100:80"),
@@ -594,16 +594,20 @@ fn generator_frames_vary_the_flow_and_keep_valid_checksums() {
             o.data_out = Some(&mut out);
             let r = prog.test_run(o).expect("BPF_PROG_RUN");
             assert_eq!(r.return_value, xdp_action::TX);
-            let p = lb_userspace::packet::parse(&out).expect("parses");
+            let p = lb_userspace::testing::packet::parse(&out).expect("parses");
             assert_eq!((p.dst_mac, p.src_mac), (LB_MAC, CLIENT_MAC), "MACs restored");
             assert_eq!(SocketAddr::new(p.dst, p.dport), opts.dst);
             flows_seen.insert((p.src, p.sport));
             let l4 = if opts.src.is_ipv4() { 14 + 20 } else { 14 + 40 };
             let proto = if tcp { IPPROTO_TCP } else { IPPROTO_UDP };
-            let c = lb_userspace::packet::l4_checksum(p.src, p.dst, proto, &out[l4..]);
+            let c = lb_userspace::testing::packet::l4_checksum(p.src, p.dst, proto, &out[l4..]);
             assert!(c == 0 || c == 0xffff, "{src}->{dst} tcp={tcp}: L4 checksum invalid ({c:#x})");
             if opts.src.is_ipv4() {
-                assert_eq!(lb_userspace::packet::ipv4_header_checksum(&out[14..34]), 0, "IPv4 header checksum");
+                assert_eq!(
+                    lb_userspace::testing::packet::ipv4_header_checksum(&out[14..34]),
+                    0,
+                    "IPv4 header checksum"
+                );
             }
         }
         // Flow f: address src + f % 2, port base + f / 2.
@@ -709,7 +713,7 @@ fn ring_switches_are_atomic_under_traffic() {
 /// (`conn_repicked`); flows on healthy targets stay. All unhealthy: fail-open sends to
 /// all and counts it.
 fn unhealthy_targets_lose_their_flows_healthy_ones_keep_theirs(h: &mut Harness) {
-    use lb_userspace::health::TargetState::{Healthy, Unhealthy};
+    use lb_userspace::control::health_state::TargetState::{Healthy, Unhealthy};
     h.apply(CONFIG);
     let flows: Vec<Frame> = (44000..44040)
         .map(|port| {

@@ -26,17 +26,19 @@ use lb_common::{GlobalCounter, programs};
 use serde::Serialize;
 
 use crate::{
-    agent::{AgentHandle, RunOptions},
+    agent::RunOptions,
     config::Config,
-    dataplane::{AuxProgram, Dataplane, LoadOptions},
-    generator::{self, Engine},
-    maglev,
-    netinfo::{Interface, Resolved},
-    netns::Netns,
-    packet::{Frame, tcp_flags},
-    plan::{self, Allocators},
-    stats::Snapshot,
-    topology::{BenchTopology, CLIENT4, LB4, NS_PREFIX, TempFile, UDP_PORT, VIP4},
+    control::maglev,
+    control::plan::{self, Allocators},
+    datapath::stats::Snapshot,
+    datapath::{Dataplane, LoadOptions},
+    host::{Interface, Resolved},
+    testing::agent::AgentHandle,
+    testing::netns::Netns,
+    testing::packet::{Frame, tcp_flags},
+    testing::programs::AuxProgram,
+    testing::topology::{BenchTopology, CLIENT4, LB4, NS_PREFIX, TempFile, UDP_PORT, VIP4},
+    tools::generator::{self, Engine},
 };
 
 #[derive(Debug, thiserror::Error)]

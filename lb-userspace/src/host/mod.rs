@@ -41,23 +41,7 @@ pub enum NetError {
     Unresolved { ip: IpAddr, dev: String, waited: Duration },
 }
 
-/// An interface of this host.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Interface {
-    pub name: String,
-    pub ifindex: u32,
-    pub mac: [u8; 6],
-    /// Id of an XDP program already attached, if any.
-    pub xdp_prog: Option<u32>,
-}
-
-/// Where a target sits: the interface that reaches it and its MAC.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Resolved {
-    pub ip: IpAddr,
-    pub dev: Interface,
-    pub mac: [u8; 6],
-}
+pub use crate::control::plan::{Interface, Resolved};
 
 fn ip_json(args: &[&str]) -> Result<Value, NetError> {
     let out = Command::new("ip").arg("-j").args(args).output().map_err(|source| NetError::IpCommand { source })?;

@@ -1,5 +1,5 @@
 //! `lb demo`: the whole product on one machine. Builds the topology of
-//! [`lb_userspace::topology`] (client, LB, three HTTP backends in namespaces), starts
+//! [`crate::testing::topology`] (client, LB, three HTTP backends in namespaces), starts
 //! `lb run` on the LB in native XDP mode, sends real HTTP and UDP traffic from the
 //! client, prints who served what and `lb stats`, and tears everything down (also on
 //! Ctrl-C).
@@ -14,8 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::testing::topology::{self, AgentProcess, CLIENT4, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6};
 use anyhow::{Context as _, bail};
-use lb_userspace::topology::{self, AgentProcess, CLIENT4, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6};
 
 pub struct DemoOptions {
     pub udp_flows: u32,
@@ -81,7 +81,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let started = Instant::now();
     loop {
-        let (_, status) = rt.block_on(lb_userspace::api::call(&topo.socket(), "GET", "/v1/status", None))?;
+        let (_, status) = rt.block_on(crate::api::call(&topo.socket(), "GET", "/v1/status", None))?;
         let healthy = status["target_groups"][0]["healthy"].as_u64().unwrap_or(0);
         if healthy == 3 {
             println!("   all 3 targets passed their HTTP health checks in {:.1} s", started.elapsed().as_secs_f64());

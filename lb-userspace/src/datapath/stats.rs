@@ -1,5 +1,5 @@
 //! Counters summed over CPUs: global verdicts and drop reasons, per VIP, per backend.
-//! Read from the maps of a loaded [`Dataplane`](crate::dataplane::Dataplane) or from the
+//! Read from the maps of a loaded [`Dataplane`](crate::datapath::Dataplane) or from the
 //! pins of a running agent; everything needed to label them is in the maps themselves.
 
 use std::{net::IpAddr, path::Path};
@@ -10,8 +10,7 @@ use serde::Serialize;
 
 use crate::{
     config::{MacAddr, vip_display},
-    dataplane::{DataplaneError, open_pinned},
-    plan::addr_from_bytes,
+    datapath::{DataplaneError, open_pinned},
 };
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -73,7 +72,7 @@ impl Snapshot {
             let (key, meta) = entry.map_err(err(maps::VIPS))?;
             let c = sum(&vip_stats.get(&meta.id, 0).map_err(err(maps::VIP_STATS))?);
             vips.push(VipStats {
-                vip: vip_display(addr_from_bytes(key.addr), u16::from_be(key.port), key.proto),
+                vip: vip_display(lb_common::ip_from_addr(key.addr), u16::from_be(key.port), key.proto),
                 slot: meta.id,
                 packets: c.packets,
                 bytes: c.bytes,
@@ -94,7 +93,7 @@ impl Snapshot {
             let c = sum(&backend_stats.get(&id, 0).map_err(err(maps::BACKEND_STATS))?);
             backends.push(BackendStats {
                 id,
-                ip: addr_from_bytes(b.addr),
+                ip: lb_common::ip_from_addr(b.addr),
                 mac: MacAddr(b.dst_mac).to_string(),
                 ifindex: b.ifindex,
                 packets: c.packets,

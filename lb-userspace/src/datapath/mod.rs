@@ -18,7 +18,13 @@ use aya::{
 use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
-use crate::{config::XdpMode, netinfo::Interface, plan::Plan};
+pub mod stats;
+
+/// The load balancer's XDP object (lb-ebpf), built by build.rs. It holds `lb_xdp` and
+/// its maps only; the tools' programs are in `crate::testing::programs::TOOLS_OBJECT`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp"));
+
+use crate::{config::XdpMode, control::plan::Plan, host::Interface};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -90,7 +96,7 @@ const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_millis(1);
 const PERMISSION_HINT: &str = " (permission denied: run as root or with CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)";
 
 /// `hint` if the error chain holds EPERM/EACCES.
-fn permission_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
+pub(crate) fn permission_hint(e: &(dyn std::error::Error + 'static)) -> &'static str {
     match errno(e) {
         Some(libc::EPERM) | Some(libc::EACCES) => PERMISSION_HINT,
         _ => "",
@@ -145,7 +151,7 @@ impl Dataplane {
             .override_global(globals::RING_SIZE, &opts.ring_size, true)
             .map_max_entries(maps::RINGS, ring_entries)
             .map_max_entries(maps::CONNS, opts.conn_table_size)
-            .load(crate::EBPF_OBJECT)
+            .load(EBPF_OBJECT)
             .map_err(|source| {
                 let hint = permission_hint(&source);
                 DataplaneError::Load { source: Box::new(source), hint }
@@ -437,7 +443,7 @@ where
     T::try_from(map).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })
 }
 
-fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
+pub(crate) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
     xdp_mut(ebpf, name)?.load().map_err(|source| {
         let hint = permission_hint(&source);
         DataplaneError::Verify { name, source: Box::new(source), hint }
@@ -473,72 +479,18 @@ fn errno(e: &(dyn std::error::Error + 'static)) -> Option<i32> {
 }
 
 /// The XDP program `name` of `ebpf`.
-fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+pub(crate) fn xdp_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
     ebpf.program_mut(name)
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
 }
 
-fn xdp_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, DataplaneError> {
+pub(crate) fn xdp_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp, DataplaneError> {
     ebpf.program(name)
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
-}
-
-/// One of the object's helper programs (`lb_pass`, `lb_sink`), loaded on its own with
-/// the big maps shrunk. Attached in native mode if asked; detached on drop.
-pub struct AuxProgram {
-    ebpf: Ebpf,
-    name: &'static str,
-}
-
-impl AuxProgram {
-    /// Loads `name` (one of `lb_common::programs`).
-    pub fn load(name: &'static str) -> Result<Self, DataplaneError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::RINGS, 1)
-            .map_max_entries(maps::CONNS, 1024)
-            .load(crate::EBPF_OBJECT)
-            .map_err(|source| {
-                let hint = permission_hint(&source);
-                DataplaneError::Load { source: Box::new(source), hint }
-            })?;
-        load_program(&mut ebpf, name)?;
-        Ok(AuxProgram { ebpf, name })
-    }
-
-    /// Loads `name` and attaches it to `ifindex` in native mode.
-    pub fn attach(name: &'static str, ifindex: u32) -> Result<Self, DataplaneError> {
-        let mut aux = AuxProgram::load(name)?;
-        xdp_mut(&mut aux.ebpf, name)?.attach_to_if_index(ifindex, AyaXdpMode::Driver).map_err(|source| {
-            DataplaneError::Attach {
-                iface: format!("ifindex {ifindex}"),
-                mode: "native",
-                source: Box::new(source),
-                hint: "",
-            }
-        })?;
-        Ok(aux)
-    }
-
-    pub fn program(&self) -> Result<&Xdp, DataplaneError> {
-        xdp_ref(&self.ebpf, self.name)
-    }
-
-    /// What an `lb_sink` counted, summed over CPUs.
-    pub fn sink_count(&self) -> Result<lb_common::Counter, DataplaneError> {
-        let name = maps::SINK_STATS;
-        let map = self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })?;
-        let arr: aya::maps::PerCpuArray<&MapData, lb_common::Counter> =
-            map.try_into().map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
-        let v = arr.get(&0, 0).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
-        Ok(v.iter().fold(lb_common::Counter::default(), |a, c| lb_common::Counter {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
-    }
 }
 
 /// Opens a pinned map of a running agent.

@@ -6,21 +6,38 @@
 //! meaning the same thing.
 
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
-    hash::Hash,
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
 };
 
-use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_VALID, Backend, MAX_BACKENDS, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY, VipKey, v4_mapped,
-};
+use lb_common::{BACKEND_F_DOWN, BACKEND_F_VALID, Backend, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY, VipKey, addr_from_ip};
 
-use crate::{
-    config::{AllUnhealthy, Config, HashMode},
-    health::TargetState,
+pub use super::ids::{Allocators, Ids};
+use super::{
+    health_state::TargetState,
     maglev::{self, MaglevError},
-    netinfo::Resolved,
 };
+use crate::config::{AllUnhealthy, Config, HashMode};
+
+// What the plan needs to know of the host; `crate::host` finds it out.
+
+/// An interface of this host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// Id of an XDP program already attached, if any.
+    pub xdp_prog: Option<u32>,
+}
+
+/// Where a target sits: the interface that reaches it and its MAC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub ip: IpAddr,
+    pub dev: Interface,
+    pub mac: [u8; 6],
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -34,91 +51,6 @@ pub enum PlanError {
     Unresolved { ip: IpAddr },
     #[error("out of {what} slots ({max}): raise the limit or remove entries")]
     Exhausted { what: &'static str, max: u32 },
-}
-
-/// Hands out small integer ids that stay the same for the same key across rebuilds.
-/// A freed id goes to the back of the free queue: ids never used go first, then the
-/// longest-freed, so an id is reused as late as possible.
-#[derive(Debug, Clone)]
-pub struct Ids<K> {
-    assigned: HashMap<K, u32>,
-    /// Free ids in the order they should be handed out.
-    free: VecDeque<u32>,
-}
-
-impl<K: Eq + Hash + Clone> Ids<K> {
-    /// Ids in `first..end`.
-    pub fn new(first: u32, end: u32) -> Self {
-        Ids { assigned: HashMap::new(), free: (first..end).collect() }
-    }
-
-    /// Assigns ids to exactly `keys`: kept keys keep theirs, removed keys free theirs,
-    /// new keys take ids from the free queue. Nothing changes on error.
-    pub fn assign<'a>(
-        &mut self,
-        keys: impl IntoIterator<Item = &'a K>,
-        what: &'static str,
-    ) -> Result<HashMap<K, u32>, PlanError>
-    where
-        K: 'a,
-    {
-        let keys: Vec<&K> = keys.into_iter().collect();
-        let mut next: HashMap<K, u32> =
-            keys.iter().filter_map(|k| self.assigned.get(*k).map(|id| ((*k).clone(), *id))).collect();
-        let mut free = self.free.clone();
-        // Ids of removed keys join the back of the queue.
-        let mut released: Vec<u32> =
-            self.assigned.iter().filter(|(k, _)| !next.contains_key(*k)).map(|(_, id)| *id).collect();
-        released.sort_unstable();
-        free.extend(released);
-        let capacity = (free.len() + next.len()) as u32;
-        for k in keys {
-            if !next.contains_key(k) {
-                let id = free.pop_front().ok_or(PlanError::Exhausted { what, max: capacity })?;
-                next.insert(k.clone(), id);
-            }
-        }
-        self.assigned = next.clone();
-        self.free = free;
-        Ok(next)
-    }
-}
-
-/// Id allocators and backend generations, kept for the agent's lifetime.
-#[derive(Debug, Clone)]
-pub struct Allocators {
-    pub vips: Ids<VipKey>,
-    /// Backends are (target group, target address): a target in two groups is two
-    /// backends, each with its own health, draining and counters (as in NLB).
-    pub backends: Ids<(String, IpAddr)>,
-    /// Generation of each backend's current id assignment (see `Backend::generation`).
-    gens: HashMap<(String, IpAddr), (u32, u32)>,
-    next_gen: u32,
-}
-
-impl Allocators {
-    pub fn new(max_vips: u32) -> Self {
-        Allocators {
-            vips: Ids::new(0, max_vips),
-            backends: Ids::new(1, MAX_BACKENDS),
-            gens: HashMap::new(),
-            next_gen: 1,
-        }
-    }
-
-    /// The generation of `ip` holding `id`: unchanged while it keeps the id, new when
-    /// it gets one.
-    fn generation(&mut self, key: (String, IpAddr), id: u32) -> u32 {
-        match self.gens.get(&key) {
-            Some((held, g)) if *held == id => *g,
-            _ => {
-                let g = self.next_gen;
-                self.next_gen = self.next_gen.wrapping_add(1).max(1);
-                self.gens.insert(key, (id, g));
-                g
-            }
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -140,26 +72,6 @@ pub struct Plan {
     pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
-}
-
-pub fn addr_bytes(ip: IpAddr) -> lb_common::Addr {
-    match ip {
-        IpAddr::V4(v4) => v4_mapped(v4.octets()),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-/// The inverse of [`addr_bytes`].
-pub fn addr_from_bytes(a: lb_common::Addr) -> IpAddr {
-    let v6 = std::net::Ipv6Addr::from(a);
-    match v6.to_ipv4_mapped() {
-        Some(v4) => IpAddr::V4(v4),
-        None => IpAddr::V6(v6),
-    }
-}
-
-pub fn vip_key(address: IpAddr, port: u16, proto: u8) -> VipKey {
-    VipKey { addr: addr_bytes(address), port: port.to_be(), proto, _pad: 0 }
 }
 
 /// A target as the plan sees it: what the agent knows of it now.
@@ -227,7 +139,8 @@ pub fn build_with(
     ids: &mut Allocators,
 ) -> Result<Plan, PlanError> {
     let ring_size = config.dataplane.ring_size;
-    let keys: Vec<VipKey> = config.listeners.iter().map(|l| vip_key(l.address, l.port, l.protocol.number())).collect();
+    let keys: Vec<VipKey> =
+        config.listeners.iter().map(|l| VipKey::new(l.address, l.port, l.protocol.number())).collect();
     let members: Vec<(String, IpAddr)> = groups
         .iter()
         .flat_map(|g| g.targets.iter().filter(|t| t.state != TargetState::Unused).map(|t| (g.name.clone(), t.ip)))
@@ -251,7 +164,7 @@ pub fn build_with(
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
             let (ring_member, flags) = role(t, has_healthy, fail_open);
             let b = Backend {
-                addr: addr_bytes(t.ip),
+                addr: addr_from_ip(t.ip),
                 dst_mac: r.mac,
                 src_mac: r.dev.mac,
                 ifindex: r.dev.ifindex,
@@ -294,7 +207,7 @@ pub fn build_with(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netinfo::Interface;
+    use crate::host::Interface;
     use std::path::Path;
 
     fn resolved(config: &Config) -> HashMap<IpAddr, Resolved> {
@@ -386,7 +299,7 @@ mod tests {
         assert!(p.vips[0].ring.iter().all(|id| p.backends.contains_key(id)));
         assert_eq!(p.tx_ports, vec![2]);
         let (ip, b) = p.backends.values().next().expect("backend");
-        assert_eq!(addr_from_bytes(b.addr), *ip);
+        assert_eq!(lb_common::ip_from_addr(b.addr), *ip);
     }
 
     fn with_states(config: &Config, states: &[TargetState]) -> Vec<PlanGroup> {

@@ -6,7 +6,7 @@ use std::{fmt::Write as _, net::IpAddr, time::Duration};
 
 use lb_common::GlobalCounter;
 
-use crate::{health::TargetState, stats::Snapshot};
+use crate::{control::health_state::TargetState, datapath::stats::Snapshot};
 
 /// One target as the agent sees it.
 #[derive(Debug, Clone, PartialEq)]

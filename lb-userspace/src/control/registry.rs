@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use crate::{
     api::{ApiFailure, DeregisterRequest, RegisterRequest},
     config::{Config, MAX_WEIGHT, MacAddr, TargetGroup},
-    health::{Probe, TargetState, Tracker},
-    plan::{PlanGroup, PlanTarget},
+    control::health_state::{Probe, TargetState, Tracker},
+    control::plan::{PlanGroup, PlanTarget},
 };
 
 /// A target: (target group, address).

@@ -20,14 +20,16 @@ use tracing::{error, info};
 
 use crate::{
     api::{self, ApiFailure, DeregisterRequest, RegisterRequest},
+    config::HealthCheck,
     config::{Config, ConfigError, XdpMode},
-    dataplane::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
-    health::{self, HealthCheck, HealthEvent},
+    control::health_state::TargetState,
+    control::plan::{self, Allocators, PlanError},
+    control::registry::{Registry, TargetKey},
+    datapath::stats::Snapshot,
+    datapath::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
+    health::{self, HealthEvent},
+    host::{self, Interface, NetError, Resolved},
     metrics::{TargetView, View},
-    netinfo::{self, Interface, NetError, Resolved},
-    plan::{self, Allocators, PlanError},
-    stats::Snapshot,
-    targets::{Registry, TargetKey},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -281,7 +283,7 @@ async fn start(
     health_tx: mpsc::Sender<HealthEvent<TargetKey>>,
 ) -> Result<Agent, AgentError> {
     let dpc = &config.dataplane;
-    let interfaces: Vec<Interface> = dpc.interfaces.iter().map(|n| netinfo::interface(n)).collect::<Result<_, _>>()?;
+    let interfaces: Vec<Interface> = dpc.interfaces.iter().map(|n| host::interface(n)).collect::<Result<_, _>>()?;
     // Loading first surfaces permission and verifier problems before slow resolution.
     let mut dp = Dataplane::load(LoadOptions {
         ring_size: dpc.ring_size,
@@ -431,7 +433,7 @@ impl Agent {
     fn sync_monitors(&mut self) {
         let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr)> = HashMap::new();
         for (key, e) in self.registry.entries() {
-            if !e.checked || e.drain_until.is_some() || e.state() == health::TargetState::Unused {
+            if !e.checked || e.drain_until.is_some() || e.state() == TargetState::Unused {
                 continue;
             }
             let check = self.config.target_group(&key.0).and_then(|g| g.health_check.clone());
@@ -450,7 +452,7 @@ impl Agent {
             if self.monitors.contains_key(&key) {
                 continue;
             }
-            match check.checker() {
+            match health::checker(&check) {
                 Ok(checker) => {
                     let task = health::spawn_monitor(
                         key.clone(),
@@ -554,7 +556,7 @@ impl Agent {
             Some(r) => r.clone(),
             None => {
                 let wait = self.opts.resolve_wait;
-                tokio::task::spawn_blocking(move || netinfo::resolve_target(ip, None, wait))
+                tokio::task::spawn_blocking(move || host::resolve_target(ip, None, wait))
                     .await
                     .map_err(|e| ApiFailure::internal(e.to_string()))?
                     .map_err(|e| ApiFailure::bad_request(chain(&e)))?
@@ -633,7 +635,7 @@ async fn resolve_all(
 ) -> Result<HashMap<IpAddr, Resolved>, AgentError> {
     let mut tasks = Vec::new();
     for &(ip, mac) in targets {
-        tasks.push(tokio::task::spawn_blocking(move || netinfo::resolve_target(ip, mac, wait)));
+        tasks.push(tokio::task::spawn_blocking(move || host::resolve_target(ip, mac, wait)));
     }
     let mut out = HashMap::new();
     for task in tasks {
@@ -644,66 +646,4 @@ async fn resolve_all(
         out.insert(r.ip, r);
     }
     Ok(out)
-}
-
-/// An agent running in-process on its own thread inside a network namespace (demo and
-/// tests). Stopped, detached and unpinned on drop.
-pub struct AgentHandle {
-    tx: mpsc::Sender<Control>,
-    thread: Option<std::thread::JoinHandle<Result<Result<(), AgentError>, crate::netns::NetnsError>>>,
-}
-
-impl AgentHandle {
-    /// Starts the agent in `ns` and waits until it is ready (or failed to start).
-    pub fn start_in(ns: &crate::netns::Netns, opts: RunOptions) -> Result<AgentHandle, AgentError> {
-        let (tx, rx) = mpsc::channel(4);
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let thread = ns.spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| AgentError::Join(e.to_string()))?;
-            rt.block_on(run(opts, rx, Some(ready_tx)))
-        });
-        let mut handle = AgentHandle { tx, thread: Some(thread) };
-        if ready_rx.blocking_recv().is_err() {
-            // The agent returned before becoming ready: report why.
-            return Err(handle
-                .join()
-                .err()
-                .unwrap_or_else(|| AgentError::Join("agent exited before it was ready".into())));
-        }
-        Ok(handle)
-    }
-
-    /// Asks the agent to reload its config file; returns the outcome.
-    pub fn reload(&self) -> Result<(), String> {
-        let (reply, outcome) = oneshot::channel();
-        self.tx
-            .blocking_send(Control::Reload { reply: Some(reply) })
-            .map_err(|_| "agent is not running".to_string())?;
-        outcome.blocking_recv().map_err(|_| "agent stopped during the reload".to_string())?
-    }
-
-    /// Stops the agent and returns how it ended.
-    pub fn stop(mut self) -> Result<(), AgentError> {
-        let _ = self.tx.blocking_send(Control::Shutdown);
-        self.join()
-    }
-
-    fn join(&mut self) -> Result<(), AgentError> {
-        match self.thread.take().map(|t| t.join()) {
-            Some(Ok(Ok(r))) => r,
-            Some(Ok(Err(e))) => Err(AgentError::Join(e.to_string())),
-            Some(Err(_)) => Err(AgentError::Join("agent thread panicked".into())),
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for AgentHandle {
-    fn drop(&mut self) {
-        let _ = self.tx.blocking_send(Control::Shutdown);
-        let _ = self.join();
-    }
 }

@@ -13,14 +13,13 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
     maps::{Array, MapData},
     programs::{TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
 use lb_common::{GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GEN_PORTS, GenTemplate, maps, programs};
 use serde::Serialize;
 
-use crate::packet::{Frame, L4, tcp_flags};
+use crate::testing::packet::{Frame, L4, tcp_flags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenError {
@@ -31,7 +30,7 @@ pub enum GenError {
     #[error("the generator's template map")]
     Map(#[source] Box<aya::maps::MapError>),
     #[error("building the frame template: {0}")]
-    Frame(#[from] crate::packet::FrameError),
+    Frame(#[from] crate::testing::packet::FrameError),
     #[error("the headers are {len} bytes; the generator restores at most {GEN_HDR_MAX}")]
     HeadersTooLong { len: usize },
     #[error(
@@ -162,11 +161,8 @@ pub struct Generator {
 
 impl Generator {
     pub fn load(template: GenTemplate) -> Result<Generator, GenError> {
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(maps::RINGS, 1)
-            .map_max_entries(maps::CONNS, 1024)
-            .load(crate::EBPF_OBJECT)
-            .map_err(|e| GenError::Load(Box::new(e)))?;
+        let mut ebpf =
+            aya::Ebpf::load(crate::testing::programs::TOOLS_OBJECT).map_err(|e| GenError::Load(Box::new(e)))?;
         let missing = || GenError::Map(Box::new(aya::maps::MapError::InvalidName { name: maps::GEN_TEMPLATE.into() }));
         let mut t: Array<&mut MapData, GenTemplate> =
             ebpf.map_mut(maps::GEN_TEMPLATE).ok_or_else(missing)?.try_into().map_err(|e| GenError::Map(Box::new(e)))?;

@@ -4,6 +4,7 @@
 //! program indexes with `flow_hash % m`. [`populate`] is the bare population algorithm
 //! on explicit permutations; [`disruption`] measures how much a table changed.
 
+use lb_common::is_prime;
 use thiserror::Error;
 
 /// Table value of a slot that maps to no backend (only when there is no usable backend).
@@ -44,25 +45,6 @@ pub enum MaglevError {
         /// Key of the offending backend.
         key: String,
     },
-}
-
-/// Returns whether `n` is prime (deterministic trial division; fine for any `u32`).
-pub fn is_prime(n: u32) -> bool {
-    if n < 4 {
-        return n >= 2;
-    }
-    if n.is_multiple_of(2) || n.is_multiple_of(3) {
-        return false;
-    }
-    let n = u64::from(n);
-    let mut d = 5u64;
-    while d * d <= n {
-        if n.is_multiple_of(d) || n.is_multiple_of(d + 2) {
-            return false;
-        }
-        d += 6;
-    }
-    true
 }
 
 /// One backend's permutation of the table, `slot_j = (offset + j * skip) % m`, and its weight.

@@ -30,9 +30,10 @@ use std::{
 };
 
 use crate::{
-    dataplane::{AuxProgram, DataplaneError},
-    netinfo,
-    netns::{self, Netns, NetnsError},
+    datapath::DataplaneError,
+    host,
+    testing::netns::{self, Netns, NetnsError},
+    testing::programs::AuxProgram,
 };
 
 pub const VIP4: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
@@ -55,7 +56,7 @@ pub enum TopologyError {
     #[error("attaching the pass-through XDP program to the LB's switch port: {0}")]
     Pass(#[from] DataplaneError),
     #[error(transparent)]
-    Net(#[from] netinfo::NetError),
+    Net(#[from] host::NetError),
     #[error("{what}")]
     Io {
         what: String,
@@ -138,7 +139,7 @@ impl Topology {
         // native XDP forwards as they are: make the client's stack compute them.
         topo.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         // Native XDP_TX frames leave the LB's veth towards p-lb: give p-lb NAPI.
-        let ifindex = topo.switch.run(|| netinfo::interface("p-lb").map(|i| i.ifindex))??;
+        let ifindex = topo.switch.run(|| host::interface("p-lb").map(|i| i.ifindex))??;
         topo.pass = Some(topo.switch.run(move || AuxProgram::attach(lb_common::programs::PASS, ifindex))??);
         for _ in 0..backends {
             topo.add_backend()?;
@@ -589,8 +590,8 @@ impl BenchTopology {
             "dev",
             "eth0",
         ])?;
-        let client_ifindex = client.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
-        let lb_ifindex = lb.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
+        let client_ifindex = client.run(|| host::interface("eth0").map(|i| i.ifindex))??;
+        let lb_ifindex = lb.run(|| host::interface("eth0").map(|i| i.ifindex))??;
         let mut topo =
             BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
         for i in 1..=sinks {
@@ -611,7 +612,7 @@ impl BenchTopology {
                 "dev",
                 &lb_side,
             ])?;
-            let ifindex = ns.run(|| netinfo::interface("eth0").map(|i| i.ifindex))??;
+            let ifindex = ns.run(|| host::interface("eth0").map(|i| i.ifindex))??;
             let sink = ns.run(move || AuxProgram::attach(lb_common::programs::SINK, ifindex))??;
             topo.sinks.push((ns, ip, mac, sink));
         }
@@ -644,8 +645,8 @@ impl BenchTopology {
 
     /// Generator options for UDP to the VIP from the client (one thread, as fast as it
     /// goes, bounded by `duration`); adjust fields as needed.
-    pub fn gen_options(&self, frame_len: usize, flows: u32, duration: Duration) -> crate::generator::GenOptions {
-        crate::generator::GenOptions {
+    pub fn gen_options(&self, frame_len: usize, flows: u32, duration: Duration) -> crate::tools::generator::GenOptions {
+        crate::tools::generator::GenOptions {
             ifindex: self.client_ifindex,
             interface: "eth0".into(),
             src_mac: self.client_mac,

@@ -1,5 +1,9 @@
-//! Benchmark helpers that live in the same object as the load balancer: the packet
-//! generator program (BPF_PROG_RUN live frames, as xdp-trafficgen does) and an XDP sink.
+//! The tools' XDP programs, in their own object so that the agent's object holds the
+//! load balancer only: the packet generator (BPF_PROG_RUN live frames, as
+//! xdp-trafficgen does), a counting sink, and a pass program that gives a veth peer
+//! NAPI. Loaded by `lb gen`, `lb bench`, `lb demo` and the tests, never by `lb run`.
+#![no_std]
+#![no_main]
 
 use aya_ebpf::{
     helpers::bpf_get_smp_processor_id,
@@ -9,7 +13,20 @@ use aya_ebpf::{
 };
 use lb_common::{Counter, ETH_P_IP, ETH_P_IPV6, GEN_HDR_MAX, GEN_NO_CSUM, GEN_PORT_BASE, GenTemplate, xdp_action};
 
-use crate::parse::ptr_at;
+/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
+    if ctx.data() + offset + core::mem::size_of::<T>() > ctx.data_end() {
+        return Err(());
+    }
+    Ok((ctx.data() + offset) as *mut T)
+}
+
+/// Gives a veth peer NAPI so that it receives native-mode XDP_TX/redirected frames.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::PASS
+}
 
 #[map(name = "LB_GEN_TEMPLATE")]
 static GEN_TEMPLATE: Array<GenTemplate> = Array::with_max_entries(1, 0);
@@ -131,3 +148,13 @@ pub fn lb_sink(ctx: XdpContext) -> u32 {
     }
     xdp_action::DROP
 }
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -10,13 +10,15 @@ use std::{
     str::FromStr,
 };
 
+pub mod health_check;
+
 use lb_common::{
     DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONN_TABLE_SIZE, MAX_RING_SIZE,
-    MAX_VIPS, MIN_CONN_TABLE_SIZE,
+    MAX_VIPS, MIN_CONN_TABLE_SIZE, is_prime,
 };
 use serde::{Deserialize, Serialize};
 
-use crate::maglev::is_prime;
+pub use self::health_check::{HealthCheck, HealthConfigError};
 
 /// The only config format version so far.
 pub const CONFIG_VERSION: u32 = 1;
@@ -87,7 +89,7 @@ pub enum ConfigError {
     HealthCheck {
         group: String,
         #[source]
-        source: crate::health::HealthConfigError,
+        source: HealthConfigError,
     },
     #[error(
         "target group `{group}`: deregistration_delay_secs = {value} is out of range: use 0..={MAX_DEREGISTRATION_DELAY_SECS}"
@@ -327,7 +329,7 @@ pub struct TargetGroup {
     pub targets: Vec<Target>,
     /// Health checks. Absent: targets count as healthy once resolved.
     #[serde(default)]
-    pub health_check: Option<crate::health::HealthCheck>,
+    pub health_check: Option<HealthCheck>,
     /// Seconds a deregistered target keeps serving its existing flows, 0..=3600.
     #[serde(default = "default_deregistration_delay")]
     pub deregistration_delay_secs: u64,
@@ -529,7 +531,7 @@ pub(crate) fn unusable_unicast(ip: IpAddr) -> Option<&'static str> {
 }
 
 /// A commented example config, printed by `lb example-config`.
-pub const EXAMPLE: &str = include_str!("../../docs/lb.example.toml");
+pub const EXAMPLE: &str = include_str!("../../../docs/lb.example.toml");
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,8 @@
+//! Pure decisions: what the datapath should hold, given the config and what the agent
+//! knows of its targets. No I/O, no aya; everything here is unit-tested.
+
+pub mod health_state;
+pub mod ids;
+pub mod maglev;
+pub mod plan;
+pub mod registry;
