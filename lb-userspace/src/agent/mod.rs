@@ -5,6 +5,11 @@
 //! Nothing is half-applied at start-up: every check that can fail (config, interfaces,
 //! target resolution, program verification) runs before the first attach, and a failed
 //! attach detaches whatever was attached before it.
+//!
+//! - `mod.rs`: start-up and the event loop (`run`);
+//! - `state.rs`: the agent's state and how a change reaches the datapath (reload, replan);
+//! - `targets.rs`: health monitors, probe results, drains, the published view;
+//! - `api_calls.rs`: the control API's requests, answered on the loop.
 
 use std::{
     collections::HashMap,
@@ -31,6 +36,12 @@ use crate::{
     host::{self, Interface, NetError, Resolved},
     metrics::{TargetView, View},
 };
+
+mod api_calls;
+mod state;
+mod targets;
+
+use self::{api_calls::ApiHandler, state::Agent};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -124,75 +135,6 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     out
-}
-
-/// A target's health monitor and the check settings it runs with.
-struct Monitor {
-    task: tokio::task::JoinHandle<()>,
-    check: HealthCheck,
-    addr: SocketAddr,
-}
-
-struct Agent {
-    opts: RunOptions,
-    config: Config,
-    ids: Allocators,
-    /// What the maps hold now (re-applied if a reload fails halfway).
-    plan: plan::Plan,
-    dp: Dataplane,
-    registry: Registry,
-    resolved: HashMap<IpAddr, Resolved>,
-    monitors: HashMap<TargetKey, Monitor>,
-    health_tx: mpsc::Sender<HealthEvent<TargetKey>>,
-    view: Arc<Mutex<View>>,
-    started: Instant,
-    /// How long the last health/drain-driven datapath update took (decision to maps).
-    last_update: Option<Duration>,
-    /// The last health/drain-driven update failed: retried on the next tick.
-    dirty: bool,
-}
-
-/// Requests from the control API, answered by the agent task.
-enum ApiCall {
-    Status(oneshot::Sender<Result<Value, ApiFailure>>),
-    List(Option<String>, oneshot::Sender<Result<Value, ApiFailure>>),
-    Register(RegisterRequest, oneshot::Sender<Result<Value, ApiFailure>>),
-    Deregister(DeregisterRequest, oneshot::Sender<Result<Value, ApiFailure>>),
-    Reload(oneshot::Sender<Result<Value, ApiFailure>>),
-}
-
-/// The control API's handler: forwards each request to the agent task.
-struct ApiHandler {
-    tx: mpsc::Sender<ApiCall>,
-}
-
-impl ApiHandler {
-    async fn ask(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<Value, ApiFailure>>) -> ApiCall,
-    ) -> Result<Value, ApiFailure> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| ApiFailure::unavailable("the agent is shutting down"))?;
-        rx.await.map_err(|_| ApiFailure::unavailable("the agent is shutting down"))?
-    }
-}
-
-impl api::Handler for ApiHandler {
-    async fn status(&self) -> Result<Value, ApiFailure> {
-        self.ask(ApiCall::Status).await
-    }
-    async fn list_targets(&self, group: Option<String>) -> Result<Value, ApiFailure> {
-        self.ask(|r| ApiCall::List(group, r)).await
-    }
-    async fn register(&self, req: RegisterRequest) -> Result<Value, ApiFailure> {
-        self.ask(|r| ApiCall::Register(req, r)).await
-    }
-    async fn deregister(&self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
-        self.ask(|r| ApiCall::Deregister(req, r)).await
-    }
-    async fn reload(&self) -> Result<Value, ApiFailure> {
-        self.ask(ApiCall::Reload).await
-    }
 }
 
 /// Runs until `Control::Shutdown` (or the sender is dropped). `ready` fires once the
@@ -326,281 +268,6 @@ async fn start(
     agent.sync_monitors();
     agent.publish();
     Ok(agent)
-}
-
-impl Agent {
-    async fn reload(&mut self) -> Result<(), AgentError> {
-        let outcome = self.try_reload().await;
-        match &outcome {
-            Ok(()) => info!("reload applied"),
-            Err(e) => error!(error = %chain(e), "reload rejected; the running state is unchanged"),
-        }
-        outcome
-    }
-
-    async fn try_reload(&mut self) -> Result<(), AgentError> {
-        let started = Instant::now();
-        let config = self.opts.load_config()?;
-        if let Some(field) = restart_field(&self.config, &config) {
-            return Err(AgentError::NeedsRestart { field });
-        }
-        let mut registry = self.registry.clone();
-        registry.readmit(&self.config, &config);
-        registry.sync(&config, Instant::now());
-        let resolved = resolve_all(&config, &registry.addresses(&config), self.opts.resolve_wait).await?;
-        let report = self.apply_state(&config, &registry, &resolved)?;
-        self.config = config;
-        self.registry = registry;
-        self.resolved = resolved;
-        self.sync_monitors();
-        self.publish();
-        info!(?report, elapsed_ms = started.elapsed().as_millis() as u64, "new config applied");
-        Ok(())
-    }
-
-    /// Plans `registry`'s targets under `config` and writes the result, or puts the
-    /// previous plan back. Commits ids and plan only on success.
-    fn apply_state(
-        &mut self,
-        config: &Config,
-        registry: &Registry,
-        resolved: &HashMap<IpAddr, Resolved>,
-    ) -> Result<ApplyReport, AgentError> {
-        let mut ids = self.ids.clone();
-        let plan = plan::build_with(config, &registry.plan_groups(config), resolved, &mut ids)?;
-        let report = match self.dp.apply(&plan) {
-            Ok(r) => r,
-            Err(e) => {
-                // Put back what was running; only then is "unchanged" true.
-                return Err(match self.dp.apply(&self.plan) {
-                    Ok(_) => AgentError::Dataplane(e),
-                    Err(back) => AgentError::RolledBackFailed { apply: e.to_string(), rollback: back.to_string() },
-                });
-            }
-        };
-        self.ids = ids;
-        self.plan = plan;
-        Ok(report)
-    }
-
-    /// Re-plans after a change of target state (health, drain) and applies it.
-    fn replan(&mut self, why: &str) {
-        let started = Instant::now();
-        let registry = self.registry.clone();
-        let config = self.config.clone();
-        let resolved = std::mem::take(&mut self.resolved);
-        let outcome = self.apply_state(&config, &registry, &resolved);
-        self.resolved = resolved;
-        self.last_update = Some(started.elapsed());
-        self.dirty = outcome.is_err();
-        match outcome {
-            Ok(report) => info!(
-                why,
-                ring_slots = report.ring_slots_written,
-                elapsed_us = started.elapsed().as_micros() as u64,
-                "datapath updated"
-            ),
-            Err(e) => error!(why, error = %chain(&e), "updating the datapath failed; retrying every 100 ms"),
-        }
-        self.publish();
-    }
-
-    fn on_probe(&mut self, event: HealthEvent<TargetKey>) {
-        let Some((from, to)) = self.registry.on_probe(&event.key, &event.probe) else {
-            self.publish();
-            return;
-        };
-        let (group, ip) = &event.key;
-        info!(%group, target = %ip, %from, %to, reason = %event.probe.reason, "target health changed");
-        self.replan("target health changed");
-    }
-
-    fn expire_drains(&mut self) {
-        if self.dirty {
-            self.replan("retrying a failed datapath update");
-        }
-        let gone = self.registry.expire(Instant::now());
-        if !gone.is_empty() {
-            for (group, ip) in &gone {
-                info!(%group, target = %ip, "deregistration delay over: target removed");
-            }
-            self.replan("deregistration delay over");
-        }
-    }
-
-    /// Starts health monitors for checked, non-draining targets that have none (or whose
-    /// check settings changed) and stops the others.
-    fn sync_monitors(&mut self) {
-        let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr)> = HashMap::new();
-        for (key, e) in self.registry.entries() {
-            if !e.checked || e.drain_until.is_some() || e.state() == TargetState::Unused {
-                continue;
-            }
-            let check = self.config.target_group(&key.0).and_then(|g| g.health_check.clone());
-            if let (Some(check), Some(addr)) = (check, self.registry.probe_addr(&self.config, key)) {
-                wanted.insert(key.clone(), (check, addr));
-            }
-        }
-        self.monitors.retain(|key, m| {
-            let keep = wanted.get(key).is_some_and(|(c, a)| *c == m.check && *a == m.addr);
-            if !keep {
-                m.task.abort();
-            }
-            keep
-        });
-        for (key, (check, addr)) in wanted {
-            if self.monitors.contains_key(&key) {
-                continue;
-            }
-            match health::checker(&check) {
-                Ok(checker) => {
-                    let task = health::spawn_monitor(
-                        key.clone(),
-                        addr,
-                        Arc::new(checker),
-                        check.interval(),
-                        self.health_tx.clone(),
-                    );
-                    self.monitors.insert(key, Monitor { task, check, addr });
-                }
-                Err(e) => error!(group = %key.0, error = %e, "health check not started"),
-            }
-        }
-    }
-
-    /// Publishes target states for the metrics endpoint.
-    fn publish(&self) {
-        let ids: HashMap<(&str, IpAddr), u32> = self
-            .plan
-            .backends
-            .iter()
-            .filter_map(|(id, (ip, _))| self.plan.backend_groups.get(id).map(|g| ((g.as_str(), *ip), *id)))
-            .collect();
-        let view = View {
-            targets: self
-                .registry
-                .entries()
-                .iter()
-                .map(|((g, ip), e)| TargetView {
-                    group: g.clone(),
-                    target: *ip,
-                    state: e.state(),
-                    backend_id: ids.get(&(g.as_str(), *ip)).copied(),
-                    last_latency: e.last_latency,
-                    checked: e.checked,
-                    probes: e.tracker.total_probes(),
-                    failures: e.tracker.total_failures(),
-                })
-                .collect(),
-            groups: self.registry.group_counts(&self.config),
-        };
-        if let Ok(mut v) = self.view.lock() {
-            *v = view;
-        }
-    }
-
-    async fn api(&mut self, call: ApiCall) {
-        match call {
-            ApiCall::Status(reply) => {
-                let _ = reply.send(Ok(self.status()));
-            }
-            ApiCall::List(group, reply) => {
-                let _ = reply.send(self.registry.list(&self.config, group.as_deref(), Instant::now()));
-            }
-            ApiCall::Register(req, reply) => {
-                let _ = reply.send(self.register(req).await);
-            }
-            ApiCall::Deregister(req, reply) => {
-                let _ = reply.send(self.deregister(req));
-            }
-            ApiCall::Reload(reply) => {
-                let outcome = self.reload().await;
-                let _ = reply.send(match outcome {
-                    Ok(()) => Ok(json!({ "reloaded": true })),
-                    Err(e @ AgentError::RolledBackFailed { .. }) => Err(ApiFailure::internal(e.to_string())),
-                    Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {}", chain(&e)))),
-                });
-            }
-        }
-    }
-
-    fn status(&self) -> Value {
-        let groups: Vec<Value> = self
-            .registry
-            .group_counts(&self.config)
-            .into_iter()
-            .map(|(name, healthy, total)| json!({ "group": name, "healthy": healthy, "targets": total }))
-            .collect();
-        let listeners: Vec<Value> = self
-            .config
-            .listeners
-            .iter()
-            .map(|l| json!({ "name": l.name, "vip": l.vip_display(), "target_group": l.target_group }))
-            .collect();
-        json!({
-            "pid": std::process::id(),
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "config": self.opts.config_path.display().to_string(),
-            "interfaces": self.config.dataplane.interfaces,
-            "pin_dir": self.config.dataplane.pin_dir.display().to_string(),
-            "listeners": listeners,
-            "target_groups": groups,
-            "last_datapath_update_ms": self.last_update.map(|d| d.as_secs_f64() * 1e3),
-        })
-    }
-
-    async fn register(&mut self, req: RegisterRequest) -> Result<Value, ApiFailure> {
-        let (key, weight, port) = self.registry.check_register(&self.config, &req)?;
-        let ip = key.1;
-        let resolved = match self.resolved.get(&ip) {
-            Some(r) => r.clone(),
-            None => {
-                let wait = self.opts.resolve_wait;
-                tokio::task::spawn_blocking(move || host::resolve_target(ip, None, wait))
-                    .await
-                    .map_err(|e| ApiFailure::internal(e.to_string()))?
-                    .map_err(|e| ApiFailure::bad_request(chain(&e)))?
-            }
-        };
-        let mut registry = self.registry.clone();
-        registry.register(key.clone(), weight, port);
-        registry.sync(&self.config, Instant::now());
-        let mut resolved_all = self.resolved.clone();
-        resolved_all.insert(ip, resolved);
-        let config = self.config.clone();
-        self.apply_state(&config, &registry, &resolved_all).map_err(|e| ApiFailure::internal(chain(&e)))?;
-        self.registry = registry;
-        self.resolved = resolved_all;
-        self.sync_monitors();
-        self.publish();
-        let state = self.registry.get(&key).map(|e| e.state().to_string()).unwrap_or_default();
-        info!(group = %key.0, target = %ip, weight, %state, "target registered");
-        Ok(json!({ "group": key.0, "target": ip.to_string(), "weight": weight, "state": state }))
-    }
-
-    fn deregister(&mut self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
-        let mut registry = self.registry.clone();
-        let key = registry.deregister(&self.config, &req)?;
-        registry.sync(&self.config, Instant::now());
-        let config = self.config.clone();
-        let resolved = self.resolved.clone();
-        self.apply_state(&config, &registry, &resolved).map_err(|e| ApiFailure::internal(chain(&e)))?;
-        self.registry = registry;
-        self.sync_monitors();
-        self.publish();
-        let delay = self.config.target_group(&key.0).map(|g| g.deregistration_delay_secs).unwrap_or(0);
-        let state = self.registry.get(&key).map_or("removed".to_string(), |e| e.state().to_string());
-        info!(group = %key.0, target = %key.1, delay_secs = delay, "target deregistered");
-        Ok(json!({ "group": key.0, "target": key.1.to_string(), "state": state, "deregistration_delay_secs": delay }))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        for m in self.monitors.values() {
-            m.task.abort();
-        }
-    }
 }
 
 /// The first setting that differs and cannot change without a restart.
