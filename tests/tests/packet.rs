@@ -153,17 +153,7 @@ impl Harness {
             })
             .collect();
         let dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
-        let mut h = Harness {
-            dp,
-            plan: Plan {
-                vips: vec![],
-                backends: Default::default(),
-                backend_groups: Default::default(),
-                tx_ports: vec![],
-            },
-            ids: Allocators::new(8),
-            resolved,
-        };
+        let mut h = Harness { dp, plan: Plan::default(), ids: Allocators::new(8), resolved };
         h.apply(config);
         h
     }

@@ -58,7 +58,7 @@ impl Agent {
                 let _ = reply.send(self.register(req).await);
             }
             ApiCall::Deregister(req, reply) => {
-                let _ = reply.send(self.deregister(req));
+                let _ = reply.send(self.deregister(req).await);
             }
             ApiCall::Reload(reply) => {
                 let outcome = self.reload().await;
@@ -115,7 +115,7 @@ impl Agent {
         let mut resolved_all = self.resolved.clone();
         resolved_all.insert(ip, resolved);
         let config = self.config.clone();
-        self.apply_state(&config, &registry, &resolved_all).map_err(|e| ApiFailure::internal(chain(&e)))?;
+        self.apply_state(&config, &registry, &resolved_all).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.registry = registry;
         self.resolved = resolved_all;
         self.sync_monitors();
@@ -125,13 +125,13 @@ impl Agent {
         Ok(json!({ "group": key.0, "target": ip.to_string(), "weight": weight, "state": state }))
     }
 
-    pub(super) fn deregister(&mut self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
+    pub(super) async fn deregister(&mut self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
         let mut registry = self.registry.clone();
         let key = registry.deregister(&self.config, &req)?;
         registry.sync(&self.config, Instant::now());
         let config = self.config.clone();
         let resolved = self.resolved.clone();
-        self.apply_state(&config, &registry, &resolved).map_err(|e| ApiFailure::internal(chain(&e)))?;
+        self.apply_state(&config, &registry, &resolved).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
         self.registry = registry;
         self.sync_monitors();
         self.publish();

@@ -21,7 +21,7 @@ use std::{
 
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::{
     api::{self, ApiFailure, DeregisterRequest, RegisterRequest},
@@ -31,7 +31,10 @@ use crate::{
     control::plan::{self, Allocators, PlanError},
     control::registry::{Registry, TargetKey},
     datapath::stats::Snapshot,
-    datapath::{ApplyReport, Dataplane, DataplaneError, LoadOptions},
+    datapath::{
+        ApplyReport, Dataplane, DataplaneError, LoadOptions,
+        thread::{DatapathGone, DatapathThread},
+    },
     health::{self, HealthEvent},
     host::{self, Interface, NetError, Resolved},
     metrics::{TargetView, View},
@@ -72,6 +75,13 @@ pub enum AgentError {
         "applying the new config failed ({apply}) and restoring the previous one failed too ({rollback}): the datapath may mix both; restart the agent"
     )]
     RolledBackFailed { apply: String, rollback: String },
+    #[error(transparent)]
+    DatapathGone(#[from] DatapathGone),
+    #[error("starting the datapath thread")]
+    DatapathThread {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("resolving targets was interrupted: {0}")]
     Join(String),
 }
@@ -204,8 +214,8 @@ pub async fn run(
                 Some(Control::Shutdown) | None => break,
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
-            Some(event) = health_rx.recv() => agent.on_probe(event),
-            _ = drains.tick() => agent.expire_drains(),
+            Some(event) = health_rx.recv() => agent.on_probe(event).await,
+            _ = drains.tick() => agent.expire_drains().await,
         }
     }
     info!("shutting down: detaching and removing pins");
@@ -249,6 +259,9 @@ async fn start(
         dp.attach(iface, dpc.xdp_mode)?;
     }
     dp.pin(&dpc.pin_dir)?;
+    // From here on only the datapath thread touches the maps.
+    let dp = DatapathThread::spawn(dp).map_err(|source| AgentError::DatapathThread { source })?;
+    let plan = Arc::new(plan);
     info!(pin_dir = %dpc.pin_dir.display(), "ready");
     let mut agent = Agent {
         opts,

@@ -7,8 +7,9 @@ pub(super) struct Agent {
     pub(super) config: Config,
     pub(super) ids: Allocators,
     /// What the maps hold now (re-applied if a reload fails halfway).
-    pub(super) plan: plan::Plan,
-    pub(super) dp: Dataplane,
+    pub(super) plan: Arc<plan::Plan>,
+    /// The datapath, on its own thread: the loop awaits its writes without blocking.
+    pub(super) dp: DatapathThread,
     pub(super) registry: Registry,
     pub(super) resolved: HashMap<IpAddr, Resolved>,
     pub(super) monitors: HashMap<TargetKey, Monitor>,
@@ -20,6 +21,9 @@ pub(super) struct Agent {
     /// The last health/drain-driven update failed: retried on the next tick.
     pub(super) dirty: bool,
 }
+
+/// Plans written for one change: the second adds what waited for ids the first freed.
+const MAX_PLANS_PER_CHANGE: usize = 2;
 
 impl Agent {
     pub(super) async fn reload(&mut self) -> Result<(), AgentError> {
@@ -41,7 +45,7 @@ impl Agent {
         registry.readmit(&self.config, &config);
         registry.sync(&config, Instant::now());
         let resolved = resolve_all(&config, &registry.addresses(&config), self.opts.resolve_wait).await?;
-        let report = self.apply_state(&config, &registry, &resolved)?;
+        let report = self.apply_state(&config, &registry, &resolved).await?;
         self.config = config;
         self.registry = registry;
         self.resolved = resolved;
@@ -53,36 +57,72 @@ impl Agent {
 
     /// Plans `registry`'s targets under `config` and writes the result, or puts the
     /// previous plan back. Commits ids and plan only on success.
-    pub(super) fn apply_state(
+    ///
+    /// A plan that frees VIP slots or backend ids cannot hand them out again (the maps
+    /// still use them until it is applied, see `control::ids`): when only such ids are
+    /// left, the new listeners or targets wait for a second plan, built and written
+    /// right after the first.
+    pub(super) async fn apply_state(
         &mut self,
         config: &Config,
         registry: &Registry,
         resolved: &HashMap<IpAddr, Resolved>,
     ) -> Result<ApplyReport, AgentError> {
-        let mut ids = self.ids.clone();
-        let plan = plan::build_with(config, &registry.plan_groups(config), resolved, &mut ids)?;
-        let report = match self.dp.apply(&plan) {
-            Ok(r) => r,
-            Err(e) => {
-                // Put back what was running; only then is "unchanged" true.
-                return Err(match self.dp.apply(&self.plan) {
-                    Ok(_) => AgentError::Dataplane(e),
-                    Err(back) => AgentError::RolledBackFailed { apply: e.to_string(), rollback: back.to_string() },
-                });
+        let (ids_before, plan_before) = (self.ids.clone(), self.plan.clone());
+        let groups = registry.plan_groups(config);
+        let mut total = ApplyReport::default();
+        for _ in 0..MAX_PLANS_PER_CHANGE {
+            let mut ids = self.ids.clone();
+            let plan = match plan::build_with(config, &groups, resolved, &mut ids) {
+                Ok(p) => Arc::new(p),
+                Err(e) => return self.roll_back(ids_before, plan_before, AgentError::Plan(e)).await,
+            };
+            match self.write(plan.clone()).await {
+                Ok(report) => total += report,
+                Err(e) => return self.roll_back(ids_before, plan_before, e).await,
             }
-        };
+            self.ids = ids;
+            self.plan = plan;
+            if !self.plan.deferred {
+                return Ok(total);
+            }
+            debug!("some listeners or targets wait for ids this update freed: writing a second plan");
+        }
+        let e = AgentError::Plan(PlanError::StillDeferred);
+        self.roll_back(ids_before, plan_before, e).await
+    }
+
+    /// Writes `plan` into the maps on the datapath thread.
+    async fn write(&self, plan: Arc<plan::Plan>) -> Result<ApplyReport, AgentError> {
+        Ok(self.dp.run(move |dp| dp.apply(&plan)).await??)
+    }
+
+    /// Puts `plan` (what ran before a failed change) back; only then is "unchanged" true.
+    async fn roll_back(
+        &mut self,
+        ids: Allocators,
+        plan: Arc<plan::Plan>,
+        error: AgentError,
+    ) -> Result<ApplyReport, AgentError> {
+        if Arc::ptr_eq(&plan, &self.plan) {
+            return Err(error); // nothing was written
+        }
+        let back = self.write(plan.clone()).await;
         self.ids = ids;
         self.plan = plan;
-        Ok(report)
+        Err(match back {
+            Ok(_) => error,
+            Err(back) => AgentError::RolledBackFailed { apply: chain(&error), rollback: chain(&back) },
+        })
     }
 
     /// Re-plans after a change of target state (health, drain) and applies it.
-    pub(super) fn replan(&mut self, why: &str) {
+    pub(super) async fn replan(&mut self, why: &str) {
         let started = Instant::now();
         let registry = self.registry.clone();
         let config = self.config.clone();
         let resolved = std::mem::take(&mut self.resolved);
-        let outcome = self.apply_state(&config, &registry, &resolved);
+        let outcome = self.apply_state(&config, &registry, &resolved).await;
         self.resolved = resolved;
         self.last_update = Some(started.elapsed());
         self.dirty = outcome.is_err();

@@ -10,26 +10,26 @@ pub(super) struct Monitor {
 }
 
 impl Agent {
-    pub(super) fn on_probe(&mut self, event: HealthEvent<TargetKey>) {
+    pub(super) async fn on_probe(&mut self, event: HealthEvent<TargetKey>) {
         let Some((from, to)) = self.registry.on_probe(&event.key, &event.probe) else {
             self.publish();
             return;
         };
         let (group, ip) = &event.key;
         info!(%group, target = %ip, %from, %to, reason = %event.probe.reason, "target health changed");
-        self.replan("target health changed");
+        self.replan("target health changed").await;
     }
 
-    pub(super) fn expire_drains(&mut self) {
+    pub(super) async fn expire_drains(&mut self) {
         if self.dirty {
-            self.replan("retrying a failed datapath update");
+            self.replan("retrying a failed datapath update").await;
         }
         let gone = self.registry.expire(Instant::now());
         if !gone.is_empty() {
             for (group, ip) in &gone {
                 info!(%group, target = %ip, "deregistration delay over: target removed");
             }
-            self.replan("deregistration delay over");
+            self.replan("deregistration delay over").await;
         }
     }
 

@@ -51,6 +51,8 @@ pub enum PlanError {
     Unresolved { ip: IpAddr },
     #[error("out of {what} slots ({max}): raise the limit or remove entries")]
     Exhausted { what: &'static str, max: u32 },
+    #[error("internal error: listeners or targets still wait for ids after a second plan; nothing was changed")]
+    StillDeferred,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +65,7 @@ pub struct PlannedVip {
     pub ring: Vec<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Plan {
     pub vips: Vec<PlannedVip>,
     /// Backend id -> datapath entry.
@@ -72,6 +74,9 @@ pub struct Plan {
     pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
+    /// Some listeners or targets are left out: the only free ids are ones this plan
+    /// frees (see [`Ids`]). Apply it, then build again to add them.
+    pub deferred: bool,
 }
 
 /// A target as the plan sees it: what the agent knows of it now.
@@ -150,6 +155,8 @@ pub fn build_with(
     let mut next_ids = ids.clone();
     let slots = next_ids.vips.assign(&keys, "VIP")?;
     let backend_ids = next_ids.backends.assign(&members, "backend")?;
+    let deferred = slots.deferred + backend_ids.deferred > 0;
+    let (slots, backend_ids) = (slots.ids, backend_ids.ids);
 
     let mut backends = BTreeMap::new();
     let mut backend_groups = BTreeMap::new();
@@ -160,7 +167,8 @@ pub fn build_with(
         let mut in_ring = Vec::new();
         for t in g.targets.iter().filter(|t| t.state != TargetState::Unused) {
             let key = (g.name.clone(), t.ip);
-            let id = backend_ids[&key];
+            // No id yet (only quarantined ones are free): in the next plan.
+            let Some(&id) = backend_ids.get(&key) else { continue };
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
             let (ring_member, flags) = role(t, has_healthy, fail_open);
             let b = Backend {
@@ -198,10 +206,13 @@ pub fn build_with(
         if *fail_open {
             flags |= VIP_F_FAIL_OPEN;
         }
-        vips.push(PlannedVip { name: l.name.clone(), key, slot: slots[&key], flags, ring: ring.clone() });
+        // No slot yet (only quarantined ones are free): in the next plan.
+        let Some(&slot) = slots.get(&key) else { continue };
+        vips.push(PlannedVip { name: l.name.clone(), key, slot, flags, ring: ring.clone() });
     }
+    next_ids.prune_generations();
     *ids = next_ids;
-    Ok(Plan { vips, backends, backend_groups, tx_ports })
+    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred })
 }
 
 #[cfg(test)]
@@ -274,16 +285,84 @@ mod tests {
     }
 
     #[test]
-    fn freed_ids_are_reused_last() {
+    fn freed_ids_are_reused_last_and_never_in_the_assignment_that_frees_them() {
         let mut ids: Ids<u32> = Ids::new(1, 4);
-        let a = ids.assign(&[10, 11, 12], "x").expect("ids");
-        // 11 leaves, 13 arrives: no never-used id is left, so 13 gets 11's.
+        let a = ids.assign(&[10, 11, 12], "x").expect("ids").ids;
+        // 11 leaves, 13 arrives: no never-used id is left and 11's is still in the
+        // datapath until this assignment's plan is applied, so 13 waits.
         let b = ids.assign(&[10, 12, 13], "x").expect("ids");
-        assert_eq!(b[&13], a[&11]);
-        // Both 10 and 12 leave; 20 and 21 arrive and get them in the order freed.
-        let c = ids.assign(&[13, 20, 21], "x").expect("ids");
-        assert_eq!((c[&20], c[&21]), (a[&10], a[&12]));
+        assert_eq!((b.deferred, b.ids.get(&13)), (1, None));
+        assert_eq!(b.ids[&10], a[&10]);
+        // The next assignment (after the apply) gives 13 the id 11 had.
+        let c = ids.assign(&[10, 12, 13], "x").expect("ids");
+        assert_eq!((c.deferred, c.ids[&13]), (0, a[&11]));
+        // Both 10 and 12 leave; 20 and 21 wait, then get them in the order freed.
+        assert_eq!(ids.assign(&[13, 20, 21], "x").expect("ids").deferred, 2);
+        let d = ids.assign(&[13, 20, 21], "x").expect("ids").ids;
+        assert_eq!((d[&20], d[&21]), (a[&10], a[&12]));
+        // More keys than ids: exhausted, not deferred; nothing changes.
         assert!(matches!(ids.assign(&[1, 2, 3, 4], "x"), Err(PlanError::Exhausted { max: 3, .. })));
+        assert_eq!(ids.assigned().len(), 3);
+    }
+
+    /// `max_vips` equal to the number of listeners, a reload that swaps one listener:
+    /// the new listener waits for the old one's slot to leave the datapath, then gets it.
+    #[test]
+    fn swapping_a_listener_with_every_vip_slot_in_use_takes_two_plans() {
+        let mut ids = Allocators::new(2);
+        let c1 = config(r#"{ ip = "198.18.0.11" }"#);
+        let p1 = build(&c1, &resolved(&c1), &mut ids).expect("plan");
+        assert!(!p1.deferred);
+        let mut c2 = c1.clone();
+        c2.listeners[1].address = "198.18.1.200".parse().expect("ip");
+        let step = build(&c2, &resolved(&c2), &mut ids).expect("plan");
+        assert!(step.deferred, "the swapped-in listener waits");
+        assert_eq!(step.vips.len(), 1);
+        assert_eq!(step.vips[0], p1.vips[0], "the kept listener is untouched");
+        let done = build(&c2, &resolved(&c2), &mut ids).expect("plan");
+        assert!(!done.deferred);
+        assert_eq!(done.vips.len(), 2);
+        assert_eq!(done.vips[1].slot, p1.vips[1].slot, "it gets the freed slot, one plan later");
+    }
+
+    /// Every backend slot in use, one target swapped for another: the new target waits
+    /// one plan, then takes the freed id with a new generation; generations of removed
+    /// backends are forgotten.
+    #[test]
+    fn swapping_a_target_with_every_backend_slot_in_use_takes_two_plans() {
+        let n = lb_common::MAX_BACKENDS - 1;
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i));
+        let group = |ips: Vec<IpAddr>| PlanGroup {
+            name: "g".into(),
+            targets: ips
+                .into_iter()
+                .map(|ip| PlanTarget { ip, weight: 1, state: TargetState::Healthy, down: false })
+                .collect(),
+        };
+        let mut c = config(r#"{ ip = "198.18.0.11" }"#);
+        c.dataplane.ring_size = 8191; // more slots than backends
+        let mut all: Vec<IpAddr> = (1..=n).map(ip).collect();
+        let mut res = resolved(&c);
+        let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
+        for &a in all.iter().chain([ip(n + 1)].iter()) {
+            res.insert(a, Resolved { ip: a, dev: dev.clone(), mac: [2, 0, 0, 0, 1, 1] });
+        }
+        let mut ids = Allocators::new(8);
+        let p1 = build_with(&c, &[group(all.clone())], &res, &mut ids).expect("plan");
+        assert_eq!(p1.backends.len() as u32, n);
+        let gone = all.remove(0);
+        let old_id = *p1.backends.iter().find(|(_, (i, _))| *i == gone).map(|(id, _)| id).expect("id");
+        all.push(ip(n + 1));
+        let step = build_with(&c, &[group(all.clone())], &res, &mut ids).expect("plan");
+        assert!(step.deferred);
+        assert!(!step.backends.contains_key(&old_id), "the freed id is not rewritten while rings point at it");
+        assert!(step.vips.iter().all(|v| v.ring.iter().all(|id| *id != old_id)));
+        assert_eq!(ids.generations_len() as u32, n - 1, "the removed backend's generation is forgotten");
+        let done = build_with(&c, &[group(all)], &res, &mut ids).expect("plan");
+        assert!(!done.deferred);
+        let (new_ip, b) = done.backends[&old_id];
+        assert_eq!(new_ip, ip(n + 1));
+        assert_ne!(b.generation, p1.backends[&old_id].1.generation);
     }
 
     #[test]
@@ -389,7 +468,7 @@ mod tests {
         let mut ids = Allocators::new(1);
         let c = config(r#"{ ip = "198.18.0.11" }"#);
         assert!(matches!(build(&c, &resolved(&c), &mut ids), Err(PlanError::Exhausted { what: "VIP", .. })));
-        assert!(ids.vips.assigned.is_empty() && ids.backends.assigned.is_empty());
-        assert_eq!(ids.vips.free.len(), 1, "the free queue is untouched");
+        assert!(ids.vips.assigned().is_empty() && ids.backends.assigned().is_empty());
+        assert_eq!(ids.vips.available(), 1, "the free queue is untouched");
     }
 }

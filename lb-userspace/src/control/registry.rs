@@ -284,6 +284,9 @@ impl Registry {
             c.target_group(&key.0).is_some_and(|g| g.targets.iter().any(|t| t.ip == key.1))
         };
         self.api_removed.retain(|key| !listed(new, key) || listed(old, key));
+        // Runtime changes to a group the new config no longer has go with the group.
+        self.api_added.retain(|key, _| new.target_group(&key.0).is_some());
+        self.api_removed.retain(|key| new.target_group(&key.0).is_some());
     }
 
     /// Records a checked registration; call `sync` next.
@@ -441,6 +444,31 @@ mod tests {
 
     fn reg(target: &str, weight: Option<u32>) -> RegisterRequest {
         RegisterRequest { group: "web".into(), target: target.into(), weight }
+    }
+
+    #[test]
+    fn runtime_changes_of_a_removed_group_are_dropped() {
+        let with_api = config(
+            r#"[[target_groups]]
+            name = "api"
+            targets = [{ ip = "198.18.0.31" }]"#,
+        );
+        let mut r = Registry::default();
+        r.sync(&with_api, Instant::now());
+        let api = |ip: &str| ("api".to_string(), ip.parse::<IpAddr>().expect("ip"));
+        r.register(api("198.18.0.32"), 1, None);
+        r.api_removed.insert(api("198.18.0.31"));
+        r.register(key("198.18.0.20"), 1, None);
+        let without = config("");
+        r.readmit(&with_api, &without);
+        r.sync(&without, Instant::now());
+        assert_eq!(r.api_added.keys().collect::<Vec<_>>(), [&key("198.18.0.20")], "only the kept group's registration");
+        assert!(r.api_removed.is_empty());
+        // The group coming back does not bring the old registration back.
+        r.readmit(&without, &with_api);
+        r.sync(&with_api, Instant::now());
+        assert!(r.get(&api("198.18.0.32")).is_none());
+        assert!(r.get(&api("198.18.0.31")).is_some());
     }
 
     #[test]

@@ -19,6 +19,7 @@ use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs
 use tracing::{debug, info, warn};
 
 pub mod stats;
+pub mod thread;
 
 /// The load balancer's XDP object (lb-ebpf), built by build.rs. It holds `lb_xdp` and
 /// its maps only; the tools' programs are in `crate::testing::programs::TOOLS_OBJECT`.
@@ -88,6 +89,14 @@ pub enum DataplaneError {
     },
     #[error("VIP slot {slot} is outside the {max_vips} slots the maps were sized for")]
     SlotOutOfRange { slot: u32, max_vips: u32 },
+    #[error(
+        "internal error: the plan reuses VIP slot {slot} while VIP {live} still uses it (ids freed by a plan are reusable only after it is applied); nothing was written"
+    )]
+    SlotInUse { slot: u32, live: String },
+    #[error(
+        "internal error: the plan rewrites backend {id} while rings still point at its previous target; nothing was written"
+    )]
+    BackendInUse { id: u32 },
 }
 
 /// Wait between switching VIPs away from backends and invalidating those backends.
@@ -121,6 +130,8 @@ struct Applied {
     dirty_rings: BTreeSet<u32>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
+    /// VIP slots and backend ids the last apply took out of the datapath, and when.
+    freed: Option<(std::time::Instant, BTreeSet<u32>, BTreeSet<u32>)>,
 }
 
 /// Counts of what one apply changed.
@@ -131,6 +142,16 @@ pub struct ApplyReport {
     pub ring_slots_written: usize,
     pub backends_written: usize,
     pub backends_removed: usize,
+}
+
+impl std::ops::AddAssign for ApplyReport {
+    fn add_assign(&mut self, o: ApplyReport) {
+        self.vips_switched += o.vips_switched;
+        self.vips_removed += o.vips_removed;
+        self.ring_slots_written += o.ring_slots_written;
+        self.backends_written += o.backends_written;
+        self.backends_removed += o.backends_removed;
+    }
 }
 
 pub struct Dataplane {
@@ -217,10 +238,39 @@ impl Dataplane {
         Ok(used)
     }
 
+    /// Refuses a plan that would write a slot or id the datapath still uses for
+    /// something else (see `control::ids`), and waits out the grace period of slots and
+    /// ids the previous apply freed, before anything is written.
+    fn check_reuse(&self, plan: &Plan) -> Result<(), DataplaneError> {
+        for vip in &plan.vips {
+            if let Some((live, _)) = self.applied.vips.iter().find(|(k, m)| m.id == vip.slot && **k != vip.key) {
+                let live =
+                    crate::config::vip_display(lb_common::ip_from_addr(live.addr), u16::from_be(live.port), live.proto);
+                return Err(DataplaneError::SlotInUse { slot: vip.slot, live });
+            }
+        }
+        for (id, (_, b)) in &plan.backends {
+            if self.applied.backends.get(id).is_some_and(|old| old.generation != b.generation) {
+                return Err(DataplaneError::BackendInUse { id: *id });
+            }
+        }
+        if let Some((at, vip_slots, backend_ids)) = &self.applied.freed {
+            let reused = plan.vips.iter().any(|v| vip_slots.contains(&v.slot))
+                || plan.backends.keys().any(|id| backend_ids.contains(id));
+            if reused && let Some(left) = REMOVAL_GRACE.checked_sub(at.elapsed()) {
+                std::thread::sleep(left);
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `plan` into the maps, changing only what differs from the last apply.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, DataplaneError> {
+        self.check_reuse(plan)?;
         let mut report = ApplyReport::default();
         let m = self.opts.ring_size;
+        let mut freed_slots = BTreeSet::new();
+        let mut freed_ids = BTreeSet::new();
 
         // 1. Redirect ports and backends that the new rings may point at.
         {
@@ -297,7 +347,9 @@ impl Dataplane {
             for key in stale {
                 vips.remove(&key)
                     .map_err(|source| DataplaneError::Map { name: maps::VIPS, source: Box::new(source) })?;
-                self.applied.vips.remove(&key);
+                if let Some(meta) = self.applied.vips.remove(&key) {
+                    freed_slots.insert(meta.id);
+                }
                 report.vips_removed += 1;
             }
         }
@@ -317,6 +369,7 @@ impl Dataplane {
                     .set(id, Backend::default(), 0)
                     .map_err(|source| DataplaneError::Map { name: maps::BACKENDS, source: Box::new(source) })?;
                 self.applied.backends.remove(&id);
+                freed_ids.insert(id);
                 report.backends_removed += 1;
             }
         }
@@ -332,6 +385,8 @@ impl Dataplane {
                 self.applied.tx_ports.remove(&ifindex);
             }
         }
+        self.applied.freed = (!freed_slots.is_empty() || !freed_ids.is_empty())
+            .then(|| (std::time::Instant::now(), freed_slots, freed_ids));
         Ok(report)
     }
 
