@@ -74,8 +74,11 @@ pub mod maps {
     /// `PerCpuArray<Counter>` indexed by backend id.
     pub const BACKEND_STATS: &str = "LB_BACKEND_STATS";
 
+    /// `PerCpuArray<u64>` (1 entry): when each CPU last logged a rare event (ns).
+    pub const LOG_LIMIT: &str = "LB_LOG_LIMIT";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 8] = [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS];
+    pub const ALL: [&str; 9] =
+        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
     pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";

@@ -10,10 +10,12 @@
 #![no_std]
 #![no_main]
 
+mod log;
 mod maps;
 mod parse;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
+use aya_log_ebpf::warn;
 use lb_common::{
     BACKEND_F_DOWN, BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY,
     VipKey, VipMeta, flow_hash, xdp_action,
@@ -49,9 +51,20 @@ fn process(ctx: &XdpContext) -> Verdict {
     let frame_len = (ctx.data_end() - ctx.data()) as u64;
 
     let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
+        if log::allowed() {
+            warn!(ctx, "VIP slot {} has no usable target: frame dropped (drop_no_backend)", vip.id);
+        }
         return (xdp_action::DROP, C::DropNoBackend);
     };
     let verdict = forward(ctx, &backend);
+    if verdict.1 == C::DropRedirectFailed && log::allowed() {
+        warn!(
+            ctx,
+            "redirect of backend {} to ifindex {} failed: frame dropped (drop_redirect_failed); is the interface gone?",
+            id,
+            backend.ifindex
+        );
+    }
     if verdict.1 != C::DropRedirectFailed {
         maps::vip_stats(vip.id, frame_len);
         maps::backend_stats(id, frame_len);

@@ -27,8 +27,11 @@ use lb_userspace::{
 const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 /// Group `a` (kept listener), `b` (the listener swapped out), `c` (swapped in).
-const GROUPS: [(&str, [&str; 2]); 3] =
-    [("a", ["198.18.0.11", "198.18.0.12"]), ("b", ["198.18.0.21", "198.18.0.22"]), ("c", ["198.18.0.31", "198.18.0.32"])];
+const GROUPS: [(&str, [&str; 2]); 3] = [
+    ("a", ["198.18.0.11", "198.18.0.12"]),
+    ("b", ["198.18.0.21", "198.18.0.22"]),
+    ("c", ["198.18.0.31", "198.18.0.32"]),
+];
 const VIP_A: &str = "198.18.1.100:80";
 const VIP_B: &str = "198.18.1.101:80";
 const VIP_C: &str = "198.18.1.102:80";
@@ -123,8 +126,10 @@ fn swapping_a_listener_with_every_vip_slot_in_use_never_misroutes() {
             let mut i: u32 = 0;
             while !done.load(Ordering::SeqCst) {
                 i += 1;
-                let src =
-                    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 100 + (i >> 16) as u8, (i >> 8) as u8)), i as u16);
+                let src = SocketAddr::new(
+                    IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 100 + (i >> 16) as u8, (i >> 8) as u8)),
+                    i as u16,
+                );
                 for (vip, own) in [(VIP_A, "a"), (VIP_B, "b")] {
                     let f = Frame::tcp(src, vip.parse().expect("vip"), tcp_flags::SYN)
                         .with_macs(LB_MAC, CLIENT_MAC)

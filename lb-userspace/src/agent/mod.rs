@@ -259,6 +259,7 @@ async fn start(
         dp.attach(iface, dpc.xdp_mode)?;
     }
     dp.pin(&dpc.pin_dir)?;
+    let log_task = dp.take_logger().map(|l| tokio::spawn(crate::datapath::forward_logs(l)));
     // From here on only the datapath thread touches the maps.
     let dp = DatapathThread::spawn(dp).map_err(|source| AgentError::DatapathThread { source })?;
     let plan = Arc::new(plan);
@@ -277,6 +278,7 @@ async fn start(
         started: Instant::now(),
         last_update: None,
         dirty: false,
+        log_task,
     };
     agent.sync_monitors();
     agent.publish();

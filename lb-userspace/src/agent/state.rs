@@ -20,6 +20,8 @@ pub(super) struct Agent {
     pub(super) last_update: Option<Duration>,
     /// The last health/drain-driven update failed: retried on the next tick.
     pub(super) dirty: bool,
+    /// Forwards the program's rare-event logs (aya-log) to the agent's log.
+    pub(super) log_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Plans written for one change: the second adds what waited for ids the first freed.
@@ -143,6 +145,9 @@ impl Drop for Agent {
     fn drop(&mut self) {
         for m in self.monitors.values() {
             m.task.abort();
+        }
+        if let Some(t) = &self.log_task {
+            t.abort();
         }
     }
 }

@@ -15,6 +15,7 @@ use aya::{
     maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
 };
+use aya_log::EbpfLogger;
 use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
@@ -86,6 +87,11 @@ pub enum DataplaneError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("the XDP object's log ring buffer (aya-log)")]
+    Log {
+        #[source]
+        source: Box<aya_log::Error>,
     },
     #[error("VIP slot {slot} is outside the {max_vips} slots the maps were sized for")]
     SlotOutOfRange { slot: u32, max_vips: u32 },
@@ -162,6 +168,27 @@ pub struct Dataplane {
     pinned: Option<PathBuf>,
     /// Held open with an exclusive flock while the maps are pinned.
     pin_lock: Option<std::fs::File>,
+    logger: Option<DatapathLogger>,
+}
+
+/// Reads the program's aya-log records into the `log` crate (bridged to tracing).
+pub type DatapathLogger = EbpfLogger<&'static dyn log::Log>;
+
+/// Forwards the program's log records to the agent's log as they arrive. Runs until
+/// the ring buffer's descriptor fails (the program is gone) or the task is aborted.
+pub async fn forward_logs(logger: DatapathLogger) {
+    // SAFETY: the descriptor is the logger's ring buffer map, which the logger owns and
+    // keeps open, unchanged, until it is dropped together with the `AsyncFd`.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => return warn!(error = %e, "datapath logs unavailable"),
+    };
+    loop {
+        let Ok(mut guard) = fd.readable_mut().await else { return };
+        guard.get_inner_mut().flush();
+        guard.clear_ready();
+    }
 }
 
 impl Dataplane {
@@ -182,8 +209,24 @@ impl Dataplane {
                 return Err(DataplaneError::MissingMap { name });
             }
         }
+        // Takes the program's log ring buffer; it must outlive the program's load.
+        let logger = EbpfLogger::init(&mut ebpf).map_err(|source| DataplaneError::Log { source: Box::new(source) })?;
         load_program(&mut ebpf, programs::LB)?;
-        Ok(Dataplane { ebpf, opts, applied: Applied::default(), links: Vec::new(), pinned: None, pin_lock: None })
+        Ok(Dataplane {
+            ebpf,
+            opts,
+            applied: Applied::default(),
+            links: Vec::new(),
+            pinned: None,
+            pin_lock: None,
+            logger: Some(logger),
+        })
+    }
+
+    /// The reader of the program's rare-event logs (see lb-ebpf's `log.rs`), for
+    /// [`forward_logs`]. Left unread, the ring buffer fills and further records are lost.
+    pub fn take_logger(&mut self) -> Option<DatapathLogger> {
+        self.logger.take()
     }
 
     pub fn options(&self) -> LoadOptions {
