@@ -378,9 +378,11 @@ global_counters! {
     DropBadIpv6 = "drop_bad_ipv6", verdict;
     /// TCP data offset < 5 or beyond the packet, or UDP length < 8 or beyond the packet.
     DropBadL4 = "drop_bad_l4", verdict;
-    /// VIP found but its ring slot has no valid backend (empty target group).
+    /// VIP found but its ring slot has no valid backend (no usable target in its group).
+    /// Logged (aya-log) at most once per CPU per second.
     DropNoBackend = "drop_no_backend", verdict;
-    /// Redirect target missing from the DevMap.
+    /// Redirect target missing from the DevMap (its interface is gone). Logged (aya-log)
+    /// at most once per CPU per second.
     DropRedirectFailed = "drop_redirect_failed", verdict;
     /// Forwarded with XDP_TX (backend behind the receiving interface).
     Tx = "tx", verdict;
@@ -392,11 +394,15 @@ global_counters! {
     Ipv4Options = "ipv4_options", observation;
     /// VIP frames whose flow was in the connection table.
     ConnHit = "conn_hit", observation;
-    /// VIP frames whose flow was not: backend picked from the Maglev ring.
+    /// VIP frames whose backend was picked from the Maglev ring: flows not in the
+    /// connection table, and flows whose remembered backend was removed, re-used by
+    /// another target (other generation) or is down (these also count `conn_repicked`).
+    /// A miss whose ring slot is empty also counts `drop_no_backend`.
     ConnMiss = "conn_miss", observation;
     /// Connection-table insert failed (the flow still goes to the picked backend).
     ConnInsertFailed = "conn_insert_failed", observation;
-    /// Connection-table hits on an unhealthy target, re-picked from the ring.
+    /// Connection-table hits on a target flagged down (unhealthy), re-picked from the
+    /// ring (the frame also counts `conn_miss`).
     ConnRepicked = "conn_repicked", observation;
     /// Frames forwarded for a VIP whose targets are all unhealthy (fail-open).
     FailOpen = "fail_open", observation;

@@ -86,6 +86,9 @@ pub enum AgentError {
     Join(String),
 }
 
+/// How often the loop retries failed updates and ends drains.
+const TICK: Duration = Duration::from_millis(100);
+
 /// What the agent can be told while running.
 #[derive(Debug)]
 pub enum Control {
@@ -200,7 +203,9 @@ pub async fn run(
         let _ = ready.send(());
     }
 
-    let mut drains = tokio::time::interval(Duration::from_millis(100));
+    // The periodic tick (every 100 ms): retries a health/drain-driven datapath update
+    // that failed, and removes targets whose deregistration delay has ended.
+    let mut drains = tokio::time::interval(TICK);
     drains.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
