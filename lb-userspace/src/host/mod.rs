@@ -765,4 +765,34 @@ mod tests {
         let no_lladdr = neigh(&neigh_bytes(AF_INET6, 2, 0x02, t, None));
         assert_eq!(decode_neighbour(&no_lladdr, t, 2), None);
     }
+
+    // The kernel's own answers, in whatever network namespace the tests run in: every
+    // namespace has `lo`, and reading it needs no privileges.
+
+    #[test]
+    fn asks_the_kernel_outside_and_inside_a_runtime() {
+        let check = || {
+            match blocking::interface("lo") {
+                Err(NetError::NotEthernet { link_type, .. }) => assert_eq!(link_type, "loopback"),
+                other => panic!("{other:?}"),
+            }
+            match blocking::interface("lb-no-such0") {
+                Err(e @ NetError::UnknownInterface { .. }) => {
+                    let text = e.to_string();
+                    assert!(text.contains("no interface named `lb-no-such0`") && text.contains("lo"), "{text}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(matches!(blocking::interface("a-name-longer-than-15"), Err(NetError::UnknownInterface { .. })));
+            let r = blocking::route(ip("127.0.0.1")).expect("route to loopback");
+            assert!(r.local && r.dev == "lo" && r.via.is_none(), "{r:?}");
+            assert!(matches!(
+                blocking::resolve_target(ip("127.0.0.1"), None, Duration::ZERO),
+                Err(NetError::LocalAddress { .. })
+            ));
+        };
+        check();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async { check() });
+    }
 }
