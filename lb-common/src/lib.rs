@@ -112,21 +112,91 @@ pub mod programs {
 // Flags
 // ---------------------------------------------------------------------------------------
 
-/// VipMeta.flags: hash the client (source) address only, so every flow of one client
-/// goes to the same backend (client stickiness).
-pub const VIP_F_HASH_SRC_ONLY: u32 = 1 << 0;
+/// Declares a `#[repr(transparent)]` set of flag bits over `u32`. Each set is its own
+/// type, so a VIP flag cannot be tested against a backend's bits (or the reverse). The
+/// operations are `const fn`, usable in the XDP program.
+macro_rules! flag_set {
+    ($(#[doc = $doc:literal])* $name:ident { $($(#[doc = $fdoc:literal])* $flag:ident = $bit:expr;)+ }) => {
+        $(#[doc = $doc])*
+        #[repr(transparent)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+        pub struct $name(u32);
 
-/// Backend.flags: the target is unhealthy and out of its ring: connection-table hits
-/// on it are re-picked from the ring (flows to healthy targets never move).
-pub const BACKEND_F_DOWN: u32 = 1 << 1;
+        impl $name {
+            $($(#[doc = $fdoc])* pub const $flag: $name = $name($bit);)+
 
-/// VipMeta.flags: every target of the VIP's group is unhealthy and the group fails
-/// open (the ring holds all of them): forwarded frames count `fail_open`.
-pub const VIP_F_FAIL_OPEN: u32 = 1 << 1;
+            /// No flag set.
+            #[inline(always)]
+            pub const fn empty() -> $name {
+                $name(0)
+            }
 
-/// Backend.flags: the slot holds a configured backend. A ring never points at a slot
-/// without it; the datapath still checks and counts `DropNoBackend` if it does.
-pub const BACKEND_F_VALID: u32 = 1 << 0;
+            /// Whether every flag of `other` is set in `self`.
+            #[inline(always)]
+            pub const fn contains(self, other: $name) -> bool {
+                self.0 & other.0 == other.0
+            }
+
+            /// The flags of both.
+            #[inline(always)]
+            #[must_use]
+            pub const fn union(self, other: $name) -> $name {
+                $name(self.0 | other.0)
+            }
+
+            /// Whether no flag is set.
+            #[inline(always)]
+            pub const fn is_empty(self) -> bool {
+                self.0 == 0
+            }
+
+            /// The raw bits, as stored in the map.
+            #[inline(always)]
+            pub const fn bits(self) -> u32 {
+                self.0
+            }
+        }
+
+        impl core::ops::BitOr for $name {
+            type Output = $name;
+            #[inline(always)]
+            fn bitor(self, other: $name) -> $name {
+                self.union(other)
+            }
+        }
+
+        impl core::ops::BitOrAssign for $name {
+            #[inline(always)]
+            fn bitor_assign(&mut self, other: $name) {
+                *self = self.union(other);
+            }
+        }
+    };
+}
+
+flag_set! {
+    /// [`VipMeta::flags`].
+    VipFlags {
+        /// Hash the client (source) address only, so every flow of one client goes to
+        /// the same backend (client stickiness).
+        HASH_SRC_ONLY = 1 << 0;
+        /// Every target of the VIP's group is unhealthy and the group fails open (the
+        /// ring holds all of them): forwarded frames count `fail_open`.
+        FAIL_OPEN = 1 << 1;
+    }
+}
+
+flag_set! {
+    /// [`Backend::flags`].
+    BackendFlags {
+        /// The slot holds a configured backend. A ring never points at a slot without
+        /// it; the datapath still checks and counts `DropNoBackend` if it does.
+        VALID = 1 << 0;
+        /// The target is unhealthy and out of its ring: connection-table hits on it are
+        /// re-picked from the ring (flows to healthy targets never move).
+        DOWN = 1 << 1;
+    }
+}
 
 /// Protocol numbers and header constants (wire values), shared by the program, the
 /// packet builders and the tests.
@@ -208,8 +278,7 @@ pub struct VipMeta {
     pub id: u32,
     /// Ring currently in use (index in units of ring size into [`maps::RINGS`]).
     pub ring: u32,
-    /// `VIP_F_*` bits.
-    pub flags: u32,
+    pub flags: VipFlags,
     pub _pad: u32,
 }
 
@@ -226,13 +295,27 @@ pub struct Backend {
     /// Interface the backend sits behind: XDP_TX if it is the receiving interface,
     /// else a redirect through [`maps::TX_PORTS`].
     pub ifindex: u32,
-    /// `BACKEND_F_*` bits.
-    pub flags: u32,
+    pub flags: BackendFlags,
     /// Changes whenever the slot is given to a new backend; a connection-table entry
     /// remembers it, so flows of a removed backend never follow its slot to the next
     /// backend that gets it.
     pub generation: u32,
 }
+
+// The flag types are plain `u32`s in the maps: the layouts the XDP program and the agent
+// share (and that pinned maps of a running agent hold) stay byte for byte the same.
+const _: () = {
+    use core::mem::{align_of, offset_of, size_of};
+    assert!(size_of::<VipFlags>() == 4 && align_of::<VipFlags>() == 4);
+    assert!(size_of::<BackendFlags>() == 4 && align_of::<BackendFlags>() == 4);
+    assert!(size_of::<VipMeta>() == 16 && align_of::<VipMeta>() == 4);
+    assert!(offset_of!(VipMeta, id) == 0 && offset_of!(VipMeta, ring) == 4);
+    assert!(offset_of!(VipMeta, flags) == 8 && offset_of!(VipMeta, _pad) == 12);
+    assert!(size_of::<Backend>() == 40 && align_of::<Backend>() == 4);
+    assert!(offset_of!(Backend, addr) == 0 && offset_of!(Backend, dst_mac) == 16);
+    assert!(offset_of!(Backend, src_mac) == 22 && offset_of!(Backend, ifindex) == 28);
+    assert!(offset_of!(Backend, flags) == 32 && offset_of!(Backend, generation) == 36);
+};
 
 /// Key of [`maps::CONNS`]: the 5-tuple. Ports in network byte order.
 #[repr(C)]
@@ -475,6 +558,41 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
+    }
+
+    #[test]
+    fn flag_bits_are_the_wire_values() {
+        assert_eq!(VipFlags::HASH_SRC_ONLY.bits(), 1);
+        assert_eq!(VipFlags::FAIL_OPEN.bits(), 2);
+        assert_eq!(BackendFlags::VALID.bits(), 1);
+        assert_eq!(BackendFlags::DOWN.bits(), 2);
+        let both = BackendFlags::VALID | BackendFlags::DOWN;
+        assert!(both.contains(BackendFlags::VALID) && both.contains(BackendFlags::DOWN));
+        assert!(!BackendFlags::VALID.contains(both));
+        assert!(BackendFlags::empty().is_empty() && !both.is_empty());
+        let mut v = VipFlags::empty();
+        v |= VipFlags::FAIL_OPEN;
+        assert_eq!(v, VipFlags::empty().union(VipFlags::FAIL_OPEN));
+        assert!(!v.contains(VipFlags::HASH_SRC_ONLY));
+    }
+
+    #[test]
+    fn flagged_values_keep_their_bytes() {
+        let b = Backend {
+            ifindex: 7,
+            flags: BackendFlags::VALID | BackendFlags::DOWN,
+            generation: 9,
+            ..Default::default()
+        };
+        // SAFETY: Backend is #[repr(C)] with no implicit padding (asserted above).
+        let bytes: [u8; 40] = unsafe { core::mem::transmute(b) };
+        assert_eq!(bytes[28..32], 7u32.to_ne_bytes());
+        assert_eq!(bytes[32..36], 3u32.to_ne_bytes());
+        assert_eq!(bytes[36..40], 9u32.to_ne_bytes());
+        let m = VipMeta { id: 1, ring: 2, flags: VipFlags::HASH_SRC_ONLY, _pad: 0 };
+        // SAFETY: as above, for VipMeta.
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(m) };
+        assert_eq!(bytes[8..12], 1u32.to_ne_bytes());
     }
 
     #[test]

@@ -17,8 +17,7 @@ mod parse;
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
 use lb_common::{
-    BACKEND_F_DOWN, BACKEND_F_VALID, Backend, FlowValue, GlobalCounter as C, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY,
-    VipKey, VipMeta, flow_hash, xdp_action,
+    Backend, BackendFlags, FlowValue, GlobalCounter as C, VipFlags, VipKey, VipMeta, flow_hash, xdp_action,
 };
 use network_types::eth::EthHdr;
 
@@ -68,7 +67,7 @@ fn process(ctx: &XdpContext) -> Verdict {
     if verdict.1 != C::DropRedirectFailed {
         maps::vip_stats(vip.id, frame_len);
         maps::backend_stats(id, frame_len);
-        if vip.flags & VIP_F_FAIL_OPEN != 0 {
+        if vip.flags.contains(VipFlags::FAIL_OPEN) {
             count(C::FailOpen);
         }
     }
@@ -91,7 +90,7 @@ fn lookup_vip(addr: &lb_common::Addr, port: u16, proto: u8) -> Option<VipMeta> {
 #[inline(always)]
 fn backend(id: u32) -> Option<Backend> {
     let b = *BACKENDS.get(id)?;
-    if b.flags & BACKEND_F_VALID == 0 { None } else { Some(b) }
+    if b.flags.contains(BackendFlags::VALID) { Some(b) } else { None }
 }
 
 /// Known flow: its remembered backend (if that backend is still configured).
@@ -103,7 +102,7 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
         let remembered = unsafe { *v };
         if let Some(b) = backend(remembered.backend) {
             if b.generation == remembered.generation {
-                if b.flags & BACKEND_F_DOWN == 0 {
+                if !b.flags.contains(BackendFlags::DOWN) {
                     count(C::ConnHit);
                     return Some((remembered.backend, b));
                 }
@@ -118,7 +117,7 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
     if m == 0 {
         return None;
     }
-    let hash = flow_hash(key, vip.flags & VIP_F_HASH_SRC_ONLY != 0);
+    let hash = flow_hash(key, vip.flags.contains(VipFlags::HASH_SRC_ONLY));
     let slot = vip.ring.wrapping_mul(m).wrapping_add(hash % m);
     let id = *RINGS.get(slot)?;
     let b = backend(id)?;

@@ -421,13 +421,14 @@ fn gen_command(a: GenArgs) -> anyhow::Result<()> {
     if a.size < 60 || a.size > 3_000 {
         anyhow::bail!("--size must be 60..=3000 bytes (a veth with native XDP takes frames up to about 3.5 KB)");
     }
-    let dev = host::interface(&a.interface)?;
+    let dev = host::blocking::interface(&a.interface)?;
     let (dst_mac, src) = match (a.dst_mac, a.src) {
         (Some(mac), Some(src)) => (mac.0, src),
         (mac, src) => {
-            let (_, hop_mac, prefsrc) = host::next_hop(a.dst.ip(), Duration::from_secs(3)).with_context(|| {
-                format!("finding the next hop towards {} (or pass --dst-mac and --src)", a.dst.ip())
-            })?;
+            let (_, hop_mac, prefsrc) =
+                host::blocking::next_hop(a.dst.ip(), Duration::from_secs(3)).with_context(|| {
+                    format!("finding the next hop towards {} (or pass --dst-mac and --src)", a.dst.ip())
+                })?;
             let src = src.or(prefsrc).context("no source address towards --dst: pass --src")?;
             (mac.map(|m| m.0).unwrap_or(hop_mac), src)
         }

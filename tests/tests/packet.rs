@@ -225,7 +225,7 @@ impl Harness {
             .iter()
             .find(|v| v.key.addr == key.dst && v.key.proto == proto && (v.key.port == key.dport || v.key.port == 0))
             .expect("frame is for a VIP");
-        let id = vip.ring[(flow_hash(&key, vip.flags & lb_common::VIP_F_HASH_SRC_ONLY != 0) % RING) as usize];
+        let id = vip.ring[(flow_hash(&key, vip.flags.contains(lb_common::VipFlags::HASH_SRC_ONLY)) % RING) as usize];
         let (ip, b) = self.plan.backends[&id];
         ((ip, b.dst_mac), b.src_mac)
     }
@@ -307,7 +307,7 @@ fn xdp_program_verdicts_and_output_bytes() {
     let ns = Netns::create(&format!("lbt{}-pkt", std::process::id())).expect("netns");
     ns.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "r1"]).expect("veth");
     ns.run(|| {
-        let redirect_ifindex = lb_userspace::host::interface("r0").expect("r0").ifindex;
+        let redirect_ifindex = lb_userspace::host::blocking::interface("r0").expect("r0").ifindex;
         let mut h = Harness::new(redirect_ifindex, CONFIG);
         run_cases(&h);
         known_flows_keep_their_backend_when_the_ring_changes(&mut h);

@@ -103,10 +103,7 @@ impl Agent {
             Some(r) => r.clone(),
             None => {
                 let wait = self.opts.resolve_wait;
-                tokio::task::spawn_blocking(move || host::resolve_target(ip, None, wait))
-                    .await
-                    .map_err(|e| ApiFailure::internal(e.to_string()))?
-                    .map_err(|e| ApiFailure::bad_request(chain(&e)))?
+                host::resolve_target(ip, None, wait).await.map_err(|e| ApiFailure::bad_request(chain(&e)))?
             }
         };
         let mut registry = self.registry.clone();

@@ -240,7 +240,10 @@ async fn start(
     health_tx: mpsc::Sender<HealthEvent<TargetKey>>,
 ) -> Result<Agent, AgentError> {
     let dpc = &config.dataplane;
-    let interfaces: Vec<Interface> = dpc.interfaces.iter().map(|n| host::interface(n)).collect::<Result<_, _>>()?;
+    let mut interfaces: Vec<Interface> = Vec::with_capacity(dpc.interfaces.len());
+    for name in &dpc.interfaces {
+        interfaces.push(host::interface(name).await?);
+    }
     // Loading first surfaces permission and verifier problems before slow resolution.
     let mut dp = Dataplane::load(LoadOptions {
         ring_size: dpc.ring_size,
@@ -314,19 +317,16 @@ fn restart_field(old: &Config, new: &Config) -> Option<&'static str> {
     }
 }
 
-/// Resolves targets (in parallel: each may wait for ARP/NDP).
+/// Resolves targets (concurrently on this task: each may wait for ARP/NDP).
 async fn resolve_all(
     config: &Config,
     targets: &[(IpAddr, Option<crate::config::MacAddr>)],
     wait: Duration,
 ) -> Result<HashMap<IpAddr, Resolved>, AgentError> {
-    let mut tasks = Vec::new();
-    for &(ip, mac) in targets {
-        tasks.push(tokio::task::spawn_blocking(move || host::resolve_target(ip, mac, wait)));
-    }
+    let lookups = targets.iter().map(|&(ip, mac)| host::resolve_target(ip, mac, wait));
     let mut out = HashMap::new();
-    for task in tasks {
-        let r = task.await.map_err(|e| AgentError::Join(e.to_string()))??;
+    for r in futures_util::future::join_all(lookups).await {
+        let r = r?;
         if !config.dataplane.interfaces.contains(&r.dev.name) {
             info!(target = %r.ip, interface = %r.dev.name, "target sits behind another interface: frames are redirected there");
         }

@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
 };
 
-use lb_common::{BACKEND_F_DOWN, BACKEND_F_VALID, Backend, VIP_F_FAIL_OPEN, VIP_F_HASH_SRC_ONLY, VipKey, addr_from_ip};
+use lb_common::{Backend, BackendFlags, VipFlags, VipKey, addr_from_ip};
 
 pub use super::ids::{Allocators, Ids};
 use super::{
@@ -60,7 +60,7 @@ pub struct PlannedVip {
     pub name: String,
     pub key: VipKey,
     pub slot: u32,
-    pub flags: u32,
+    pub flags: VipFlags,
     /// Backend ids, `ring_size` of them; 0 where there is no backend.
     pub ring: Vec<u32>,
 }
@@ -120,15 +120,15 @@ pub fn build(config: &Config, resolved: &HashMap<IpAddr, Resolved>, ids: &mut Al
 /// How a target takes part, given its state and its group's. Only an unhealthy target
 /// loses the flows it has (`DOWN`); an initial one has none to lose, or (re-registered,
 /// health checks just enabled) has flows that were fine a moment ago.
-fn role(t: &PlanTarget, group_has_healthy: bool, fail_open: bool) -> (bool /* in ring */, u32 /* flags */) {
+fn role(t: &PlanTarget, group_has_healthy: bool, fail_open: bool) -> (bool /* in ring */, BackendFlags) {
     match t.state {
-        TargetState::Healthy => (true, BACKEND_F_VALID),
-        TargetState::Draining if t.down => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
-        TargetState::Draining => (false, BACKEND_F_VALID),
-        TargetState::Initial | TargetState::Unhealthy if !group_has_healthy && fail_open => (true, BACKEND_F_VALID),
-        TargetState::Initial => (false, BACKEND_F_VALID),
-        TargetState::Unhealthy => (false, BACKEND_F_VALID | BACKEND_F_DOWN),
-        TargetState::Unused => (false, 0),
+        TargetState::Healthy => (true, BackendFlags::VALID),
+        TargetState::Draining if t.down => (false, BackendFlags::VALID | BackendFlags::DOWN),
+        TargetState::Draining => (false, BackendFlags::VALID),
+        TargetState::Initial | TargetState::Unhealthy if !group_has_healthy && fail_open => (true, BackendFlags::VALID),
+        TargetState::Initial => (false, BackendFlags::VALID),
+        TargetState::Unhealthy => (false, BackendFlags::VALID | BackendFlags::DOWN),
+        TargetState::Unused => (false, BackendFlags::empty()),
     }
 }
 
@@ -200,11 +200,11 @@ pub fn build_with(
     for (l, key) in config.listeners.iter().zip(keys) {
         let (ring, fail_open) = rings.get(l.target_group.as_str()).unwrap_or(&empty);
         let mut flags = match l.hash {
-            HashMode::FiveTuple => 0,
-            HashMode::SourceIp => VIP_F_HASH_SRC_ONLY,
+            HashMode::FiveTuple => VipFlags::empty(),
+            HashMode::SourceIp => VipFlags::HASH_SRC_ONLY,
         };
         if *fail_open {
-            flags |= VIP_F_FAIL_OPEN;
+            flags |= VipFlags::FAIL_OPEN;
         }
         // No slot yet (only quarantined ones are free): in the next plan.
         let Some(&slot) = slots.get(&key) else { continue };
@@ -373,7 +373,7 @@ mod tests {
         assert_eq!(p.vips.len(), 2);
         assert_eq!(p.vips[0].key.port, 80u16.to_be());
         assert_eq!(p.vips[1].key.port, 0);
-        assert_eq!(p.vips[1].flags, VIP_F_HASH_SRC_ONLY);
+        assert_eq!(p.vips[1].flags, VipFlags::HASH_SRC_ONLY);
         assert_eq!(p.vips[0].ring.len(), 1009);
         assert!(p.vips[0].ring.iter().all(|id| p.backends.contains_key(id)));
         assert_eq!(p.tx_ports, vec![2]);
@@ -405,11 +405,11 @@ mod tests {
         let (_, ub) = backend_of(&p, "198.18.0.12").expect("unhealthy");
         let (d, db) = backend_of(&p, "198.18.0.13").expect("draining");
         assert!(p.vips[0].ring.iter().all(|id| *id == h), "only the healthy target takes new flows");
-        assert_eq!(hb.flags, BACKEND_F_VALID);
-        assert_eq!(ub.flags, BACKEND_F_VALID | BACKEND_F_DOWN, "unhealthy: flows re-picked");
-        assert_eq!(db.flags, BACKEND_F_VALID, "draining: existing flows stay");
+        assert_eq!(hb.flags, BackendFlags::VALID);
+        assert_eq!(ub.flags, BackendFlags::VALID | BackendFlags::DOWN, "unhealthy: flows re-picked");
+        assert_eq!(db.flags, BackendFlags::VALID, "draining: existing flows stay");
         assert!(!p.vips[0].ring.contains(&d));
-        assert_eq!(p.vips[0].flags & VIP_F_FAIL_OPEN, 0);
+        assert!(!p.vips[0].flags.contains(VipFlags::FAIL_OPEN));
     }
 
     #[test]
@@ -421,9 +421,13 @@ mod tests {
         let p = build_with(&c, &groups, &resolved(&c), &mut Allocators::new(8)).expect("plan");
         let (i, ib) = backend_of(&p, "198.18.0.12").expect("initial");
         let (_, db) = backend_of(&p, "198.18.0.13").expect("draining");
-        assert_eq!(ib.flags, BACKEND_F_VALID, "an initial target takes no new flows but keeps any it has");
+        assert_eq!(ib.flags, BackendFlags::VALID, "an initial target takes no new flows but keeps any it has");
         assert!(!p.vips[0].ring.contains(&i));
-        assert_eq!(db.flags, BACKEND_F_VALID | BACKEND_F_DOWN, "draining an unhealthy target keeps its flows away");
+        assert_eq!(
+            db.flags,
+            BackendFlags::VALID | BackendFlags::DOWN,
+            "draining an unhealthy target keeps its flows away"
+        );
     }
 
     #[test]
@@ -432,8 +436,11 @@ mod tests {
         let c = config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }"#);
         let p = build_with(&c, &with_states(&c, &[Unhealthy, Initial]), &resolved(&c), &mut Allocators::new(8))
             .expect("plan");
-        assert!(p.vips.iter().all(|v| v.flags & VIP_F_FAIL_OPEN != 0), "fail-open is the default");
-        assert!(p.backends.values().all(|(_, b)| b.flags == BACKEND_F_VALID), "fail-open keeps flows where they are");
+        assert!(p.vips.iter().all(|v| v.flags.contains(VipFlags::FAIL_OPEN)), "fail-open is the default");
+        assert!(
+            p.backends.values().all(|(_, b)| b.flags == BackendFlags::VALID),
+            "fail-open keeps flows where they are"
+        );
         let mut ids: Vec<u32> = p.vips[0].ring.clone();
         ids.sort_unstable();
         ids.dedup();
@@ -449,7 +456,7 @@ mod tests {
         )
         .expect("plan");
         assert!(p.vips[0].ring.iter().all(|id| *id == 0), "drop: an empty ring");
-        assert_eq!(p.vips[0].flags & VIP_F_FAIL_OPEN, 0);
+        assert!(!p.vips[0].flags.contains(VipFlags::FAIL_OPEN));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{net::IpAddr, path::Path};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use lb_common::{BACKEND_F_VALID, Backend, Counter, GlobalCounter, VipKey, VipMeta, maps};
+use lb_common::{Backend, BackendFlags, Counter, GlobalCounter, VipKey, VipMeta, maps};
 use serde::Serialize;
 
 use crate::{
@@ -87,7 +87,7 @@ impl Snapshot {
         let mut backends = Vec::new();
         for id in 1..backend_map.len() {
             let b = backend_map.get(&id, 0).map_err(err(maps::BACKENDS))?;
-            if b.flags & BACKEND_F_VALID == 0 {
+            if !b.flags.contains(BackendFlags::VALID) {
                 continue;
             }
             let c = sum(&backend_stats.get(&id, 0).map_err(err(maps::BACKEND_STATS))?);

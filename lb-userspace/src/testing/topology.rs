@@ -139,7 +139,7 @@ impl Topology {
         // native XDP forwards as they are: make the client's stack compute them.
         topo.client.exec("ethtool", &["-K", "eth0", "tx", "off"])?;
         // Native XDP_TX frames leave the LB's veth towards p-lb: give p-lb NAPI.
-        let ifindex = topo.switch.run(|| host::interface("p-lb").map(|i| i.ifindex))??;
+        let ifindex = topo.switch.run(|| host::blocking::interface("p-lb").map(|i| i.ifindex))??;
         topo.pass = Some(topo.switch.run(move || AuxProgram::attach(lb_common::programs::PASS, ifindex))??);
         for _ in 0..backends {
             topo.add_backend()?;
@@ -590,8 +590,8 @@ impl BenchTopology {
             "dev",
             "eth0",
         ])?;
-        let client_ifindex = client.run(|| host::interface("eth0").map(|i| i.ifindex))??;
-        let lb_ifindex = lb.run(|| host::interface("eth0").map(|i| i.ifindex))??;
+        let client_ifindex = client.run(|| host::blocking::interface("eth0").map(|i| i.ifindex))??;
+        let lb_ifindex = lb.run(|| host::blocking::interface("eth0").map(|i| i.ifindex))??;
         let mut topo =
             BenchTopology { id, sinks: Vec::new(), client, lb, client_mac, lb_mac, client_ifindex, lb_ifindex };
         for i in 1..=sinks {
@@ -612,7 +612,7 @@ impl BenchTopology {
                 "dev",
                 &lb_side,
             ])?;
-            let ifindex = ns.run(|| host::interface("eth0").map(|i| i.ifindex))??;
+            let ifindex = ns.run(|| host::blocking::interface("eth0").map(|i| i.ifindex))??;
             let sink = ns.run(move || AuxProgram::attach(lb_common::programs::SINK, ifindex))??;
             topo.sinks.push((ns, ip, mac, sink));
         }
