@@ -326,8 +326,8 @@ async fn handler_failures_keep_their_status_and_code() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn registry_errors_map_to_404_409_and_400() {
+#[test]
+fn registry_errors_map_to_404_409_and_400() {
     let ip = "198.18.0.11".parse().expect("ip");
     let cases = [
         (RegistryError::UnknownGroup { group: "x".into(), known: vec!["web".into()] }, 404),
