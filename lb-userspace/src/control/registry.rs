@@ -593,6 +593,11 @@ mod tests {
         let changes = r.sync(&c, t0);
         assert_eq!(changes.stop_checks, vec![k.clone()]);
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
+        let listed = r.list(&c, Some("web"), t0 + Duration::from_secs(4)).expect("list");
+        let draining = listed.iter().find(|t| t.ip == k.1).expect("listed");
+        assert_eq!((draining.state, draining.source), (TargetState::Draining, Source::Config));
+        assert_eq!(draining.drain_remaining, Some(Duration::from_secs(6)));
+        assert!(matches!(r.list(&c, Some("nope"), t0), Err(RegistryError::UnknownGroup { .. })));
         let again = r.deregister(&c, "web", "198.18.0.11");
         assert!(matches!(again, Err(RegistryError::AlreadyDeregistering { .. })), "{again:?}");
         // A reload (sync with the same file) keeps it deregistered...
