@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use lb_userspace::{
     agent::{self, Control, RunOptions},
+    api::{ApiError, Client, DeregisterRequest, RegisterRequest, TargetList},
     config::{self, Config, XdpMode},
     datapath::stats::Snapshot,
 };
@@ -268,92 +269,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         #[cfg(feature = "tools")]
         Command::Gen(args) => gen_command(args),
         Command::Targets { command, api } => {
-            let (method, path, body) = match command {
-                TargetsCommand::Register { group, target, weight } => (
-                    "POST",
-                    "/v1/targets".to_string(),
-                    Some(serde_json::json!({ "group": group, "target": target, "weight": weight })),
-                ),
+            let client = Client::new(&api.socket);
+            match command {
+                TargetsCommand::Register { group, target, weight } => {
+                    let answer = block_on(client.register(&RegisterRequest { group, target, weight }))?;
+                    if api.json {
+                        println!("{}", serde_json::to_string_pretty(&answer)?);
+                    } else {
+                        println!("{} registered in group {}: {}", answer.target, answer.group, answer.state);
+                    }
+                }
                 TargetsCommand::Deregister { group, target } => {
-                    ("DELETE", "/v1/targets".to_string(), Some(serde_json::json!({ "group": group, "target": target })))
+                    let answer = block_on(client.deregister(&DeregisterRequest { group, target }))?;
+                    if api.json {
+                        println!("{}", serde_json::to_string_pretty(&answer)?);
+                    } else {
+                        println!("{} deregistered in group {}: {}", answer.target, answer.group, answer.state);
+                    }
                 }
-                TargetsCommand::List { group } => (
-                    "GET",
-                    match group {
-                        Some(g) => format!("/v1/targets?group={}", lb_userspace::api::encode_query_value(&g)),
-                        None => "/v1/targets".to_string(),
-                    },
-                    None,
-                ),
-            };
-            let answer = api_call(&api, method, &path, body)?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else if let Some(targets) = answer["targets"].as_array() {
-                println!("{:<12} {:<28} {:>6} {:<10} {:<7} REASON", "GROUP", "TARGET", "WEIGHT", "STATE", "SOURCE");
-                for t in targets {
-                    let ip = t["target"].as_str().unwrap_or_default();
-                    let target = match t["port"].as_u64() {
-                        Some(p) if ip.contains(':') => format!("[{ip}]:{p}"),
-                        Some(p) => format!("{ip}:{p}"),
-                        None => ip.to_string(),
-                    };
-                    println!(
-                        "{:<12} {:<28} {:>6} {:<10} {:<7} {}",
-                        t["group"].as_str().unwrap_or_default(),
-                        target,
-                        t["weight"].as_u64().unwrap_or_default(),
-                        t["state"].as_str().unwrap_or_default(),
-                        t["source"].as_str().unwrap_or_default(),
-                        t["reason"].as_str().unwrap_or_default()
-                    );
+                TargetsCommand::List { group } => {
+                    let answer = block_on(client.targets(group.as_deref()))?;
+                    if api.json {
+                        println!("{}", serde_json::to_string_pretty(&answer)?);
+                    } else {
+                        print_targets(&answer);
+                    }
                 }
-            } else {
-                println!(
-                    "{} {} in group {}: {}",
-                    answer["target"].as_str().unwrap_or_default(),
-                    if method == "POST" { "registered" } else { "deregistered" },
-                    answer["group"].as_str().unwrap_or_default(),
-                    answer["state"].as_str().unwrap_or_default()
-                );
             }
             Ok(())
         }
         Command::Status { api } => {
-            let answer = api_call(&api, "GET", "/v1/status", None)?;
+            let answer = block_on(Client::new(&api.socket).status())?;
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                println!(
-                    "agent pid {} up {} s, config {}",
-                    answer["pid"],
-                    answer["uptime_secs"],
-                    answer["config"].as_str().unwrap_or_default()
-                );
-                for l in answer["listeners"].as_array().into_iter().flatten() {
-                    println!(
-                        "listener {:<16} {:<32} -> {}",
-                        l["name"].as_str().unwrap_or_default(),
-                        l["vip"].as_str().unwrap_or_default(),
-                        l["target_group"].as_str().unwrap_or_default()
-                    );
+                println!("agent pid {} up {} s, config {}", answer.pid, answer.uptime_secs, answer.config);
+                for l in &answer.listeners {
+                    println!("listener {:<16} {:<32} -> {}", l.name, l.vip, l.target_group);
                 }
-                if let Some(ms) = answer["last_datapath_update_ms"].as_f64() {
+                if let Some(ms) = answer.last_datapath_update_ms {
                     println!("last health/drain change reached the datapath in {ms:.2} ms");
                 }
-                for g in answer["target_groups"].as_array().into_iter().flatten() {
-                    println!(
-                        "group    {:<16} {}/{} targets healthy",
-                        g["group"].as_str().unwrap_or_default(),
-                        g["healthy"],
-                        g["targets"]
-                    );
+                for g in &answer.target_groups {
+                    println!("group    {:<16} {}/{} targets healthy", g.group, g.healthy, g.targets);
                 }
             }
             Ok(())
         }
         Command::Reload { api } => {
-            let answer = api_call(&api, "POST", "/v1/reload", None)?;
+            let answer = block_on(Client::new(&api.socket).reload())?;
             if api.json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
@@ -469,19 +433,24 @@ fn gen_command(a: GenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One control-API request; a non-2xx answer becomes an error with the agent's message.
-fn api_call(
-    api: &ApiArgs,
-    method: &str,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
+/// Runs one control-API call on a runtime of its own. A refusal is an error with the
+/// agent's message (`... (HTTP 409)`).
+fn block_on<T>(call: impl Future<Output = Result<T, ApiError>>) -> anyhow::Result<T> {
     let rt =
         tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
-    let (status, answer) = rt.block_on(lb_userspace::api::call(&api.socket, method, path, body.as_ref()))?;
-    if !(200..300).contains(&status) {
-        let msg = answer["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| answer.to_string());
-        anyhow::bail!("{msg} (HTTP {status})");
+    Ok(rt.block_on(call)?)
+}
+
+/// `lb targets list` as a table.
+fn print_targets(list: &TargetList) {
+    println!("{:<12} {:<28} {:>6} {:<10} {:<7} REASON", "GROUP", "TARGET", "WEIGHT", "STATE", "SOURCE");
+    for t in &list.targets {
+        let target = match t.port {
+            Some(port) => std::net::SocketAddr::new(t.target, port).to_string(),
+            None => t.target.to_string(),
+        };
+        // Display impls ignore width: pad their strings.
+        let (state, source) = (t.state.to_string(), t.source.to_string());
+        println!("{:<12} {:<28} {:>6} {:<10} {:<7} {}", t.group, target, t.weight, state, source, t.reason);
     }
-    Ok(answer)
 }

@@ -155,6 +155,10 @@ fn control_api_from_the_cli_refuses_bad_input_and_strangers() {
     assert!(String::from_utf8_lossy(&table.stdout).contains("198.18.0.13"), "{table:?}");
     let status = lb(&["status", "--socket", &socket]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("3/3 targets healthy"), "{status:?}");
+    // `--json` prints the typed answer.
+    let status = lb(&["status", "--json", "--socket", &socket]);
+    let status: lb_userspace::api::StatusResponse = serde_json::from_slice(&status.stdout).expect("status JSON");
+    assert_eq!(status.target_groups[0].healthy, 3, "{status:?}");
     let after = list();
 
     // A broken config is rejected by `lb reload`; the running state stays.
@@ -164,11 +168,14 @@ fn control_api_from_the_cli_refuses_bad_input_and_strangers() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("config rejected, nothing changed") && err.contains("sctp"), "{err}");
+    assert!(err.trim_end().ends_with("(HTTP 400)"), "{err}");
     assert_eq!(list(), after);
     // A good reload keeps the runtime registration.
     std::fs::write(&config.0, topo.config(&[(1, 1), (2, 3)])).expect("write");
-    let out = lb(&["reload", "--socket", &socket]);
+    let out = lb(&["reload", "--json", "--socket", &socket]);
     assert!(out.status.success(), "{out:?}");
+    let reloaded: lb_userspace::api::ReloadResponse = serde_json::from_slice(&out.stdout).expect("reload JSON");
+    assert!(reloaded.reloaded);
     let targets = list();
     let weight_of = |ip: &str| {
         targets["targets"].as_array().and_then(|t| t.iter().find(|t| t["target"] == ip)).map(|t| t["weight"].clone())

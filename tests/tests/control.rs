@@ -21,24 +21,18 @@ const HEALTH: &str = "deregistration_delay_secs = 3\n\
 health_check = { protocol = \"http\", port = 80, path = \"/\", interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }\n\
 [metrics]\nlisten = \"127.0.0.1:9100\"\n";
 
-/// One control-API call; panics on transport errors, returns (status, body).
+/// One control-API call as raw JSON (what goes over the wire); panics on transport
+/// errors, returns (status, body).
 fn api(topo: &Topology, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     rt.block_on(lb_userspace::api::call(&topo.socket(), method, path, body.as_ref())).expect("control API call")
 }
 
-/// target address -> state, from `GET /v1/targets`.
+/// target address -> state, from `GET /v1/targets` through the typed client.
 fn states(topo: &Topology) -> Vec<(String, String)> {
-    let (status, body) = api(topo, "GET", "/v1/targets", None);
-    assert_eq!(status, 200, "{body}");
-    body["targets"]
-        .as_array()
-        .expect("targets")
-        .iter()
-        .map(|t| {
-            (t["target"].as_str().unwrap_or_default().to_string(), t["state"].as_str().unwrap_or_default().to_string())
-        })
-        .collect()
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let list = rt.block_on(lb_userspace::api::Client::new(topo.socket()).targets(None)).expect("GET /v1/targets");
+    list.targets.into_iter().map(|t| (t.target.to_string(), t.state.to_string())).collect()
 }
 
 fn state_of(topo: &Topology, ip: &str) -> Option<String> {

@@ -1,14 +1,21 @@
 //! The control API's requests: forwarded to the loop, answered from the agent's state.
 
 use super::*;
+use crate::api::{
+    ApiFailure, DeregisterRequest, DeregisterResponse, DeregisteredState, GroupInfo, ListenerInfo, RegisterRequest,
+    RegisterResponse, ReloadResponse, StatusResponse, TargetInfo, TargetList,
+};
+
+/// Where the agent task sends the answer to one request.
+type Reply<T> = oneshot::Sender<Result<T, ApiFailure>>;
 
 /// Requests from the control API, answered by the agent task.
 pub(super) enum ApiCall {
-    Status(oneshot::Sender<Result<Value, ApiFailure>>),
-    List(Option<String>, oneshot::Sender<Result<Value, ApiFailure>>),
-    Register(RegisterRequest, oneshot::Sender<Result<Value, ApiFailure>>),
-    Deregister(DeregisterRequest, oneshot::Sender<Result<Value, ApiFailure>>),
-    Reload(oneshot::Sender<Result<Value, ApiFailure>>),
+    Status(Reply<StatusResponse>),
+    List(Option<String>, Reply<TargetList>),
+    Register(RegisterRequest, Reply<RegisterResponse>),
+    Deregister(DeregisterRequest, Reply<DeregisterResponse>),
+    Reload(Reply<ReloadResponse>),
 }
 
 /// The control API's handler: forwards each request to the agent task.
@@ -17,10 +24,7 @@ pub(super) struct ApiHandler {
 }
 
 impl ApiHandler {
-    pub(super) async fn ask(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<Value, ApiFailure>>) -> ApiCall,
-    ) -> Result<Value, ApiFailure> {
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> ApiCall) -> Result<T, ApiFailure> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(make(reply)).await.map_err(|_| ApiFailure::unavailable("the agent is shutting down"))?;
         rx.await.map_err(|_| ApiFailure::unavailable("the agent is shutting down"))?
@@ -28,19 +32,19 @@ impl ApiHandler {
 }
 
 impl api::Handler for ApiHandler {
-    async fn status(&self) -> Result<Value, ApiFailure> {
+    async fn status(&self) -> Result<StatusResponse, ApiFailure> {
         self.ask(ApiCall::Status).await
     }
-    async fn list_targets(&self, group: Option<String>) -> Result<Value, ApiFailure> {
+    async fn list_targets(&self, group: Option<String>) -> Result<TargetList, ApiFailure> {
         self.ask(|r| ApiCall::List(group, r)).await
     }
-    async fn register(&self, req: RegisterRequest) -> Result<Value, ApiFailure> {
+    async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiFailure> {
         self.ask(|r| ApiCall::Register(req, r)).await
     }
-    async fn deregister(&self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
+    async fn deregister(&self, req: DeregisterRequest) -> Result<DeregisterResponse, ApiFailure> {
         self.ask(|r| ApiCall::Deregister(req, r)).await
     }
-    async fn reload(&self) -> Result<Value, ApiFailure> {
+    async fn reload(&self) -> Result<ReloadResponse, ApiFailure> {
         self.ask(ApiCall::Reload).await
     }
 }
@@ -52,7 +56,7 @@ impl Agent {
                 let _ = reply.send(Ok(self.status()));
             }
             ApiCall::List(group, reply) => {
-                let _ = reply.send(self.registry.list(&self.config, group.as_deref(), Instant::now()));
+                let _ = reply.send(self.list(group.as_deref()));
             }
             ApiCall::Register(req, reply) => {
                 let _ = reply.send(self.register(req).await);
@@ -63,7 +67,7 @@ impl Agent {
             ApiCall::Reload(reply) => {
                 let outcome = self.reload().await;
                 let _ = reply.send(match outcome {
-                    Ok(()) => Ok(json!({ "reloaded": true })),
+                    Ok(()) => Ok(ReloadResponse { reloaded: true }),
                     Err(e @ AgentError::RolledBackFailed { .. }) => Err(ApiFailure::internal(e.to_string())),
                     Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {}", chain(&e)))),
                 });
@@ -71,33 +75,56 @@ impl Agent {
         }
     }
 
-    pub(super) fn status(&self) -> Value {
-        let groups: Vec<Value> = self
-            .registry
-            .group_counts(&self.config)
-            .into_iter()
-            .map(|(name, healthy, total)| json!({ "group": name, "healthy": healthy, "targets": total }))
-            .collect();
-        let listeners: Vec<Value> = self
-            .config
-            .listeners
-            .iter()
-            .map(|l| json!({ "name": l.name, "vip": l.vip_display(), "target_group": l.target_group }))
-            .collect();
-        json!({
-            "pid": std::process::id(),
-            "uptime_secs": self.started.elapsed().as_secs(),
-            "config": self.opts.config_path.display().to_string(),
-            "interfaces": self.config.dataplane.interfaces,
-            "pin_dir": self.config.dataplane.pin_dir.display().to_string(),
-            "listeners": listeners,
-            "target_groups": groups,
-            "last_datapath_update_ms": self.last_update.map(|d| d.as_secs_f64() * 1e3),
+    pub(super) fn status(&self) -> StatusResponse {
+        StatusResponse {
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            config: self.opts.config_path.display().to_string(),
+            interfaces: self.config.dataplane.interfaces.clone(),
+            pin_dir: self.config.dataplane.pin_dir.display().to_string(),
+            listeners: self
+                .config
+                .listeners
+                .iter()
+                .map(|l| ListenerInfo {
+                    name: l.name.clone(),
+                    vip: l.vip_display(),
+                    target_group: l.target_group.clone(),
+                })
+                .collect(),
+            target_groups: self
+                .registry
+                .group_counts(&self.config)
+                .into_iter()
+                .map(|(group, healthy, targets)| GroupInfo { group, healthy, targets })
+                .collect(),
+            last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
+        }
+    }
+
+    fn list(&self, group: Option<&str>) -> Result<TargetList, ApiFailure> {
+        let targets = self.registry.list(&self.config, group, Instant::now())?;
+        Ok(TargetList {
+            targets: targets
+                .into_iter()
+                .map(|t| TargetInfo {
+                    group: t.group,
+                    target: t.ip,
+                    port: t.port,
+                    weight: t.weight,
+                    state: t.state,
+                    reason: t.reason,
+                    source: t.source,
+                    drain_remaining_secs: t.drain_remaining.map(|d| d.as_secs_f64()),
+                    last_check_latency_ms: t.last_latency.map(|d| d.as_secs_f64() * 1e3),
+                })
+                .collect(),
         })
     }
 
-    pub(super) async fn register(&mut self, req: RegisterRequest) -> Result<Value, ApiFailure> {
-        let (key, weight, port) = self.registry.check_register(&self.config, &req)?;
+    pub(super) async fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse, ApiFailure> {
+        let checked = self.registry.check_register(&self.config, &req.group, &req.target, req.weight)?;
+        let (key, weight) = (checked.key, checked.weight);
         let ip = key.1;
         let resolved = match self.resolved.get(&ip) {
             Some(r) => r.clone(),
@@ -107,7 +134,7 @@ impl Agent {
             }
         };
         let mut registry = self.registry.clone();
-        registry.register(key.clone(), weight, port);
+        registry.register(key.clone(), weight, checked.port);
         registry.sync(&self.config, Instant::now());
         let mut resolved_all = self.resolved.clone();
         resolved_all.insert(ip, resolved);
@@ -117,14 +144,14 @@ impl Agent {
         self.resolved = resolved_all;
         self.sync_monitors();
         self.publish();
-        let state = self.registry.get(&key).map(|e| e.state().to_string()).unwrap_or_default();
+        let state = self.registry.get(&key).map(|e| e.state()).unwrap_or_default();
         info!(group = %key.0, target = %ip, weight, %state, "target registered");
-        Ok(json!({ "group": key.0, "target": ip.to_string(), "weight": weight, "state": state }))
+        Ok(RegisterResponse { group: key.0, target: ip, weight, state })
     }
 
-    pub(super) async fn deregister(&mut self, req: DeregisterRequest) -> Result<Value, ApiFailure> {
+    pub(super) async fn deregister(&mut self, req: DeregisterRequest) -> Result<DeregisterResponse, ApiFailure> {
         let mut registry = self.registry.clone();
-        let key = registry.deregister(&self.config, &req)?;
+        let key = registry.deregister(&self.config, &req.group, &req.target)?;
         registry.sync(&self.config, Instant::now());
         let config = self.config.clone();
         let resolved = self.resolved.clone();
@@ -133,8 +160,12 @@ impl Agent {
         self.sync_monitors();
         self.publish();
         let delay = self.config.target_group(&key.0).map(|g| g.deregistration_delay_secs).unwrap_or(0);
-        let state = self.registry.get(&key).map_or("removed".to_string(), |e| e.state().to_string());
+        // After `sync`, a deregistered target drains, or is gone if its group has no delay.
+        let state = match self.registry.get(&key) {
+            Some(_) => DeregisteredState::Draining,
+            None => DeregisteredState::Removed,
+        };
         info!(group = %key.0, target = %key.1, delay_secs = delay, "target deregistered");
-        Ok(json!({ "group": key.0, "target": key.1.to_string(), "state": state, "deregistration_delay_secs": delay }))
+        Ok(DeregisterResponse { group: key.0, target: key.1, state, deregistration_delay_secs: delay })
     }
 }

@@ -19,18 +19,16 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info};
 
 use crate::{
-    api::{self, ApiFailure, DeregisterRequest, RegisterRequest},
+    api,
     config::HealthCheck,
     config::{Config, ConfigError, XdpMode},
     control::health_state::TargetState,
     control::plan::{self, Allocators, PlanError},
     control::registry::{Registry, TargetKey},
-    datapath::stats::Snapshot,
     datapath::{
         ApplyReport, Dataplane, DataplaneError, LoadOptions,
         thread::{DatapathGone, DatapathThread},
@@ -187,14 +185,10 @@ pub async fn run(
                     return Err(AgentError::Metrics { addr, source });
                 }
             };
-            let (view, pin_dir) = (agent.view.clone(), agent.config.dataplane.pin_dir.clone());
-            let render = move || {
-                let snap = Snapshot::read_pinned(&pin_dir).ok();
-                let view = view.lock().map(|v| v.clone()).unwrap_or_default();
-                crate::metrics::render(&view, snap.as_ref())
-            };
+            let source =
+                crate::metrics::Source { view: agent.view.clone(), pin_dir: agent.config.dataplane.pin_dir.clone() };
             info!(%addr, "metrics at http://{addr}/metrics");
-            Some(tokio::spawn(api::serve_metrics(listener, render, stopped(stop_rx.clone()))))
+            Some(tokio::spawn(crate::metrics::serve(listener, source, stopped(stop_rx.clone()))))
         }
         None => None,
     };
@@ -224,6 +218,9 @@ pub async fn run(
         }
     }
     info!("shutting down: detaching and removing pins");
+    // Requests in flight or queued now get 503 (their reply channels close), so the
+    // servers' graceful shutdown does not wait on a loop that no longer answers.
+    drop(api_rx);
     let _ = stop_tx.send(true);
     let _ = api_task.await;
     if let Some(t) = metrics_task {

@@ -13,11 +13,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Serialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{ApiFailure, DeregisterRequest, RegisterRequest},
     config::{Config, MAX_WEIGHT, MacAddr, TargetGroup},
     control::health_state::{Probe, TargetState, Tracker},
     control::plan::{PlanGroup, PlanTarget},
@@ -27,11 +25,20 @@ use crate::{
 pub type TargetKey = (String, IpAddr);
 
 /// Where a target was declared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
     Config,
     Api,
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Source::Config => "config",
+            Source::Api => "api",
+        })
+    }
 }
 
 /// One target's runtime state.
@@ -93,22 +100,77 @@ pub struct Registry {
     api_removed: BTreeSet<TargetKey>,
 }
 
+/// Why the registry refused a registration, a deregistration or a lookup. Each message
+/// names the cause and the fix; the control API sends it as is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("target `{target}`: port 0 is not a port; omit it or use 1..=65535")]
+    PortZero { target: String },
+    #[error(
+        "target `{target}` is not an address: write IP, IP:port or [IPv6]:port, e.g. 198.18.0.21 or 198.18.0.21:8080"
+    )]
+    BadTarget { target: String },
+    #[error("target {ip}: {reason}")]
+    UnusableAddress { ip: IpAddr, reason: &'static str },
+    #[error("weight {weight} is out of range: use 1..={MAX_WEIGHT}")]
+    WeightOutOfRange { weight: u32 },
+    #[error("group `{group}` health checks need a port for this target: register it as IP:port")]
+    NoProbePort { group: String },
+    #[error("no target group `{group}`; the groups are: {}", known.join(", "))]
+    UnknownGroup { group: String, known: Vec<String> },
+    #[error("target {ip} is not registered in group `{group}`")]
+    NotRegistered { group: String, ip: IpAddr },
+    #[error("target {ip} is already registered in group `{group}`; deregister it first to change it")]
+    AlreadyRegistered { group: String, ip: IpAddr },
+    #[error("target {ip} in group `{group}` is already deregistering")]
+    AlreadyDeregistering { group: String, ip: IpAddr },
+    #[error("group `{group}` is full: {targets} targets fill its ring of {ring_size}")]
+    GroupFull { group: String, targets: usize, ring_size: u32 },
+    #[error("the LB is full: {targets} targets, the datapath holds {capacity}")]
+    LbFull { targets: usize, capacity: u32 },
+}
+
+/// A registration that passed [`Registry::check_register`]: what to pass to
+/// [`Registry::register`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    pub key: TargetKey,
+    /// The weight asked for, or 1.
+    pub weight: u32,
+    /// The target's own (health-check) port, if one was given.
+    pub port: Option<u16>,
+}
+
+/// One target as `lb targets list` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetStatus {
+    pub group: String,
+    pub ip: IpAddr,
+    /// Its own (health-check) port, if it has one.
+    pub port: Option<u16>,
+    pub weight: u32,
+    pub state: TargetState,
+    /// Why it is in its state.
+    pub reason: String,
+    pub source: Source,
+    /// While draining: how long until it is removed.
+    pub drain_remaining: Option<Duration>,
+    /// Duration of its last health check.
+    pub last_latency: Option<Duration>,
+}
+
 /// Parses `IP`, `IP:port` or `[IPv6]:port`.
-pub fn parse_target(s: &str) -> Result<(IpAddr, Option<u16>), ApiFailure> {
+pub fn parse_target(s: &str) -> Result<(IpAddr, Option<u16>), RegistryError> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok((ip, None));
     }
     if let Ok(sa) = s.parse::<SocketAddr>() {
         if sa.port() == 0 {
-            return Err(ApiFailure::bad_request(format!(
-                "target `{s}`: port 0 is not a port; omit it or use 1..=65535"
-            )));
+            return Err(RegistryError::PortZero { target: s.to_string() });
         }
         return Ok((sa.ip(), Some(sa.port())));
     }
-    Err(ApiFailure::bad_request(format!(
-        "target `{s}` is not an address: write IP, IP:port or [IPv6]:port, e.g. 198.18.0.21 or 198.18.0.21:8080"
-    )))
+    Err(RegistryError::BadTarget { target: s.to_string() })
 }
 
 impl Registry {
@@ -231,49 +293,44 @@ impl Registry {
         done
     }
 
-    /// Checks a registration without changing anything.
+    /// Checks a registration of `target` (`IP`, `IP:port` or `[IPv6]:port`) in `group`
+    /// without changing anything.
     pub fn check_register(
         &self,
         config: &Config,
-        req: &RegisterRequest,
-    ) -> Result<(TargetKey, u32, Option<u16>), ApiFailure> {
-        let group = group(config, &req.group)?;
-        let (ip, port) = parse_target(&req.target)?;
+        group_name: &str,
+        target: &str,
+        weight: Option<u32>,
+    ) -> Result<Registration, RegistryError> {
+        let group = group(config, group_name)?;
+        let (ip, port) = parse_target(target)?;
         if let Some(reason) = crate::config::unusable_unicast(ip) {
-            return Err(ApiFailure::bad_request(format!("target {ip}: {reason}")));
+            return Err(RegistryError::UnusableAddress { ip, reason });
         }
-        let weight = req.weight.unwrap_or(1);
+        let weight = weight.unwrap_or(1);
         if !(1..=MAX_WEIGHT).contains(&weight) {
-            return Err(ApiFailure::bad_request(format!("weight {weight} is out of range: use 1..={MAX_WEIGHT}")));
+            return Err(RegistryError::WeightOutOfRange { weight });
         }
         let key = (group.name.clone(), ip);
         if self.entries.get(&key).is_some_and(|e| e.drain_until.is_none()) {
-            return Err(ApiFailure::conflict(format!(
-                "target {ip} is already registered in group `{}`; deregister it first to change it",
-                group.name
-            )));
+            return Err(RegistryError::AlreadyRegistered { group: group.name.clone(), ip });
         }
         if group.health_check.is_some() && port.is_none() && group.probe_port(&config.listeners).is_none() {
-            return Err(ApiFailure::bad_request(format!(
-                "group `{}` health checks need a port for this target: register it as IP:port",
-                group.name
-            )));
+            return Err(RegistryError::NoProbePort { group: group.name.clone() });
         }
         let in_group = self.entries.keys().filter(|k| k.0 == group.name).count();
         if in_group + 1 > config.dataplane.ring_size as usize {
-            return Err(ApiFailure::conflict(format!(
-                "group `{}` is full: {in_group} targets fill its ring of {}",
-                group.name, config.dataplane.ring_size
-            )));
+            return Err(RegistryError::GroupFull {
+                group: group.name.clone(),
+                targets: in_group,
+                ring_size: config.dataplane.ring_size,
+            });
         }
         let in_datapath = self.entries.values().filter(|e| e.state() != TargetState::Unused).count();
         if in_datapath + 1 >= lb_common::MAX_BACKENDS as usize {
-            return Err(ApiFailure::conflict(format!(
-                "the LB is full: {in_datapath} targets, the datapath holds {}",
-                lb_common::MAX_BACKENDS - 1
-            )));
+            return Err(RegistryError::LbFull { targets: in_datapath, capacity: lb_common::MAX_BACKENDS - 1 });
         }
-        Ok((key, weight, port))
+        Ok(Registration { key, weight, port })
     }
 
     /// Before a reload from `old` to `new`: a target deregistered at runtime that the new
@@ -295,15 +352,16 @@ impl Registry {
         self.api_added.insert(key, (weight, port));
     }
 
-    /// Records a deregistration (after checking it); call `sync` next.
-    pub fn deregister(&mut self, config: &Config, req: &DeregisterRequest) -> Result<TargetKey, ApiFailure> {
-        let group = group(config, &req.group)?;
-        let (ip, _) = parse_target(&req.target)?;
+    /// Records a deregistration of `target` (its port, if given, is ignored) from `group`
+    /// after checking it; call `sync` next.
+    pub fn deregister(&mut self, config: &Config, group_name: &str, target: &str) -> Result<TargetKey, RegistryError> {
+        let group = group(config, group_name)?;
+        let (ip, _) = parse_target(target)?;
         let key = (group.name.clone(), ip);
         match self.entries.get(&key) {
-            None => Err(ApiFailure::not_found(format!("target {ip} is not registered in group `{}`", group.name))),
+            None => Err(RegistryError::NotRegistered { group: group.name.clone(), ip }),
             Some(e) if e.drain_until.is_some() => {
-                Err(ApiFailure::conflict(format!("target {ip} in group `{}` is already deregistering", group.name)))
+                Err(RegistryError::AlreadyDeregistering { group: group.name.clone(), ip })
             }
             Some(_) => {
                 self.api_added.remove(&key);
@@ -351,30 +409,32 @@ impl Registry {
         Some(SocketAddr::new(key.1, port))
     }
 
-    /// `lb targets list` as JSON.
-    pub fn list(&self, config: &Config, group_filter: Option<&str>, now: Instant) -> Result<Value, ApiFailure> {
+    /// `lb targets list`: every target, or those of `group_filter` (which must exist).
+    pub fn list(
+        &self,
+        config: &Config,
+        group_filter: Option<&str>,
+        now: Instant,
+    ) -> Result<Vec<TargetStatus>, RegistryError> {
         if let Some(g) = group_filter {
             group(config, g)?;
         }
-        let targets: Vec<Value> = self
+        Ok(self
             .entries
             .iter()
             .filter(|(k, _)| group_filter.is_none_or(|g| k.0 == g))
-            .map(|(k, e)| {
-                json!({
-                    "group": k.0,
-                    "target": k.1.to_string(),
-                    "port": e.port,
-                    "weight": e.weight,
-                    "state": e.state().to_string(),
-                    "reason": e.reason(),
-                    "source": e.source,
-                    "drain_remaining_secs": e.drain_until.map(|t| t.saturating_duration_since(now).as_secs_f64()),
-                    "last_check_latency_ms": e.last_latency.map(|d| d.as_secs_f64() * 1e3),
-                })
+            .map(|(k, e)| TargetStatus {
+                group: k.0.clone(),
+                ip: k.1,
+                port: e.port,
+                weight: e.weight,
+                state: e.state(),
+                reason: e.reason(),
+                source: e.source,
+                drain_remaining: e.drain_until.map(|t| t.saturating_duration_since(now)),
+                last_latency: e.last_latency,
             })
-            .collect();
-        Ok(json!({ "targets": targets }))
+            .collect())
     }
 
     /// (healthy, total) per configured group.
@@ -391,10 +451,10 @@ impl Registry {
     }
 }
 
-fn group<'a>(config: &'a Config, name: &str) -> Result<&'a TargetGroup, ApiFailure> {
-    config.target_group(name).ok_or_else(|| {
-        let known: Vec<&str> = config.target_groups.iter().map(|g| g.name.as_str()).collect();
-        ApiFailure::not_found(format!("no target group `{name}`; the groups are: {}", known.join(", ")))
+fn group<'a>(config: &'a Config, name: &str) -> Result<&'a TargetGroup, RegistryError> {
+    config.target_group(name).ok_or_else(|| RegistryError::UnknownGroup {
+        group: name.to_string(),
+        known: config.target_groups.iter().map(|g| g.name.clone()).collect(),
     })
 }
 
@@ -442,8 +502,8 @@ mod tests {
         ("web".to_string(), ip.parse().expect("ip"))
     }
 
-    fn reg(target: &str, weight: Option<u32>) -> RegisterRequest {
-        RegisterRequest { group: "web".into(), target: target.into(), weight }
+    fn check(r: &Registry, c: &Config, target: &str, weight: Option<u32>) -> Result<Registration, RegistryError> {
+        r.check_register(c, "web", target, weight)
     }
 
     #[test]
@@ -500,25 +560,50 @@ mod tests {
         let mut r = Registry::default();
         r.sync(&c, Instant::now());
         let before = r.entries.len();
+        let web = "web".to_string();
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         let cases = [
             (
-                RegisterRequest { group: "nope".into(), target: "198.18.0.20".into(), weight: None },
-                404,
-                "no target group `nope`",
+                r.check_register(&c, "nope", "198.18.0.20", None),
+                RegistryError::UnknownGroup { group: "nope".into(), known: vec![web.clone()] },
+                "no target group `nope`; the groups are: web",
             ),
-            (reg("198.18.0.300", None), 400, "is not an address"),
-            (reg("198.18.0.20", Some(0)), 400, "weight 0 is out of range"),
-            (reg("198.18.0.11", None), 409, "already registered"),
-            (reg("224.0.0.1", None), 400, "multicast"),
-            (reg("198.18.0.20:0", None), 400, "port 0"),
+            (
+                check(&r, &c, "198.18.0.300", None),
+                RegistryError::BadTarget { target: "198.18.0.300".into() },
+                "is not an address",
+            ),
+            (
+                check(&r, &c, "198.18.0.20", Some(0)),
+                RegistryError::WeightOutOfRange { weight: 0 },
+                "weight 0 is out of range: use 1..=1000",
+            ),
+            (
+                check(&r, &c, "198.18.0.11", None),
+                RegistryError::AlreadyRegistered { group: web.clone(), ip: ip("198.18.0.11") },
+                "already registered",
+            ),
+            (
+                check(&r, &c, "224.0.0.1", None),
+                RegistryError::UnusableAddress {
+                    ip: ip("224.0.0.1"),
+                    reason: "a multicast address is not usable here",
+                },
+                "multicast",
+            ),
+            (
+                check(&r, &c, "198.18.0.20:0", None),
+                RegistryError::PortZero { target: "198.18.0.20:0".into() },
+                "port 0",
+            ),
         ];
-        for (req, status, msg) in cases {
-            let err = r.check_register(&c, &req).expect_err("invalid");
-            assert_eq!(err.status, status, "{req:?}: {}", err.message);
-            assert!(err.message.contains(msg), "{req:?}: {}", err.message);
+        for (result, expected, msg) in cases {
+            let err = result.expect_err("invalid");
+            assert_eq!(err, expected);
+            assert!(err.to_string().contains(msg), "{err}");
         }
         assert_eq!(r.entries.len(), before);
-        let (k, w, p) = r.check_register(&c, &reg("[fd00:18::21]:8080", Some(3))).expect("valid");
+        let Registration { key: k, weight: w, port: p } = check(&r, &c, "[fd00:18::21]:8080", Some(3)).expect("valid");
         assert_eq!((w, p), (3, Some(8080)));
         r.register(k.clone(), w, p);
         r.sync(&c, Instant::now());
@@ -532,12 +617,17 @@ mod tests {
         let t0 = Instant::now();
         r.sync(&c, t0);
         let k = key("198.18.0.11");
-        r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() }).expect("ok");
+        r.deregister(&c, "web", "198.18.0.11").expect("ok");
         let changes = r.sync(&c, t0);
         assert_eq!(changes.stop_checks, vec![k.clone()]);
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
-        let again = r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() });
-        assert_eq!(again.map_err(|e| e.status), Err(409));
+        let listed = r.list(&c, Some("web"), t0 + Duration::from_secs(4)).expect("list");
+        let draining = listed.iter().find(|t| t.ip == k.1).expect("listed");
+        assert_eq!((draining.state, draining.source), (TargetState::Draining, Source::Config));
+        assert_eq!(draining.drain_remaining, Some(Duration::from_secs(6)));
+        assert!(matches!(r.list(&c, Some("nope"), t0), Err(RegistryError::UnknownGroup { .. })));
+        let again = r.deregister(&c, "web", "198.18.0.11");
+        assert!(matches!(again, Err(RegistryError::AlreadyDeregistering { .. })), "{again:?}");
         // A reload (sync with the same file) keeps it deregistered...
         r.readmit(&c, &c);
         r.sync(&c, t0 + Duration::from_secs(1));
@@ -553,11 +643,11 @@ mod tests {
         assert!(r.expire(t0 + Duration::from_secs(9)).is_empty());
         assert_eq!(r.expire(t0 + Duration::from_secs(10)), vec![k.clone()]);
         assert!(r.get(&k).is_none());
-        let missing = r.deregister(&c, &DeregisterRequest { group: "web".into(), target: "198.18.0.11".into() });
-        assert_eq!(missing.map_err(|e| e.status), Err(404));
+        let missing = r.deregister(&c, "web", "198.18.0.11:80");
+        assert_eq!(missing, Err(RegistryError::NotRegistered { group: "web".into(), ip: k.1 }));
         // Registering it again brings it back.
-        let (k2, w, p) = r.check_register(&c, &reg("198.18.0.11", None)).expect("valid");
-        r.register(k2, w, p);
+        let reg = check(&r, &c, "198.18.0.11", None).expect("valid");
+        r.register(reg.key, reg.weight, reg.port);
         r.sync(&c, t0 + Duration::from_secs(11));
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Healthy));
     }

@@ -1,12 +1,38 @@
-//! The Prometheus text exposition: datapath counters (from the maps) and target health
-//! (from the agent). Names follow Prometheus conventions: `lb_` prefix, base units,
-//! `_total` for counters, labels for VIP, target group and target.
+//! The Prometheus endpoint: datapath counters (read from the pinned maps on each scrape)
+//! and target health (from the view the agent publishes), encoded by `prometheus-client`
+//! as the Prometheus text format or, when the scraper asks for it, OpenMetrics. Names
+//! follow Prometheus conventions: `lb_` prefix, base units, `_total` for counters,
+//! labels for VIP, target group and target.
 
-use std::{fmt::Write as _, net::IpAddr, time::Duration};
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
+use axum::{
+    Router,
+    extract::State,
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
 use lb_common::GlobalCounter;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric, prometheus_text, text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::{Registry, Unit},
+};
+use tokio::net::TcpListener;
+use tracing::debug;
 
-use crate::{control::health_state::TargetState, datapath::stats::Snapshot};
+use crate::{
+    api::server::{self, Limits},
+    control::health_state::TargetState,
+    datapath::stats::Snapshot,
+};
 
 /// One target as the agent sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,167 +60,279 @@ pub struct View {
 const STATES: [TargetState; 5] =
     [TargetState::Initial, TargetState::Healthy, TargetState::Unhealthy, TargetState::Draining, TargetState::Unused];
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+/// `Content-Type` of the OpenMetrics text format.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The metrics endpoint's limits: a few scrapers at once; a 10 s head timeout, as
+/// scrapers may sit across a network.
+const METRICS_LIMITS: Limits =
+    Limits { max_connections: 16, head_timeout: Duration::from_secs(10), connection_timeout: Duration::from_secs(60) };
+
+/// A registry holding one scrape: `view` and, if the maps could be read, `snap`.
+pub fn registry(view: View, snap: Option<Snapshot>) -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape { view, snap }));
+    registry
 }
 
-/// Escapes a label value.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
-}
-
-/// Renders the exposition. `snap` is absent if the maps could not be read.
-pub fn render(view: &View, snap: Option<&Snapshot>) -> String {
+/// The Prometheus text format (version 0.0.4) of `registry`.
+pub fn encode_prometheus(registry: &Registry) -> Result<String, std::fmt::Error> {
     let mut out = String::new();
-    if let Some(s) = snap {
-        header(&mut out, "lb_vip_packets_total", "counter", "Frames forwarded for a VIP.");
-        for v in &s.vips {
-            let _ = writeln!(out, "lb_vip_packets_total{{vip=\"{}\"}} {}", esc(&v.vip), v.packets);
-        }
-        header(&mut out, "lb_vip_bytes_total", "counter", "Bytes (whole frames) forwarded for a VIP.");
-        for v in &s.vips {
-            let _ = writeln!(out, "lb_vip_bytes_total{{vip=\"{}\"}} {}", esc(&v.vip), v.bytes);
-        }
-        let group_of = |id: u32| view.targets.iter().find(|t| t.backend_id == Some(id)).map(|t| t.group.as_str());
-        header(&mut out, "lb_target_packets_total", "counter", "Frames forwarded to a target.");
-        for b in &s.backends {
-            let g = esc(group_of(b.id).unwrap_or(""));
-            let _ = writeln!(out, "lb_target_packets_total{{group=\"{g}\",target=\"{}\"}} {}", b.ip, b.packets);
-        }
-        header(&mut out, "lb_target_bytes_total", "counter", "Bytes (whole frames) forwarded to a target.");
-        for b in &s.backends {
-            let g = esc(group_of(b.id).unwrap_or(""));
-            let _ = writeln!(out, "lb_target_bytes_total{{group=\"{g}\",target=\"{}\"}} {}", b.ip, b.bytes);
-        }
-        header(&mut out, "lb_frames_received_total", "counter", "Frames the XDP program saw.");
-        let _ = writeln!(out, "lb_frames_received_total {}", s.global(GlobalCounter::Rx));
-        header(
-            &mut out,
-            "lb_frames_total",
-            "counter",
-            "Frames by verdict: forwarded (tx, redirect), passed to the kernel (pass_*) or dropped (drop_*).",
-        );
-        for c in GlobalCounter::ALL.iter().filter(|c| c.is_verdict()) {
-            let _ = writeln!(out, "lb_frames_total{{verdict=\"{}\"}} {}", c.name(), s.global(*c));
-        }
-        header(&mut out, "lb_frames_dropped_total", "counter", "Dropped frames by reason.");
-        for c in GlobalCounter::ALL.iter().filter(|c| c.name().starts_with("drop_")) {
-            let reason = c.name().trim_start_matches("drop_");
-            let _ = writeln!(out, "lb_frames_dropped_total{{reason=\"{reason}\"}} {}", s.global(*c));
-        }
-        for (name, c, help) in [
-            (
-                "lb_connection_table_hits_total",
-                GlobalCounter::ConnHit,
-                "VIP frames whose flow was in the connection table.",
-            ),
-            (
-                "lb_connection_table_misses_total",
-                GlobalCounter::ConnMiss,
-                "VIP frames whose backend came from the Maglev table.",
-            ),
-            (
-                "lb_connection_table_repicks_total",
-                GlobalCounter::ConnRepicked,
-                "Known flows moved off an unhealthy target.",
-            ),
-            (
-                "lb_connection_table_insert_failures_total",
-                GlobalCounter::ConnInsertFailed,
-                "Failed connection-table inserts.",
-            ),
-            (
-                "lb_fail_open_frames_total",
-                GlobalCounter::FailOpen,
-                "Frames forwarded while every target of their group was unhealthy (fail-open).",
-            ),
-        ] {
-            header(&mut out, name, "counter", help);
-            let _ = writeln!(out, "{name} {}", s.global(c));
-        }
+    prometheus_text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+/// The OpenMetrics text format of `registry` (ends with `# EOF`).
+pub fn encode_openmetrics(registry: &Registry) -> Result<String, std::fmt::Error> {
+    let mut out = String::new();
+    text::encode(&mut out, registry)?;
+    Ok(out)
+}
+
+/// Where a scrape reads from: the view the agent publishes, and its pinned maps.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub view: Arc<Mutex<View>>,
+    pub pin_dir: PathBuf,
+}
+
+impl Source {
+    /// Reads the pinned maps (blocking syscalls, on the blocking pool) and the current
+    /// view into a registry. Maps that cannot be read leave the datapath metrics out.
+    pub async fn scrape(&self) -> Registry {
+        let pin_dir = self.pin_dir.clone();
+        let snap = match tokio::task::spawn_blocking(move || Snapshot::read_pinned(&pin_dir)).await {
+            Ok(Ok(snap)) => Some(snap),
+            Ok(Err(e)) => {
+                debug!(error = %e, "metrics: the pinned maps cannot be read; serving target metrics only");
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "metrics: reading the pinned maps failed");
+                None
+            }
+        };
+        let view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
+        registry(view, snap)
     }
-    header(&mut out, "lb_target_health_state", "gauge", "1 for the target's current health state, 0 for the others.");
-    for t in &view.targets {
-        for st in STATES {
-            let _ = writeln!(
-                out,
-                "lb_target_health_state{{group=\"{}\",target=\"{}\",state=\"{st}\"}} {}",
-                esc(&t.group),
-                t.target,
-                u8::from(t.state == st)
-            );
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` completes: the Prometheus text
+/// format, or OpenMetrics if the `Accept` header asks for it. Other paths are 404,
+/// other methods 405.
+pub async fn serve(listener: TcpListener, source: Source, shutdown: impl Future<Output = ()> + Send) {
+    let plain = |status: StatusCode, body: &'static str| {
+        (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+    };
+    let router = Router::new()
+        .route(
+            "/metrics",
+            get(metrics).fallback(move || async move {
+                plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed; use GET\n")
+            }),
+        )
+        .fallback(move || async move { plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n") })
+        .with_state(Arc::new(source));
+    server::serve(listener, router, METRICS_LIMITS, shutdown).await;
+}
+
+async fn metrics(State(source): State<Arc<Source>>, headers: HeaderMap) -> Response {
+    let registry = source.scrape().await;
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let (content_type, encoded) = if openmetrics {
+        (OPENMETRICS_CONTENT_TYPE, encode_openmetrics(&registry))
+    } else {
+        (prometheus_text::CONTENT_TYPE, encode_prometheus(&registry))
+    };
+    match encoded {
+        Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n").into_response(),
+    }
+}
+
+/// One scrape's data, encoded when the registry is.
+#[derive(Debug)]
+struct Scrape {
+    view: View,
+    snap: Option<Snapshot>,
+}
+
+/// Labels of one sample, in this order.
+type Labels<'a, const N: usize> = [(&'static str, &'a str); N];
+
+/// A counter family: one sample per label set.
+fn counters<'a, const N: usize>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Labels<'a, N>, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A counter without labels.
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+/// A gauge family: one sample per label set.
+fn gauges<'a, const N: usize, V: EncodeGaugeValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    samples: impl IntoIterator<Item = (Labels<'a, N>, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = &self.view;
+        if let Some(s) = &self.snap {
+            let vips = || s.vips.iter();
+            counters(
+                &mut enc,
+                "lb_vip_packets",
+                "Frames forwarded for a VIP.",
+                vips().map(|v| ([("vip", v.vip.as_str())], v.packets)),
+            )?;
+            counters(
+                &mut enc,
+                "lb_vip_bytes",
+                "Bytes (whole frames) forwarded for a VIP.",
+                vips().map(|v| ([("vip", v.vip.as_str())], v.bytes)),
+            )?;
+            let group_of = |id: u32| {
+                view.targets.iter().find(|t| t.backend_id == Some(id)).map(|t| t.group.as_str()).unwrap_or("")
+            };
+            let ips: Vec<String> = s.backends.iter().map(|b| b.ip.to_string()).collect();
+            let backends = || s.backends.iter().zip(&ips);
+            counters(
+                &mut enc,
+                "lb_target_packets",
+                "Frames forwarded to a target.",
+                backends().map(|(b, ip)| ([("group", group_of(b.id)), ("target", ip.as_str())], b.packets)),
+            )?;
+            counters(
+                &mut enc,
+                "lb_target_bytes",
+                "Bytes (whole frames) forwarded to a target.",
+                backends().map(|(b, ip)| ([("group", group_of(b.id)), ("target", ip.as_str())], b.bytes)),
+            )?;
+            counter(&mut enc, "lb_frames_received", "Frames the XDP program saw.", s.global(GlobalCounter::Rx))?;
+            counters(
+                &mut enc,
+                "lb_frames",
+                "Frames by verdict: forwarded (tx, redirect), passed to the kernel (pass_*) or dropped (drop_*).",
+                GlobalCounter::ALL.iter().filter(|c| c.is_verdict()).map(|c| ([("verdict", c.name())], s.global(*c))),
+            )?;
+            counters(
+                &mut enc,
+                "lb_frames_dropped",
+                "Dropped frames by reason.",
+                GlobalCounter::ALL
+                    .iter()
+                    .filter_map(|c| c.name().strip_prefix("drop_").map(|reason| ([("reason", reason)], s.global(*c)))),
+            )?;
+            for (name, c, help) in [
+                ("lb_vlan_frames", GlobalCounter::Vlan, "Frames with an 802.1Q/802.1ad tag."),
+                ("lb_ipv4_options_frames", GlobalCounter::Ipv4Options, "IPv4 frames with header options."),
+                (
+                    "lb_connection_table_hits",
+                    GlobalCounter::ConnHit,
+                    "VIP frames whose flow was in the connection table.",
+                ),
+                (
+                    "lb_connection_table_misses",
+                    GlobalCounter::ConnMiss,
+                    "VIP frames whose backend came from the Maglev table.",
+                ),
+                (
+                    "lb_connection_table_repicks",
+                    GlobalCounter::ConnRepicked,
+                    "Known flows moved off an unhealthy target.",
+                ),
+                (
+                    "lb_connection_table_insert_failures",
+                    GlobalCounter::ConnInsertFailed,
+                    "Failed connection-table inserts.",
+                ),
+                (
+                    "lb_fail_open_frames",
+                    GlobalCounter::FailOpen,
+                    "Frames forwarded while every target of their group was unhealthy (fail-open).",
+                ),
+            ] {
+                counter(&mut enc, name, help, s.global(c))?;
+            }
         }
+
+        let ips: Vec<String> = view.targets.iter().map(|t| t.target.to_string()).collect();
+        let targets = || view.targets.iter().zip(&ips);
+        let state_names: Vec<String> = STATES.iter().map(ToString::to_string).collect();
+        gauges(
+            &mut enc,
+            "lb_target_health_state",
+            "1 for the target's current health state, 0 for the others.",
+            None,
+            targets().flat_map(|(t, ip)| {
+                STATES.iter().zip(&state_names).map(move |(st, name)| {
+                    (
+                        [("group", t.group.as_str()), ("target", ip.as_str()), ("state", name.as_str())],
+                        i64::from(t.state == *st),
+                    )
+                })
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_target_group_healthy_targets",
+            "Healthy targets of a target group.",
+            None,
+            view.groups.iter().map(|(g, healthy, _)| ([("group", g.as_str())], *healthy as u64)),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_target_group_targets",
+            "Targets of a target group, in any state.",
+            None,
+            view.groups.iter().map(|(g, _, total)| ([("group", g.as_str())], *total as u64)),
+        )?;
+        let checked = || targets().filter(|(t, _)| t.checked);
+        gauges(
+            &mut enc,
+            "lb_health_check_latency",
+            "Duration of the target's last health check.",
+            Some(&Unit::Seconds),
+            checked().filter_map(|(t, ip)| {
+                t.last_latency.map(|l| ([("group", t.group.as_str()), ("target", ip.as_str())], l.as_secs_f64()))
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "lb_health_checks",
+            "Health checks run, by result.",
+            checked().flat_map(|(t, ip)| {
+                let labels = |result| [("group", t.group.as_str()), ("target", ip.as_str()), ("result", result)];
+                [(labels("success"), t.probes.saturating_sub(t.failures)), (labels("failure"), t.failures)]
+            }),
+        )?;
+        Ok(())
     }
-    header(&mut out, "lb_target_group_healthy_targets", "gauge", "Healthy targets of a target group.");
-    for (g, healthy, _) in &view.groups {
-        let _ = writeln!(out, "lb_target_group_healthy_targets{{group=\"{}\"}} {healthy}", esc(g));
-    }
-    header(&mut out, "lb_target_group_targets", "gauge", "Targets of a target group, in any state.");
-    for (g, _, total) in &view.groups {
-        let _ = writeln!(out, "lb_target_group_targets{{group=\"{}\"}} {total}", esc(g));
-    }
-    header(&mut out, "lb_health_check_latency_seconds", "gauge", "Duration of the target's last health check.");
-    for t in view.targets.iter().filter(|t| t.checked) {
-        if let Some(l) = t.last_latency {
-            let _ = writeln!(
-                out,
-                "lb_health_check_latency_seconds{{group=\"{}\",target=\"{}\"}} {:.6}",
-                esc(&t.group),
-                t.target,
-                l.as_secs_f64()
-            );
-        }
-    }
-    header(&mut out, "lb_health_checks_total", "counter", "Health checks run, by result.");
-    for t in view.targets.iter().filter(|t| t.checked) {
-        let (g, ip) = (esc(&t.group), t.target);
-        let _ = writeln!(
-            out,
-            "lb_health_checks_total{{group=\"{g}\",target=\"{ip}\",result=\"success\"}} {}",
-            t.probes - t.failures
-        );
-        let _ =
-            writeln!(out, "lb_health_checks_total{{group=\"{g}\",target=\"{ip}\",result=\"failure\"}} {}", t.failures);
-    }
-    out
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_health_and_groups_in_text_format() {
-        let view = View {
-            targets: vec![TargetView {
-                group: "web".into(),
-                target: "198.18.0.11".parse().expect("ip"),
-                state: TargetState::Unhealthy,
-                backend_id: Some(1),
-                last_latency: Some(Duration::from_millis(3)),
-                checked: true,
-                probes: 5,
-                failures: 2,
-            }],
-            groups: vec![("web".into(), 0, 1)],
-        };
-        let text = render(&view, None);
-        assert!(text.contains("lb_target_health_state{group=\"web\",target=\"198.18.0.11\",state=\"unhealthy\"} 1"));
-        assert!(text.contains("lb_target_health_state{group=\"web\",target=\"198.18.0.11\",state=\"healthy\"} 0"));
-        assert!(text.contains("lb_target_group_healthy_targets{group=\"web\"} 0"));
-        assert!(text.contains("lb_health_check_latency_seconds{group=\"web\",target=\"198.18.0.11\"} 0.003000"));
-        assert!(text.contains("lb_health_checks_total{group=\"web\",target=\"198.18.0.11\",result=\"failure\"} 2"));
-        // Every sample line belongs to a declared metric.
-        let declared: Vec<&str> =
-            text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).collect();
-        for line in text.lines().filter(|l| !l.starts_with('#')) {
-            let name = line.split(['{', ' ']).next().unwrap_or_default();
-            assert!(declared.contains(&name), "{line}");
-        }
-    }
-
-    #[test]
-    fn escapes_label_values() {
-        assert_eq!(esc("a\"b\\c"), "a\\\"b\\\\c");
-    }
-}
+mod tests;
