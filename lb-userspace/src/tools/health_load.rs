@@ -114,8 +114,12 @@ pub struct HealthLoadReport {
     pub measure_secs: f64,
     /// Connections the targets' listener accepted in the window, per second.
     pub probes_per_sec: f64,
-    /// Agent CPU time over the window.
+    /// Agent CPU time over the window (user + system).
     pub cpu_secs: f64,
+    /// Of which user time (the agent's own code, tokio, hyper).
+    pub user_cpu_secs: f64,
+    /// Of which system time (sockets, connects, timers, map syscalls).
+    pub system_cpu_secs: f64,
     /// Agent CPU over the window, percent of one core.
     pub cpu_percent_of_one_core: f64,
     /// Agent CPU time per probe in the window, microseconds.
@@ -130,7 +134,8 @@ impl HealthLoadReport {
         format!(
             "health-check load: {} {} targets every {} s ({} build, {} CPUs, kernel {})\n\
              ready after {:.2} s; all healthy after {:.2} s using {:.2} s of CPU\n\
-             steady {:.1} s: {:.0} probes/s, agent CPU {:.2} s = {:.2}% of one core, {:.1} us per probe, RSS {} KiB\n",
+             steady {:.1} s: {:.0} probes/s, agent CPU {:.2} s (user {:.2}, system {:.2}) = {:.2}% of one core, \
+             {:.1} us per probe, RSS {} KiB\n",
             self.targets,
             self.protocol,
             self.interval_secs,
@@ -143,6 +148,8 @@ impl HealthLoadReport {
             self.measure_secs,
             self.probes_per_sec,
             self.cpu_secs,
+            self.user_cpu_secs,
+            self.system_cpu_secs,
             self.cpu_percent_of_one_core,
             self.cpu_us_per_probe,
             self.rss_kib,
@@ -220,7 +227,10 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
         std::thread::sleep(Duration::from_millis(100));
     }
     let settle_secs = started.elapsed().as_secs_f64();
-    let settle_cpu_secs = cpu_secs(pid)?;
+    let settle_cpu_secs = {
+        let (user, system) = cpu_secs(pid)?;
+        user + system
+    };
 
     // Steady state: every probe succeeds, nothing changes.
     std::thread::sleep(Duration::from_secs(1));
@@ -241,7 +251,8 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
     stop.0.store(true, Ordering::Relaxed);
     let _ = listener.join();
 
-    let cpu = cpu1 - cpu0;
+    let (user, system) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    let cpu = user + system;
     let probes = probes1.saturating_sub(probes0);
     Ok(HealthLoadReport {
         targets: opts.targets,
@@ -259,6 +270,8 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
         measure_secs,
         probes_per_sec: probes as f64 / measure_secs,
         cpu_secs: cpu,
+        user_cpu_secs: user,
+        system_cpu_secs: system,
         cpu_percent_of_one_core: cpu / measure_secs * 100.0,
         cpu_us_per_probe: if probes > 0 { cpu / probes as f64 * 1e6 } else { 0.0 },
         rss_kib,
@@ -384,8 +397,8 @@ fn healthy_targets(lb: &Path, socket: &Path) -> u64 {
     status["target_groups"].as_array().map_or(0, |groups| groups.iter().filter_map(|g| g["healthy"].as_u64()).sum())
 }
 
-/// User + system CPU time of process `pid` (all its threads), seconds.
-fn cpu_secs(pid: u32) -> Result<f64, HealthLoadError> {
+/// User and system CPU time of process `pid` (all its threads), seconds.
+fn cpu_secs(pid: u32) -> Result<(f64, f64), HealthLoadError> {
     let path = PathBuf::from(format!("/proc/{pid}/stat"));
     let fail = |detail: String| HealthLoadError::Proc { path: path.clone(), detail };
     let stat = std::fs::read_to_string(&path).map_err(|e| fail(e.to_string()))?;
@@ -394,10 +407,9 @@ fn cpu_secs(pid: u32) -> Result<f64, HealthLoadError> {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| fail("no `)` in stat".into()))?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).ok_or_else(|| fail(format!("field {i}")));
-    let ticks = tick(11)? + tick(12)?;
     // SAFETY: sysconf has no preconditions.
-    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Ok(ticks as f64 / per_sec as f64)
+    let per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((tick(11)? as f64 / per_sec, tick(12)? as f64 / per_sec))
 }
 
 /// `VmRSS` of process `pid`, KiB (0 if unknown).
