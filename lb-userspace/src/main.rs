@@ -187,6 +187,20 @@ enum Command {
         /// Where to write the JSON results.
         #[arg(long, default_value = "lb-bench.json")]
         out: PathBuf,
+        /// Instead: the agent's CPU while it health checks `--targets` targets every
+        /// second (`lb run` as a process on a namespace topology, its utime + stime over
+        /// a steady window of `--seconds`).
+        #[arg(long)]
+        health_load: bool,
+        /// Targets for `--health-load`.
+        #[arg(long, default_value_t = 1000, requires = "health_load")]
+        targets: u32,
+        /// Steady window of `--health-load`, seconds.
+        #[arg(long, default_value_t = 20, requires = "health_load")]
+        seconds: u64,
+        /// Probe over HTTP (GET /health) instead of TCP connects, for `--health-load`.
+        #[arg(long, requires = "health_load")]
+        http: bool,
     },
     #[cfg(feature = "tools")]
     /// Build a demo topology in network namespaces (client, LB, three HTTP backends),
@@ -326,7 +340,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "tools")]
-        Command::Bench { tiny, out } => {
+        Command::Bench { tiny, out, health_load: true, targets, seconds, http } => {
+            use lb_userspace::tools::health_load::{self, HealthLoadOptions};
+            let mut opts = if tiny { HealthLoadOptions::tiny() } else { HealthLoadOptions::full() };
+            if !tiny {
+                opts.targets = targets;
+                opts.measure = std::time::Duration::from_secs(seconds);
+            }
+            if http {
+                opts.protocol = lb_userspace::config::health_check::CheckProtocol::Http;
+            }
+            let lb = std::env::current_exe().context("finding the lb binary")?;
+            let report = health_load::run(&opts, &lb).context("health-check load benchmark")?;
+            print!("{}", report.render());
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("JSON results: {}", out.display());
+            Ok(())
+        }
+        Command::Bench { tiny, out, .. } => {
             let opts = if tiny {
                 lb_userspace::tools::bench::BenchOptions::tiny()
             } else {

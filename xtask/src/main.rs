@@ -30,7 +30,9 @@ enum Cmd {
     },
     /// Set up, build (release), and run `lb bench`: datapath cost, flatness, end-to-end
     /// rate against an nftables baseline, control-plane timings. Writes
-    /// target/bench/bench.json. Needs root; a few minutes.
+    /// target/bench/bench.json. Needs root; a few minutes. With `--health-load`: the
+    /// agent's CPU while it health checks 1,000 targets every second, written to
+    /// target/bench/health-load.json (about 30 s).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -82,11 +84,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = root.join("target/bench");
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             step("building and running `lb bench`");
+            // `cargo xtask bench --health-load` measures the agent under health checks instead.
+            let file = if args.iter().any(|a| a == "--health-load") { "health-load.json" } else { "bench.json" };
             status(
                 Command::new(cargo())
                     .current_dir(&root)
                     .args(["run", "--quiet", "--release", "-p", "lb-userspace", "--bin", "lb", "--", "bench", "--out"])
-                    .arg(out.join("bench.json"))
+                    .arg(out.join(file))
                     .args(&args),
             )
         }

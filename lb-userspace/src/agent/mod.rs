@@ -213,7 +213,7 @@ pub async fn run(
                 Some(Control::Shutdown) | None => break,
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
-            Some(event) = health_rx.recv() => agent.on_probe(event).await,
+            Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
             _ = drains.tick() => agent.expire_drains().await,
         }
     }
@@ -251,7 +251,8 @@ async fn start(
     registry.sync(&config, Instant::now());
     let resolved = resolve_all(&config, &registry.addresses(&config), opts.resolve_wait).await?;
     let mut ids = Allocators::new(dpc.max_vips);
-    let plan = plan::build_with(&config, &registry.plan_groups(&config), &resolved, &mut ids)?;
+    let mut rings = plan::RingCache::default();
+    let plan = plan::build_cached(&config, &registry.plan_groups(&config), &resolved, &mut ids, &mut rings)?;
     let report = dp.apply(&plan)?;
     info!(
         vips = plan.vips.len(),
@@ -278,8 +279,12 @@ async fn start(
         registry,
         resolved,
         monitors: HashMap::new(),
+        next_generation: 1,
+        stale_probes: 0,
         health_tx,
         view: Arc::new(Mutex::new(View::default())),
+        view_index: HashMap::new(),
+        rings,
         started: Instant::now(),
         last_update: None,
         dirty: false,

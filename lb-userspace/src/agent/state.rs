@@ -13,8 +13,16 @@ pub(super) struct Agent {
     pub(super) registry: Registry,
     pub(super) resolved: HashMap<IpAddr, Resolved>,
     pub(super) monitors: HashMap<TargetKey, Monitor>,
+    /// The generation the next health monitor gets (see `targets::Monitor`).
+    pub(super) next_generation: u64,
+    /// Probe events dropped because their monitor had been stopped or replaced.
+    pub(super) stale_probes: u64,
     pub(super) health_tx: mpsc::Sender<HealthEvent<TargetKey>>,
     pub(super) view: Arc<Mutex<View>>,
+    /// Where each target sits in `view.targets`, for in-place updates after a probe.
+    pub(super) view_index: HashMap<TargetKey, usize>,
+    /// Each group's last Maglev ring: a re-plan builds only the rings that change.
+    pub(super) rings: plan::RingCache,
     pub(super) started: Instant,
     /// How long the last health/drain-driven datapath update took (decision to maps).
     pub(super) last_update: Option<Duration>,
@@ -75,7 +83,7 @@ impl Agent {
         let mut total = ApplyReport::default();
         for _ in 0..MAX_PLANS_PER_CHANGE {
             let mut ids = self.ids.clone();
-            let plan = match plan::build_with(config, &groups, resolved, &mut ids) {
+            let plan = match plan::build_cached(config, &groups, resolved, &mut ids, &mut self.rings) {
                 Ok(p) => Arc::new(p),
                 Err(e) => return self.roll_back(ids_before, plan_before, AgentError::Plan(e)).await,
             };
@@ -118,13 +126,17 @@ impl Agent {
         })
     }
 
-    /// Re-plans after a change of target state (health, drain) and applies it.
+    /// Re-plans after a change of target state (health, drain) and applies it. Only the
+    /// groups whose ring inputs changed get a new Maglev ring (`self.rings`); the map
+    /// writes are only the differences (`Dataplane::apply`).
     pub(super) async fn replan(&mut self, why: &str) {
         let started = Instant::now();
-        let registry = self.registry.clone();
+        // Moved out and back rather than cloned: `apply_state` borrows `self` mutably.
+        let registry = std::mem::take(&mut self.registry);
         let config = self.config.clone();
         let resolved = std::mem::take(&mut self.resolved);
         let outcome = self.apply_state(&config, &registry, &resolved).await;
+        self.registry = registry;
         self.resolved = resolved;
         self.last_update = Some(started.elapsed());
         self.dirty = outcome.is_err();

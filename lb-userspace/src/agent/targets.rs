@@ -1,23 +1,100 @@
 //! Health monitors, probe results, drains, and the view published for the metrics.
+//!
+//! Cost per probe: a probe that changes no state is recorded in its target's tracker and
+//! copied into its target's entry of the published view, in place: O(1) in the number of
+//! targets (O(log n) for the registry lookup). A probe that changes a state re-plans; the
+//! plan rebuilds only the Maglev rings of groups whose ring members changed. Probes queued
+//! together are handled in one batch with at most one re-plan.
+
+use tracing::debug;
 
 use super::*;
+use crate::control::health_state::Transition;
+
+/// The most queued probe events handled before the loop looks at its other inputs.
+const PROBE_BATCH: usize = 512;
 
 /// A target's health monitor and the check settings it runs with.
 pub(super) struct Monitor {
     pub(super) task: tokio::task::JoinHandle<()>,
     pub(super) check: HealthCheck,
     pub(super) addr: SocketAddr,
+    /// Tags every event this monitor sends. Each monitor the agent starts gets a new,
+    /// larger one, so events still queued from a stopped or replaced monitor are told
+    /// apart from those of the target's current one.
+    pub(super) generation: u64,
+}
+
+/// What one probe event did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum ProbeOutcome {
+    /// Sent by a monitor that is no longer the target's (stopped, or replaced after a
+    /// deregistration, re-registration or settings change): ignored.
+    Stale { current: Option<u64> },
+    /// Recorded; the target's state is unchanged.
+    Recorded,
+    /// Recorded; the target's state changed.
+    Changed(Transition),
+}
+
+/// Feeds `event` to `registry` if it comes from its target's current monitor in `monitors`.
+pub(super) fn record_probe(
+    monitors: &HashMap<TargetKey, Monitor>,
+    registry: &mut Registry,
+    event: &HealthEvent<TargetKey>,
+) -> ProbeOutcome {
+    let current = monitors.get(&event.key).map(|m| m.generation);
+    if current != Some(event.generation) {
+        return ProbeOutcome::Stale { current };
+    }
+    match registry.on_probe(&event.key, &event.probe) {
+        Some(change) => ProbeOutcome::Changed(change),
+        None => ProbeOutcome::Recorded,
+    }
 }
 
 impl Agent {
-    pub(super) async fn on_probe(&mut self, event: HealthEvent<TargetKey>) {
-        let Some((from, to)) = self.registry.on_probe(&event.key, &event.probe) else {
-            self.publish();
-            return;
-        };
+    /// Handles `first` and then every probe event already queued on `rx` (up to
+    /// [`PROBE_BATCH`]), and re-plans once if any changed a target's state.
+    pub(super) async fn on_probes(
+        &mut self,
+        first: HealthEvent<TargetKey>,
+        rx: &mut mpsc::Receiver<HealthEvent<TargetKey>>,
+    ) {
+        let mut changed = self.on_probe(first);
+        for _ in 1..PROBE_BATCH {
+            match rx.try_recv() {
+                Ok(event) => changed |= self.on_probe(event),
+                Err(_) => break,
+            }
+        }
+        if changed {
+            self.replan("target health changed").await;
+        }
+    }
+
+    /// Records one probe event; returns whether a target's state changed (the caller
+    /// re-plans). A probe that changes nothing updates only its target's view entry.
+    pub(super) fn on_probe(&mut self, event: HealthEvent<TargetKey>) -> bool {
         let (group, ip) = &event.key;
-        info!(%group, target = %ip, %from, %to, reason = %event.probe.reason, "target health changed");
-        self.replan("target health changed").await;
+        match record_probe(&self.monitors, &mut self.registry, &event) {
+            ProbeOutcome::Stale { current } => {
+                self.stale_probes += 1;
+                debug!(
+                    %group, target = %ip, generation = event.generation, current = ?current,
+                    dropped = self.stale_probes, "probe from a stopped health monitor dropped"
+                );
+                false
+            }
+            ProbeOutcome::Recorded => {
+                self.publish_target(&event.key);
+                false
+            }
+            ProbeOutcome::Changed((from, to)) => {
+                info!(%group, target = %ip, %from, %to, reason = %event.probe.reason, "target health changed");
+                true
+            }
+        }
     }
 
     pub(super) async fn expire_drains(&mut self) {
@@ -34,7 +111,9 @@ impl Agent {
     }
 
     /// Starts health monitors for checked, non-draining targets that have none (or whose
-    /// check settings changed) and stops the others.
+    /// check settings or probe address changed) and stops the others. Each monitor started
+    /// gets the next generation. A target's probe address is `health_check.port` if set,
+    /// else the target's own port, else its group's first TCP listener's port.
     pub(super) fn sync_monitors(&mut self) {
         let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr)> = HashMap::new();
         for (key, e) in self.registry.entries() {
@@ -59,22 +138,26 @@ impl Agent {
             }
             match health::checker(&check) {
                 Ok(checker) => {
+                    let generation = self.next_generation;
+                    self.next_generation += 1;
                     let task = health::spawn_monitor(
                         key.clone(),
+                        generation,
                         addr,
                         Arc::new(checker),
                         check.interval(),
                         self.health_tx.clone(),
                     );
-                    self.monitors.insert(key, Monitor { task, check, addr });
+                    self.monitors.insert(key, Monitor { task, check, addr, generation });
                 }
                 Err(e) => error!(group = %key.0, error = %e, "health check not started"),
             }
         }
     }
 
-    /// Publishes target states for the metrics endpoint.
-    pub(super) fn publish(&self) {
+    /// Publishes every target's state for the metrics endpoint (after a change of the
+    /// target set or of any state: O(targets)).
+    pub(super) fn publish(&mut self) {
         let ids: HashMap<(&str, IpAddr), u32> = self
             .plan
             .backends
@@ -99,8 +182,132 @@ impl Agent {
                 .collect(),
             groups: self.registry.group_counts(&self.config),
         };
+        self.view_index = self.registry.entries().keys().enumerate().map(|(i, key)| (key.clone(), i)).collect();
         if let Ok(mut v) = self.view.lock() {
             *v = view;
         }
+    }
+
+    /// Copies one target's probe figures into its entry of the published view, in place.
+    /// Its state, backend id and the group counts are unchanged (a change re-plans and
+    /// calls [`Agent::publish`]); falls back to a full publish if the entry is missing.
+    fn publish_target(&mut self, key: &TargetKey) {
+        let Some(e) = self.registry.get(key) else { return };
+        let updated = self.view_index.get(key).is_some_and(|&i| {
+            let Ok(mut view) = self.view.lock() else { return true };
+            match view.targets.get_mut(i) {
+                Some(t) if t.group == key.0 && t.target == key.1 => {
+                    t.state = e.state();
+                    t.last_latency = e.last_latency;
+                    t.probes = e.tracker.total_probes();
+                    t.failures = e.tracker.total_failures();
+                    true
+                }
+                _ => false,
+            }
+        });
+        if !updated {
+            self.publish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, time::Duration};
+
+    use super::*;
+    use crate::{control::health_state::Probe, control::registry::Entry};
+
+    fn config() -> Config {
+        let text = r#"
+            [dataplane]
+            interfaces = ["eth0"]
+            ring_size = 251
+            [[listeners]]
+            name = "web"
+            address = "198.18.1.100"
+            port = 80
+            protocol = "tcp"
+            target_group = "web"
+            [[target_groups]]
+            name = "web"
+            deregistration_delay_secs = 10
+            health_check = { interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }
+            targets = []
+        "#;
+        Config::parse(text, Path::new("t.toml")).expect("config")
+    }
+
+    fn key() -> TargetKey {
+        ("web".to_string(), "198.18.0.11".parse().expect("ip"))
+    }
+
+    fn event(generation: u64, ok: bool) -> HealthEvent<TargetKey> {
+        let reason = if ok { "connected" } else { "connection refused" };
+        HealthEvent { key: key(), generation, probe: Probe { ok, latency: Duration::ZERO, reason: reason.into() } }
+    }
+
+    /// A monitor entry as `sync_monitors` makes it; its task does nothing.
+    fn monitor(generation: u64) -> Monitor {
+        Monitor {
+            task: tokio::spawn(async {}),
+            check: HealthCheck::default(),
+            addr: "198.18.0.11:80".parse().expect("addr"),
+            generation,
+        }
+    }
+
+    #[tokio::test]
+    async fn failures_queued_by_a_stopped_monitor_do_not_touch_the_re_registered_target() {
+        let c = config();
+        let mut registry = Registry::default();
+        let mut monitors = HashMap::new();
+        // Registered: monitor 1 starts.
+        registry.register(key(), 1, None);
+        registry.sync(&c, Instant::now());
+        monitors.insert(key(), monitor(1));
+        assert_eq!(record_probe(&monitors, &mut registry, &event(1, true)), ProbeOutcome::Recorded);
+
+        // Deregistered (draining: monitor 1 stopped), then registered again at once
+        // (a new entry, monitor 2), while monitor 1's failures are still in the channel.
+        registry.deregister(&c, "web", "198.18.0.11").expect("deregister");
+        registry.sync(&c, Instant::now());
+        monitors.remove(&key());
+        assert_eq!(registry.get(&key()).map(Entry::state), Some(TargetState::Draining));
+        assert_eq!(record_probe(&monitors, &mut registry, &event(1, false)), ProbeOutcome::Stale { current: None });
+        registry.register(key(), 1, None);
+        registry.sync(&c, Instant::now());
+        monitors.insert(key(), monitor(2));
+        assert_eq!(registry.get(&key()).map(Entry::state), Some(TargetState::Initial));
+
+        // Two queued failures would reach the unhealthy threshold: both are dropped.
+        for _ in 0..2 {
+            let outcome = record_probe(&monitors, &mut registry, &event(1, false));
+            assert_eq!(outcome, ProbeOutcome::Stale { current: Some(2) });
+        }
+        let e = registry.get(&key()).expect("entry");
+        assert_eq!((e.state(), e.tracker.total_probes(), e.tracker.last_reason()), (TargetState::Initial, 0, None));
+
+        // The new monitor's probes count.
+        assert_eq!(record_probe(&monitors, &mut registry, &event(2, true)), ProbeOutcome::Recorded);
+        assert_eq!(
+            record_probe(&monitors, &mut registry, &event(2, true)),
+            ProbeOutcome::Changed((TargetState::Initial, TargetState::Healthy))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replaced_monitor_s_events_are_dropped() {
+        // Same target, monitor restarted (e.g. its check settings changed on a reload).
+        let c = config();
+        let mut registry = Registry::default();
+        registry.register(key(), 1, None);
+        registry.sync(&c, Instant::now());
+        let mut monitors = HashMap::from([(key(), monitor(5))]);
+        assert_eq!(record_probe(&monitors, &mut registry, &event(5, false)), ProbeOutcome::Recorded);
+        monitors.insert(key(), monitor(6));
+        assert_eq!(record_probe(&monitors, &mut registry, &event(5, false)), ProbeOutcome::Stale { current: Some(6) });
+        assert_eq!(registry.get(&key()).map(Entry::state), Some(TargetState::Initial), "one failure, not two");
     }
 }

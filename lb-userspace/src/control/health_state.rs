@@ -1,5 +1,7 @@
 //! A target's health state machine (NLB's consecutive thresholds). Pure: the agent feeds
-//! it the probe results that `crate::health` monitors report.
+//! it the probe results that `crate::health` monitors report (only those of the target's
+//! current monitor: events of a stopped or replaced monitor are dropped before they get
+//! here). Each target's [`Tracker`] lives in its `control::registry` entry.
 
 use std::{fmt, time::Duration};
 
@@ -15,7 +17,8 @@ pub struct Probe {
     /// Time from the start of the probe to its result.
     pub latency: Duration,
     /// Human-readable outcome, e.g. "connected", "connection refused", "timed out after 2s",
-    /// "HTTP 503 not in 200-399", "HTTP response malformed".
+    /// "HTTP 200", "HTTP 503 not in 200-399", "HTTP response malformed (invalid HTTP
+    /// version parsed)", "connection closed without an HTTP response".
     pub reason: String,
 }
 

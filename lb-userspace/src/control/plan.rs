@@ -4,6 +4,10 @@
 //! Ids are stable across reloads: a target keeps its backend id and a listener its VIP
 //! slot as long as they stay in the config, so counters and the connection table keep
 //! meaning the same thing.
+//!
+//! Rings are memoised per target group ([`RingCache`], used by [`build_cached`]): a plan
+//! after a change in one group builds only that group's Maglev ring; the others are
+//! reused because their inputs (members, weights, ring size) are the same.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -132,16 +136,85 @@ fn role(t: &PlanTarget, group_has_healthy: bool, fail_open: bool) -> (bool /* in
     }
 }
 
+/// What a group's Maglev ring is built from: the ring size and the ring's members
+/// (backend id, address, weight) in order. Equal inputs give an equal ring.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RingInputs {
+    ring_size: u32,
+    members: Vec<(u32, IpAddr, u32)>,
+}
+
+/// Each target group's last Maglev ring and the inputs it was built from. A pure memo:
+/// a ring is reused only for equal inputs, so a plan built with a cache equals the one
+/// built without. Keep one per agent and pass it to every [`build_cached`].
+#[derive(Debug, Clone, Default)]
+pub struct RingCache {
+    groups: HashMap<String, (RingInputs, Vec<u32>)>,
+    builds: u64,
+    reused: u64,
+}
+
+impl RingCache {
+    /// Rings built (cache misses) since creation.
+    pub fn builds(&self) -> u64 {
+        self.builds
+    }
+
+    /// Rings reused (cache hits) since creation.
+    pub fn reused(&self) -> u64 {
+        self.reused
+    }
+
+    /// Makes sure `group`'s cached ring is the one for `inputs`, building it if needed.
+    /// On error the group's entry is unchanged.
+    fn update(&mut self, group: &str, inputs: RingInputs) -> Result<(), PlanError> {
+        if self.groups.get(group).is_some_and(|(cached, _)| *cached == inputs) {
+            self.reused += 1;
+            return Ok(());
+        }
+        let names: Vec<String> = inputs.members.iter().map(|(_, ip, _)| ip.to_string()).collect();
+        let mb: Vec<maglev::Backend<'_>> = inputs
+            .members
+            .iter()
+            .zip(&names)
+            .map(|((id, _, weight), name)| maglev::Backend { id: *id, key: name, weight: *weight })
+            .collect();
+        let ring = maglev::build(&mb, inputs.ring_size)
+            .map_err(|source| PlanError::Maglev { group: group.to_owned(), source })?;
+        self.builds += 1;
+        self.groups.insert(group.to_owned(), (inputs, ring));
+        Ok(())
+    }
+
+    fn ring(&self, group: &str) -> Option<&Vec<u32>> {
+        self.groups.get(group).map(|(_, ring)| ring)
+    }
+}
+
 /// Builds the desired state from the listeners and settings of `config` and the
 /// targets of `groups`. Rings hold healthy targets (all non-draining ones when none is
 /// healthy and the group fails open); unhealthy targets stay valid but `DOWN`, so their
 /// flows are re-picked; draining targets stay valid and keep their flows.
-/// `resolved` must hold every target in `groups`.
+/// `resolved` must hold every target in `groups`. Builds every ring; see
+/// [`build_cached`] to rebuild only the groups that changed.
 pub fn build_with(
     config: &Config,
     groups: &[PlanGroup],
     resolved: &HashMap<IpAddr, Resolved>,
     ids: &mut Allocators,
+) -> Result<Plan, PlanError> {
+    build_cached(config, groups, resolved, ids, &mut RingCache::default())
+}
+
+/// [`build_with`], taking each group's ring from `cache` when its inputs are unchanged
+/// and storing the rings it builds there. Groups no longer in `groups` leave the cache.
+/// The result is the same as [`build_with`]'s for the same arguments.
+pub fn build_cached(
+    config: &Config,
+    groups: &[PlanGroup],
+    resolved: &HashMap<IpAddr, Resolved>,
+    ids: &mut Allocators,
+    cache: &mut RingCache,
 ) -> Result<Plan, PlanError> {
     let ring_size = config.dataplane.ring_size;
     let keys: Vec<VipKey> =
@@ -160,7 +233,8 @@ pub fn build_with(
 
     let mut backends = BTreeMap::new();
     let mut backend_groups = BTreeMap::new();
-    let mut rings: HashMap<&str, (Vec<u32>, bool)> = HashMap::new();
+    // Group -> whether it fails open now; its ring is in `cache`.
+    let mut fail_open_now: HashMap<&str, bool> = HashMap::new();
     for g in groups {
         let fail_open = config.target_group(&g.name).is_none_or(|c| c.on_all_unhealthy == AllUnhealthy::FailOpen);
         let has_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy);
@@ -182,23 +256,25 @@ pub fn build_with(
             backends.insert(id, (t.ip, b));
             backend_groups.insert(id, g.name.clone());
             if ring_member {
-                in_ring.push((id, t.ip.to_string(), t.weight));
+                in_ring.push((id, t.ip, t.weight));
             }
         }
-        let mb: Vec<maglev::Backend<'_>> =
-            in_ring.iter().map(|(id, name, weight)| maglev::Backend { id: *id, key: name, weight: *weight }).collect();
-        let ring =
-            maglev::build(&mb, ring_size).map_err(|source| PlanError::Maglev { group: g.name.clone(), source })?;
-        rings.insert(&g.name, (ring, !has_healthy && fail_open && !in_ring.is_empty()));
+        let ring_fails_open = !has_healthy && fail_open && !in_ring.is_empty();
+        cache.update(&g.name, RingInputs { ring_size, members: in_ring })?;
+        fail_open_now.insert(&g.name, ring_fails_open);
     }
+    cache.groups.retain(|name, _| fail_open_now.contains_key(name.as_str()));
     let mut tx_ports: Vec<u32> = backends.values().map(|(_, b)| b.ifindex).collect();
     tx_ports.sort_unstable();
     tx_ports.dedup();
 
-    let empty = (vec![0; ring_size as usize], false);
     let mut vips = Vec::with_capacity(config.listeners.len());
     for (l, key) in config.listeners.iter().zip(keys) {
-        let (ring, fail_open) = rings.get(l.target_group.as_str()).unwrap_or(&empty);
+        let group = l.target_group.as_str();
+        let (ring, fail_open) = match (cache.ring(group), fail_open_now.get(group)) {
+            (Some(ring), Some(fail_open)) => (ring.clone(), fail_open),
+            _ => (vec![0; ring_size as usize], &false),
+        };
         let mut flags = match l.hash {
             HashMode::FiveTuple => VipFlags::empty(),
             HashMode::SourceIp => VipFlags::HASH_SRC_ONLY,
@@ -208,7 +284,7 @@ pub fn build_with(
         }
         // No slot yet (only quarantined ones are free): in the next plan.
         let Some(&slot) = slots.get(&key) else { continue };
-        vips.push(PlannedVip { name: l.name.clone(), key, slot, flags, ring: ring.clone() });
+        vips.push(PlannedVip { name: l.name.clone(), key, slot, flags, ring });
     }
     next_ids.prune_generations();
     *ids = next_ids;
@@ -468,6 +544,88 @@ mod tests {
         assert_eq!(p.backends.len(), 2);
         let groups: Vec<&String> = p.backend_groups.values().collect();
         assert_eq!(groups, vec!["g", "h"]);
+    }
+
+    fn two_groups(ring_size: u32) -> Config {
+        let text = format!(
+            r#"
+            [dataplane]
+            interfaces = ["eth0"]
+            ring_size = {ring_size}
+            [[listeners]]
+            name = "a"
+            address = "198.18.1.100"
+            port = 80
+            protocol = "tcp"
+            target_group = "g"
+            [[listeners]]
+            name = "b"
+            address = "198.18.1.100"
+            port = 443
+            protocol = "tcp"
+            target_group = "g"
+            [[listeners]]
+            name = "c"
+            address = "198.18.1.101"
+            port = 80
+            protocol = "tcp"
+            target_group = "h"
+            [[target_groups]]
+            name = "g"
+            targets = [{{ ip = "198.18.0.11" }}, {{ ip = "198.18.0.12" }}, {{ ip = "198.18.0.13", weight = 2 }}]
+            [[target_groups]]
+            name = "h"
+            targets = [{{ ip = "198.18.0.21" }}, {{ ip = "198.18.0.22" }}]
+            "#
+        );
+        Config::parse(&text, Path::new("t.toml")).expect("config")
+    }
+
+    #[test]
+    fn cached_rings_give_the_full_plan_and_rebuild_only_changed_groups() {
+        use TargetState::*;
+        let (c, small) = (two_groups(1009), two_groups(251));
+        let groups = |g: &[TargetState], h: &[TargetState], h_weight: u32| {
+            let mut groups = static_groups(&c);
+            for (t, st) in groups[0].targets.iter_mut().zip(g) {
+                t.state = *st;
+            }
+            for (t, st) in groups[1].targets.iter_mut().zip(h) {
+                t.state = *st;
+                t.weight = h_weight;
+            }
+            groups
+        };
+        let steps: Vec<(&str, &Config, Vec<PlanGroup>, u64)> = vec![
+            ("first plan: every ring built", &c, groups(&[Healthy; 3], &[Healthy; 2], 1), 2),
+            ("a target of g turns unhealthy", &c, groups(&[Unhealthy, Healthy, Healthy], &[Healthy; 2], 1), 1),
+            ("nothing changed", &c, groups(&[Unhealthy, Healthy, Healthy], &[Healthy; 2], 1), 0),
+            ("a weight in h changes", &c, groups(&[Unhealthy, Healthy, Healthy], &[Healthy; 2], 3), 1),
+            (
+                "g drains one, h fails open: same h ring",
+                &c,
+                groups(&[Unhealthy, Draining, Healthy], &[Unhealthy; 2], 3),
+                1,
+            ),
+            ("g has no healthy target: fails open", &c, groups(&[Unhealthy, Draining, Initial], &[Healthy; 2], 3), 1),
+            ("another ring size: every ring built", &small, groups(&[Healthy; 3], &[Healthy; 2], 1), 2),
+            ("h's targets unused: an empty ring", &small, groups(&[Healthy; 3], &[Unused; 2], 1), 1),
+        ];
+        let resolved = resolved(&c);
+        let (mut cached_ids, mut full_ids) = (Allocators::new(8), Allocators::new(8));
+        let mut cache = RingCache::default();
+        for (what, config, groups, builds) in steps {
+            let before = cache.builds();
+            let cached = build_cached(config, &groups, &resolved, &mut cached_ids, &mut cache).expect("plan");
+            let full = build_with(config, &groups, &resolved, &mut full_ids).expect("plan");
+            assert_eq!(cached, full, "{what}");
+            assert_eq!(cache.builds() - before, builds, "{what}: rings built");
+        }
+        // A group that leaves the plan leaves the cache.
+        let only_g: Vec<PlanGroup> = static_groups(&small).into_iter().take(1).collect();
+        build_cached(&small, &only_g, &resolved, &mut cached_ids, &mut cache).expect("plan");
+        assert_eq!(cache.groups.keys().collect::<Vec<_>>(), vec!["g"]);
+        assert!(cache.reused() > 0);
     }
 
     #[test]

@@ -45,7 +45,8 @@ impl std::fmt::Display for Source {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub weight: u32,
-    /// Health-check port of this target, if it has its own.
+    /// The target's own port (config `port`, or registered as `IP:port`): health checks
+    /// probe it unless `health_check.port` is set.
     pub port: Option<u16>,
     pub mac: Option<MacAddr>,
     pub source: Source,
@@ -373,7 +374,9 @@ impl Registry {
         }
     }
 
-    /// Feeds a probe to its target's tracker; returns the state change, if any.
+    /// Feeds a probe to its target's tracker; returns the state change, if any. Ignored
+    /// (`None`) for an unknown or draining target. The caller checks that the probe comes
+    /// from the target's current monitor (`agent::targets::record_probe`).
     pub fn on_probe(&mut self, key: &TargetKey, probe: &Probe) -> Option<(TargetState, TargetState)> {
         let e = self.entries.get_mut(key)?;
         if e.drain_until.is_some() {
@@ -400,7 +403,9 @@ impl Registry {
             .collect()
     }
 
-    /// The probe address of a target.
+    /// The address health checks probe for a target: its IP with `health_check.port` if
+    /// set, else the target's own port (config `port`, or registered as `IP:port`), else
+    /// the port of the group's first TCP listener. `None` if there is no port at all.
     pub fn probe_addr(&self, config: &Config, key: &TargetKey) -> Option<SocketAddr> {
         let e = self.entries.get(key)?;
         let g = config.target_group(&key.0)?;

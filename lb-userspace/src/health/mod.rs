@@ -2,9 +2,12 @@
 //! the state machine that turns probe results into states is `crate::control::health_state`.
 //!
 //! - A [`Checker`] ([`TcpChecker`], [`HttpChecker`], or [`AnyChecker`] built by [`checker`])
-//!   runs one probe against one target and returns a [`Probe`].
+//!   runs one probe against one target address and returns a [`Probe`]. The caller picks the
+//!   address; the agent probes `health_check.port` if set, else the target's own port, else
+//!   the port of the group's first TCP listener (`control::registry::Registry::probe_addr`).
 //! - [`spawn_monitor`] probes one target immediately and then every interval, and reports each
-//!   probe as a [`HealthEvent`] on a channel; it holds no health state.
+//!   probe as a [`HealthEvent`] tagged with the monitor's generation on a channel; it holds no
+//!   health state. The receiver drops events of a generation it no longer runs.
 
 use std::{
     io,
@@ -13,6 +16,13 @@ use std::{
     time::Duration,
 };
 
+use http_body_util::Empty;
+use hyper::{
+    Request, Uri,
+    body::Bytes,
+    header::{ACCEPT, CONNECTION, HOST, HeaderValue, USER_AGENT as USER_AGENT_HEADER},
+};
+use hyper_util::rt::TokioIo;
 use tokio::{
     net::TcpStream,
     sync::mpsc,
@@ -46,7 +56,8 @@ pub trait Checker {
     fn check(&self, target: SocketAddr) -> impl Future<Output = Probe> + Send;
 }
 
-/// Healthy if a TCP connection to the target is established within `timeout`.
+/// Healthy if a TCP connection to the target is established within `timeout`; the
+/// connection is closed at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpChecker {
     /// Time allowed for the handshake.
@@ -71,46 +82,88 @@ impl Checker for TcpChecker {
     }
 }
 
-/// Healthy if an HTTP/1.1 `GET path` answers, within `timeout` for the whole exchange, with a
-/// status code in `codes`. The `Host` header is the target's IP address.
+/// Healthy if an HTTP/1.1 `GET path` (hyper's client, one new connection per probe) answers,
+/// within `timeout` for the whole exchange (connect, request, response head), with a status
+/// code in `codes`. Headers sent: `Host` (the target's IP address, IPv6 in brackets),
+/// `User-Agent: lb-health-check/1`, `Accept: */*`, `Connection: close`. Only the response
+/// head is read, at most [`MAX_RESPONSE_BYTES`] of it; the body is never read: the
+/// connection is dropped once the status is known.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpChecker {
     timeout: Duration,
-    path: String,
+    path: Uri,
     codes: SuccessCodes,
 }
 
-/// What the HTTP target answered.
-enum Reply {
-    Status(u16),
-    Malformed,
-    Closed,
+/// Why an HTTP exchange gave no status.
+#[derive(Debug)]
+enum HttpFailure {
+    /// Connecting failed.
+    Connect(io::Error),
+    /// hyper failed: I/O after connecting, a malformed or oversized response head, or a
+    /// connection closed before the head was complete.
+    Http(hyper::Error),
 }
 
 impl HttpChecker {
-    /// An HTTP checker; fails if `path` is not a valid request path.
+    /// An HTTP checker; fails if `path` is not a valid request path (see
+    /// [`validate_path`]). The few characters that a valid path may hold but a request
+    /// target may not (`#`, `<`, `>`, `` ` ``) are sent percent-encoded.
     pub fn new(timeout: Duration, path: &str, codes: SuccessCodes) -> Result<HttpChecker, HealthConfigError> {
         validate_path(path)?;
-        Ok(HttpChecker { timeout, path: path.to_owned(), codes })
+        let mut target = String::with_capacity(path.len());
+        for c in path.chars() {
+            match c {
+                '#' | '<' | '>' | '`' => target.push_str(&format!("%{:02X}", c as u32)),
+                c => target.push(c),
+            }
+        }
+        let path = target.parse::<Uri>().map_err(|_| HealthConfigError::Path {
+            value: path.to_owned(),
+            reason: "it is not a valid HTTP request target",
+        })?;
+        Ok(HttpChecker { timeout, path, codes })
     }
 
-    async fn exchange(&self, target: SocketAddr) -> io::Result<Reply> {
-        let stream = TcpStream::connect(target).await?;
+    /// Connects, sends the request, and returns the response's status code.
+    async fn exchange(&self, target: SocketAddr) -> Result<u16, HttpFailure> {
+        let stream = TcpStream::connect(target).await.map_err(HttpFailure::Connect)?;
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            // Headers as `Host`, not `host`: what the hand-written client sent before.
+            .title_case_headers(true)
+            // The smallest buffer hyper allows: a longer head is an error, not more reads.
+            .max_buf_size(MAX_RESPONSE_BYTES)
+            .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(HttpFailure::Http)?;
         let host = match target.ip() {
             IpAddr::V4(ip) => ip.to_string(),
             IpAddr::V6(ip) => format!("[{ip}]"),
         };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\nAccept: */*\r\nConnection: close\r\n\r\n",
-            self.path
-        );
-        write_all(&stream, request.as_bytes()).await?;
-        let (line, complete) = read_line(&stream, MAX_RESPONSE_BYTES).await?;
-        Ok(match (complete, parse_status_line(&line)) {
-            (true, Some(code)) => Reply::Status(code),
-            (false, _) if line.is_empty() => Reply::Closed,
-            _ => Reply::Malformed,
-        })
+        let mut request = Request::new(Empty::new());
+        *request.uri_mut() = self.path.clone();
+        let headers = request.headers_mut();
+        // An address (and brackets) is always a valid header value; fall back to none.
+        if let Ok(host) = HeaderValue::from_str(&host) {
+            headers.insert(HOST, host);
+        }
+        headers.insert(USER_AGENT_HEADER, HeaderValue::from_static(USER_AGENT));
+        headers.insert(ACCEPT, HeaderValue::from_static("*/*"));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        // The connection is driven here, not in a task of its own: when this future ends
+        // (status known, error, or timeout) the connection is dropped and closed.
+        let send = sender.send_request(request);
+        tokio::pin!(send, conn);
+        let response = tokio::select! {
+            biased;
+            response = &mut send => response,
+            ended = &mut conn => match ended {
+                Err(e) => Err(e),
+                // The connection ended first: the request's outcome (an error) is settled.
+                Ok(()) => send.await,
+            },
+        };
+        response.map(|r| r.status().as_u16()).map_err(HttpFailure::Http)
     }
 }
 
@@ -119,16 +172,15 @@ impl Checker for HttpChecker {
         let start = Instant::now();
         match tokio::time::timeout(self.timeout, self.exchange(target)).await {
             Err(_) => done(false, start, timed_out(self.timeout)),
-            Ok(Err(e)) => done(false, start, io_reason(&e)),
-            Ok(Ok(Reply::Status(code))) if self.codes.contains(code) => done(true, start, format!("HTTP {code}")),
-            Ok(Ok(Reply::Status(code))) => done(false, start, format!("HTTP {code} not in {}", self.codes)),
-            Ok(Ok(Reply::Malformed)) => done(false, start, "HTTP response malformed"),
-            Ok(Ok(Reply::Closed)) => done(false, start, "connection closed without an HTTP response"),
+            Ok(Err(HttpFailure::Connect(e))) => done(false, start, io_reason(&e)),
+            Ok(Err(HttpFailure::Http(e))) => done(false, start, http_reason(&e)),
+            Ok(Ok(code)) if self.codes.contains(code) => done(true, start, format!("HTTP {code}")),
+            Ok(Ok(code)) => done(false, start, format!("HTTP {code} not in {}", self.codes)),
         }
     }
 }
 
-/// The checker a [`HealthCheck`] asks for (see [`HealthCheck::checker`]).
+/// The checker a [`HealthCheck`] asks for (see [`checker`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AnyChecker {
     /// TCP connect probes.
@@ -146,55 +198,28 @@ impl Checker for AnyChecker {
     }
 }
 
-/// Writes all of `buf` (`tokio::io::AsyncWriteExt` needs the `io-util` feature; this does not).
-async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
-        stream.writable().await?;
-        match stream.try_write(buf) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+/// A probe's reason for a hyper error.
+fn http_reason(e: &hyper::Error) -> String {
+    // hyper says what is wrong, e.g. "invalid HTTP version parsed", "message head is too
+    // large" (longer than MAX_RESPONSE_BYTES).
+    if e.is_parse() || e.is_parse_status() {
+        return format!("HTTP response malformed ({e})");
+    }
+    if e.is_incomplete_message() || e.is_canceled() {
+        return "connection closed without an HTTP response".to_owned();
+    }
+    if e.is_timeout() {
+        return "HTTP exchange timed out".to_owned();
+    }
+    // I/O errors (reset, aborted, ...) come wrapped: report the cause as for a connect.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<io::Error>() {
+            return io_reason(io);
         }
+        cause = c.source();
     }
-    Ok(())
-}
-
-/// Reads up to the first `\n` (excluded) or until EOF or `limit` bytes. Returns the bytes and
-/// whether a `\n` was found.
-async fn read_line(stream: &TcpStream, limit: usize) -> io::Result<(Vec<u8>, bool)> {
-    let mut buf = vec![0; limit];
-    let mut len = 0;
-    while len < limit {
-        stream.readable().await?;
-        match stream.try_read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => {
-                if let Some(i) = buf[len..len + n].iter().position(|&b| b == b'\n') {
-                    buf.truncate(len + i);
-                    return Ok((buf, true));
-                }
-                len += n;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buf.truncate(len);
-    Ok((buf, false))
-}
-
-/// The code of a status line such as `HTTP/1.1 200 OK` (trailing `\r` allowed).
-fn parse_status_line(line: &[u8]) -> Option<u16> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let rest = line.strip_prefix(b"HTTP/1.")?;
-    let (minor, rest) = rest.split_first()?;
-    let (code, tail) = rest.strip_prefix(b" ")?.split_at_checked(3)?;
-    if !minor.is_ascii_digit() || !code.iter().all(u8::is_ascii_digit) || tail.first().is_some_and(|&b| b != b' ') {
-        return None;
-    }
-    let code = code.iter().fold(0, |acc, d| acc * 10 + u16::from(d - b'0'));
-    (100..=599).contains(&code).then_some(code)
+    format!("HTTP exchange failed: {e}")
 }
 
 fn io_reason(e: &io::Error) -> String {
@@ -222,19 +247,25 @@ fn timed_out(timeout: Duration) -> String {
 pub struct HealthEvent<K> {
     /// The caller's key for the target.
     pub key: K,
+    /// The generation the caller gave the monitor that ran the probe. A monitor that was
+    /// stopped may still have events queued in the channel: the caller compares this with
+    /// the generation of the target's current monitor and drops events of older ones.
+    pub generation: u64,
     /// The probe's result.
     pub probe: Probe,
 }
 
 /// Probes `target` with `checker` now and then every `interval` (a zero interval is treated as
-/// 1 ms; a late tick delays the following ones), sending a [`HealthEvent`] for every probe. Ends
-/// when `tx`'s receiver is dropped.
+/// 1 ms; a late tick delays the following ones), sending a [`HealthEvent`] with `key` and
+/// `generation` for every probe. Ends when `tx`'s receiver is dropped or the returned task is
+/// aborted; events it already sent stay in the channel.
 ///
 /// # Panics
 ///
 /// If called outside a Tokio runtime.
 pub fn spawn_monitor<K, C>(
     key: K,
+    generation: u64,
     target: SocketAddr,
     checker: Arc<C>,
     interval: Duration,
@@ -255,12 +286,12 @@ where
                     checker.check(target).await
                 } => probe,
             };
-            tracing::trace!(%target, ok = probe.ok, reason = %probe.reason, "health probe");
-            if tx.send(HealthEvent { key: key.clone(), probe }).await.is_err() {
+            tracing::trace!(%target, generation, ok = probe.ok, reason = %probe.reason, "health probe");
+            if tx.send(HealthEvent { key: key.clone(), generation, probe }).await.is_err() {
                 break;
             }
         }
-        tracing::debug!(%target, "health monitor stopped: receiver dropped");
+        tracing::debug!(%target, generation, "health monitor stopped: receiver dropped");
     })
 }
 
@@ -268,7 +299,7 @@ where
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    use tokio::net::TcpListener;
+    use tokio::{io::AsyncWriteExt, net::TcpListener};
 
     use super::*;
 
@@ -285,13 +316,20 @@ mod tests {
         (l, addr)
     }
 
-    /// A one-connection HTTP server: reads the request head, writes `response`, waits for the client
-    /// to hang up (or closes at once if `response` is empty), and returns the request.
+    /// A one-connection HTTP server on `bind`: reads the request head, writes `response`, waits
+    /// for the client to hang up (or closes at once if `response` is empty), and returns the
+    /// request.
     async fn http_server(response: &'static [u8]) -> (SocketAddr, JoinHandle<Vec<u8>>) {
-        let (l, addr) = listener().await;
+        http_server_on(listener().await, response)
+    }
+
+    fn http_server_on(
+        (l, addr): (TcpListener, SocketAddr),
+        response: &'static [u8],
+    ) -> (SocketAddr, JoinHandle<Vec<u8>>) {
         let task = tokio::spawn(async move {
             let serve = async {
-                let (stream, _) = l.accept().await.expect("accept");
+                let (mut stream, _) = l.accept().await.expect("accept");
                 let mut request = Vec::new();
                 let mut chunk = [0; 1024];
                 while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < MAX_RESPONSE_BYTES {
@@ -304,7 +342,7 @@ mod tests {
                     }
                 }
                 // The client may hang up after the status line: ignore write errors.
-                let _ = write_all(&stream, response).await;
+                let _ = stream.write_all(response).await;
                 // Keep the connection open until the client hangs up, so that a client waiting
                 // for EOF instead of the status line would time out.
                 while !response.is_empty() && stream.readable().await.is_ok() {
@@ -323,17 +361,6 @@ mod tests {
 
     fn http(timeout: Duration, codes: &str) -> HttpChecker {
         HttpChecker::new(timeout, "/health", codes.parse().expect("codes")).expect("checker")
-    }
-
-    #[test]
-    fn status_line_parse() {
-        assert_eq!(parse_status_line(b"HTTP/1.1 200 OK\r"), Some(200));
-        assert_eq!(parse_status_line(b"HTTP/1.0 503"), Some(503));
-        assert_eq!(parse_status_line(b"HTTP/1.1 204 No Content"), Some(204));
-        for bad in [&b""[..], b"SSH-2.0-OpenSSH", b"HTTP/1.1 20 OK", b"HTTP/1.1 2000", b"HTTP/2 200", b"HTTP/1.1 099 x"]
-        {
-            assert_eq!(parse_status_line(bad), None, "{}", String::from_utf8_lossy(bad));
-        }
     }
 
     #[tokio::test]
@@ -365,6 +392,16 @@ mod tests {
         assert!(request.starts_with("GET /health HTTP/1.1\r\n"), "{request}");
         assert!(request.contains("\r\nHost: 127.0.0.1\r\n"), "{request}");
         assert!(request.contains("\r\nConnection: close\r\n"), "{request}");
+        assert!(request.contains(&format!("\r\nUser-Agent: {USER_AGENT}\r\n")), "{request}");
+    }
+
+    #[tokio::test]
+    async fn http_checker_reports_refused() {
+        let (l, addr) = listener().await;
+        drop(l);
+        let probe = http(BOUND, "200").check(addr).await;
+        assert!(!probe.ok);
+        assert_eq!(probe.reason, "connection refused");
     }
 
     #[tokio::test]
@@ -380,16 +417,53 @@ mod tests {
         let (addr, _server) = http_server(b"SSH-2.0-OpenSSH_9.6\r\n").await;
         let probe = http(BOUND, "200-399").check(addr).await;
         assert!(!probe.ok);
-        assert_eq!(probe.reason, "HTTP response malformed");
+        assert_eq!(probe.reason, "HTTP response malformed (invalid HTTP version parsed)");
     }
 
     #[tokio::test]
     async fn http_checker_reads_at_most_8k() {
-        static LONG: [u8; 3 * MAX_RESPONSE_BYTES] = [b'A'; 3 * MAX_RESPONSE_BYTES];
-        let (addr, _server) = http_server(&LONG).await;
+        // A valid start, then a header that never ends: reading stops at 8 KiB.
+        static LONG: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+            let mut r = b"HTTP/1.1 200 OK\r\nX-Filler: ".to_vec();
+            r.resize(3 * MAX_RESPONSE_BYTES, b'A');
+            r
+        });
+        let (addr, _server) = http_server(LONG.as_slice()).await;
         let probe = http(BOUND, "200").check(addr).await;
-        assert_eq!(probe.reason, "HTTP response malformed");
+        assert!(!probe.ok);
+        assert_eq!(probe.reason, "HTTP response malformed (message head is too large)");
         assert!(probe.latency < Duration::from_secs(1), "stopped reading at 8 KiB: {probe:?}");
+    }
+
+    #[tokio::test]
+    async fn http_checker_ignores_the_body() {
+        // A body announced but never sent: the status is enough.
+        let (addr, _server) = http_server(b"HTTP/1.0 204 No Content\r\nContent-Length: 1000000\r\n\r\n").await;
+        let probe = http(BOUND, "200-299").check(addr).await;
+        assert!(probe.ok, "{probe:?}");
+        assert_eq!(probe.reason, "HTTP 204");
+        assert!(probe.latency < Duration::from_secs(1), "did not wait for the body: {probe:?}");
+    }
+
+    #[tokio::test]
+    async fn http_checker_sends_a_bracketed_ipv6_host() {
+        let Ok(l) = TcpListener::bind(SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0))).await else {
+            eprintln!("skipping: no IPv6 loopback");
+            return;
+        };
+        let addr = l.local_addr().expect("local addr");
+        let (addr, server) = http_server_on((l, addr), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+        let probe = http(BOUND, "200").check(addr).await;
+        assert!(probe.ok, "{probe:?}");
+        let request = String::from_utf8(server.await.expect("server")).expect("utf-8 request");
+        assert!(request.contains("\r\nHost: [::1]\r\n"), "{request}");
+    }
+
+    #[test]
+    fn http_checker_encodes_what_a_request_target_cannot_hold() {
+        let c = HttpChecker::new(BOUND, "/a#b<c>`", "200".parse().expect("codes")).expect("checker");
+        assert_eq!(c.path.to_string(), "/a%23b%3Cc%3E%60");
+        assert!(HttpChecker::new(BOUND, "health", "200".parse().expect("codes")).is_err());
     }
 
     #[tokio::test]
@@ -430,9 +504,12 @@ mod tests {
     async fn monitor_probes_immediately_and_stops_when_receiver_dropped() {
         let (tx, mut rx) = mpsc::channel(4);
         let checker = Arc::new(Alternating::default());
-        let handle = spawn_monitor("web", loopback(), checker.clone(), Duration::from_secs(3600), tx);
+        let handle = spawn_monitor("web", 1, loopback(), checker.clone(), Duration::from_secs(3600), tx);
         let event = tokio::time::timeout(Duration::from_secs(1), rx.recv()).await.expect("immediate probe");
-        assert_eq!(event.map(|e| (e.key, e.probe.ok, e.probe.reason)), Some(("web", true, "probe 0".to_owned())));
+        assert_eq!(
+            event.map(|e| (e.key, e.generation, e.probe.ok, e.probe.reason)),
+            Some(("web", 1, true, "probe 0".to_owned()))
+        );
         drop(rx);
         tokio::time::timeout(Duration::from_secs(1), handle).await.expect("monitor stopped").expect("no panic");
         assert_eq!(checker.0.load(Ordering::SeqCst), 1);
@@ -441,11 +518,12 @@ mod tests {
     #[tokio::test]
     async fn monitor_reports_every_probe() {
         let (tx, mut rx) = mpsc::channel(1);
-        let handle = spawn_monitor(7_u32, loopback(), Arc::new(Alternating::default()), Duration::from_millis(10), tx);
+        let handle =
+            spawn_monitor(7_u32, 42, loopback(), Arc::new(Alternating::default()), Duration::from_millis(10), tx);
         let mut oks = Vec::new();
         for _ in 0..4 {
             let event = tokio::time::timeout(BOUND, rx.recv()).await.expect("probe in time").expect("monitor alive");
-            assert_eq!(event.key, 7);
+            assert_eq!((event.key, event.generation), (7, 42));
             oks.push(event.probe.ok);
         }
         assert_eq!(oks, [true, false, true, false]);

@@ -758,6 +758,11 @@ impl AgentProcess {
         std::fs::read_to_string(&self.log.0).unwrap_or_default()
     }
 
+    /// The agent's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Sends a signal to the agent.
     pub fn signal(&self, sig: libc::c_int) {
         if let Some(c) = &self.child {
