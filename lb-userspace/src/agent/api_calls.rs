@@ -1,26 +1,28 @@
-//! The control API's requests: forwarded to the loop, answered from the agent's state.
+//! The control API's requests. Reads (status, target list) are answered on the API's
+//! task from what the agent published (`published.rs`), so they never wait for the
+//! loop; changes (register, deregister, reload) are forwarded to the loop and answered
+//! once applied.
 
 use super::*;
 use crate::api::{
     ApiFailure, DeregisterRequest, DeregisterResponse, DeregisteredState, GroupInfo, ListenerInfo, RegisterRequest,
-    RegisterResponse, ReloadResponse, StatusResponse, TargetInfo, TargetList,
+    RegisterResponse, ReloadResponse, StatusResponse, TargetList,
 };
 
 /// Where the agent task sends the answer to one request.
 type Reply<T> = oneshot::Sender<Result<T, ApiFailure>>;
 
-/// Requests from the control API, answered by the agent task.
+/// Changes asked for through the control API, answered by the agent task.
 pub(super) enum ApiCall {
-    Status(Reply<StatusResponse>),
-    List(Option<String>, Reply<TargetList>),
     Register(RegisterRequest, Reply<RegisterResponse>),
     Deregister(DeregisterRequest, Reply<DeregisterResponse>),
     Reload(Reply<ReloadResponse>),
 }
 
-/// The control API's handler: forwards each request to the agent task.
+/// The control API's handler.
 pub(super) struct ApiHandler {
     pub(super) tx: mpsc::Sender<ApiCall>,
+    pub(super) published: Arc<Mutex<published::Published>>,
 }
 
 impl ApiHandler {
@@ -33,10 +35,11 @@ impl ApiHandler {
 
 impl api::Handler for ApiHandler {
     async fn status(&self) -> Result<StatusResponse, ApiFailure> {
-        self.ask(ApiCall::Status).await
+        self.published.lock().map(|p| p.status()).map_err(|_| ApiFailure::internal("the agent's state is poisoned"))
     }
     async fn list_targets(&self, group: Option<String>) -> Result<TargetList, ApiFailure> {
-        self.ask(|r| ApiCall::List(group, r)).await
+        let published = self.published.lock().map_err(|_| ApiFailure::internal("the agent's state is poisoned"))?;
+        published.list(group.as_deref(), Instant::now())
     }
     async fn register(&self, req: RegisterRequest) -> Result<RegisterResponse, ApiFailure> {
         self.ask(|r| ApiCall::Register(req, r)).await
@@ -52,12 +55,6 @@ impl api::Handler for ApiHandler {
 impl Agent {
     pub(super) async fn api(&mut self, call: ApiCall) {
         match call {
-            ApiCall::Status(reply) => {
-                let _ = reply.send(Ok(self.status()));
-            }
-            ApiCall::List(group, reply) => {
-                let _ = reply.send(self.list(group.as_deref()));
-            }
             ApiCall::Register(req, reply) => {
                 let _ = reply.send(self.register(req).await);
             }
@@ -100,26 +97,6 @@ impl Agent {
                 .collect(),
             last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
         }
-    }
-
-    fn list(&self, group: Option<&str>) -> Result<TargetList, ApiFailure> {
-        let targets = self.registry.list(&self.config, group, Instant::now())?;
-        Ok(TargetList {
-            targets: targets
-                .into_iter()
-                .map(|t| TargetInfo {
-                    group: t.group,
-                    target: t.ip,
-                    port: t.port,
-                    weight: t.weight,
-                    state: t.state,
-                    reason: t.reason,
-                    source: t.source,
-                    drain_remaining_secs: t.drain_remaining.map(|d| d.as_secs_f64()),
-                    last_check_latency_ms: t.last_latency.map(|d| d.as_secs_f64() * 1e3),
-                })
-                .collect(),
-        })
     }
 
     pub(super) async fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse, ApiFailure> {

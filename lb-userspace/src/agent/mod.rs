@@ -39,6 +39,7 @@ use crate::{
 };
 
 mod api_calls;
+mod published;
 mod state;
 mod targets;
 
@@ -174,8 +175,11 @@ pub async fn run(
         let _ = rx.wait_for(|s| *s).await;
     };
     let (api_tx, mut api_rx) = mpsc::channel(16);
-    let api_task =
-        tokio::spawn(api::serve_unix(listener, Arc::new(ApiHandler { tx: api_tx }), stopped(stop_rx.clone())));
+    let api_task = tokio::spawn(api::serve_unix(
+        listener,
+        Arc::new(ApiHandler { tx: api_tx, published: agent.published.clone() }),
+        stopped(stop_rx.clone()),
+    ));
     let metrics_task = match agent.config.metrics.listen {
         Some(addr) => {
             let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -269,6 +273,7 @@ async fn start(
     // From here on only the datapath thread touches the maps.
     let dp = DatapathThread::spawn(dp).map_err(|source| AgentError::DatapathThread { source })?;
     let plan = Arc::new(plan);
+    let started = Instant::now();
     info!(pin_dir = %dpc.pin_dir.display(), "ready");
     let mut agent = Agent {
         opts,
@@ -284,8 +289,9 @@ async fn start(
         health_tx,
         view: Arc::new(Mutex::new(View::default())),
         view_index: HashMap::new(),
+        published: Arc::new(Mutex::new(published::Published::new(started))),
         rings,
-        started: Instant::now(),
+        started,
         last_update: None,
         dirty: false,
         log_task,

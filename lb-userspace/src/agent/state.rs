@@ -21,6 +21,8 @@ pub(super) struct Agent {
     pub(super) view: Arc<Mutex<View>>,
     /// Where each target sits in `view.targets`, for in-place updates after a probe.
     pub(super) view_index: HashMap<TargetKey, usize>,
+    /// Status and targets for the control API's reads (see `published.rs`).
+    pub(super) published: Arc<Mutex<published::Published>>,
     /// Each group's last Maglev ring: a re-plan builds only the rings that change.
     pub(super) rings: plan::RingCache,
     pub(super) started: Instant,

@@ -186,6 +186,14 @@ impl Agent {
         if let Ok(mut v) = self.view.lock() {
             *v = view;
         }
+        let status = self.status();
+        let targets = self.registry.entries().iter().map(|(k, e)| published::target_info(k, e)).collect();
+        let groups = self.config.target_groups.iter().map(|g| g.name.clone()).collect();
+        if let Ok(mut p) = self.published.lock() {
+            p.status = status;
+            p.groups = groups;
+            p.targets = targets;
+        }
     }
 
     /// Copies one target's probe figures into its entry of the published view, in place.
@@ -201,6 +209,15 @@ impl Agent {
                     t.last_latency = e.last_latency;
                     t.probes = e.tracker.total_probes();
                     t.failures = e.tracker.total_failures();
+                    true
+                }
+                _ => false,
+            }
+        }) && self.view_index.get(key).is_some_and(|&i| {
+            let Ok(mut p) = self.published.lock() else { return true };
+            match p.targets.get_mut(i) {
+                Some(slot) if slot.0.group == key.0 && slot.0.target == key.1 => {
+                    *slot = published::target_info(key, e);
                     true
                 }
                 _ => false,

@@ -37,7 +37,7 @@ pub struct TargetsQuery {
 }
 
 /// Answer of `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub pid: u32,
     pub uptime_secs: u64,

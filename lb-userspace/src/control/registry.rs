@@ -142,24 +142,6 @@ pub struct Registration {
     pub port: Option<u16>,
 }
 
-/// One target as `lb targets list` shows it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TargetStatus {
-    pub group: String,
-    pub ip: IpAddr,
-    /// Its own (health-check) port, if it has one.
-    pub port: Option<u16>,
-    pub weight: u32,
-    pub state: TargetState,
-    /// Why it is in its state.
-    pub reason: String,
-    pub source: Source,
-    /// While draining: how long until it is removed.
-    pub drain_remaining: Option<Duration>,
-    /// Duration of its last health check.
-    pub last_latency: Option<Duration>,
-}
-
 /// Parses `IP`, `IP:port` or `[IPv6]:port`.
 pub fn parse_target(s: &str) -> Result<(IpAddr, Option<u16>), RegistryError> {
     if let Ok(ip) = s.parse::<IpAddr>() {
@@ -414,34 +396,6 @@ impl Registry {
         Some(SocketAddr::new(key.1, port))
     }
 
-    /// `lb targets list`: every target, or those of `group_filter` (which must exist).
-    pub fn list(
-        &self,
-        config: &Config,
-        group_filter: Option<&str>,
-        now: Instant,
-    ) -> Result<Vec<TargetStatus>, RegistryError> {
-        if let Some(g) = group_filter {
-            group(config, g)?;
-        }
-        Ok(self
-            .entries
-            .iter()
-            .filter(|(k, _)| group_filter.is_none_or(|g| k.0 == g))
-            .map(|(k, e)| TargetStatus {
-                group: k.0.clone(),
-                ip: k.1,
-                port: e.port,
-                weight: e.weight,
-                state: e.state(),
-                reason: e.reason(),
-                source: e.source,
-                drain_remaining: e.drain_until.map(|t| t.saturating_duration_since(now)),
-                last_latency: e.last_latency,
-            })
-            .collect())
-    }
-
     /// (healthy, total) per configured group.
     pub fn group_counts(&self, config: &Config) -> Vec<(String, usize, usize)> {
         config
@@ -626,11 +580,9 @@ mod tests {
         let changes = r.sync(&c, t0);
         assert_eq!(changes.stop_checks, vec![k.clone()]);
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
-        let listed = r.list(&c, Some("web"), t0 + Duration::from_secs(4)).expect("list");
-        let draining = listed.iter().find(|t| t.ip == k.1).expect("listed");
-        assert_eq!((draining.state, draining.source), (TargetState::Draining, Source::Config));
-        assert_eq!(draining.drain_remaining, Some(Duration::from_secs(6)));
-        assert!(matches!(r.list(&c, Some("nope"), t0), Err(RegistryError::UnknownGroup { .. })));
+        let draining = r.get(&k).expect("listed");
+        assert_eq!(draining.source, Source::Config);
+        assert_eq!(draining.drain_until, Some(t0 + Duration::from_secs(10)));
         let again = r.deregister(&c, "web", "198.18.0.11");
         assert!(matches!(again, Err(RegistryError::AlreadyDeregistering { .. })), "{again:?}");
         // A reload (sync with the same file) keeps it deregistered...

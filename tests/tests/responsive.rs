@@ -1,0 +1,96 @@
+//! The agent stays responsive while it writes the datapath: reloads that add a VIP
+//! (both of its 65,537-slot rings written, 131,074 map updates) run again and again
+//! while the control API is asked for its status and targets and health checks go on.
+//! Every answer comes within 50 ms, and every health probe's latency stays under 50 ms.
+
+use std::{
+    sync::{Arc, Mutex, atomic::AtomicBool},
+    time::{Duration, Instant},
+};
+
+use lb_tests::{privileged, traffic_lock};
+use lb_userspace::{
+    agent::RunOptions,
+    api::Client,
+    testing::{
+        agent::AgentHandle,
+        topology::{StopOnDrop, TempFile, Topology},
+    },
+};
+
+const LIMIT: Duration = Duration::from_millis(50);
+const RELOADS: usize = 8;
+const CHECKS: &str = "health_check = { protocol = \"http\", port = 80, interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }\n";
+const EXTRA: &str = "[[listeners]]\nname = \"extra\"\naddress = \"198.18.1.100\"\nport = 8080\nprotocol = \"tcp\"\ntarget_group = \"web\"\n";
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+}
+
+#[test]
+fn api_answers_and_health_probes_stay_under_50_ms_while_whole_rings_are_written() {
+    if !privileged("api_answers_and_health_probes_stay_under_50_ms_while_whole_rings_are_written") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut topo = Topology::build(3).expect("topology");
+    topo.start_http().expect("http");
+    let targets = [(1, 1), (2, 1), (3, 1)];
+    let without = topo.config_with(&targets, CHECKS);
+    let with = format!("{without}{EXTRA}");
+    let cfg = TempFile::write(&format!("{}.toml", topo.id), &without).expect("config");
+    let _agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
+    let client = Client::new(topo.socket());
+    let started = Instant::now();
+    while !block_on(client.targets(None)).expect("list").targets.iter().all(|t| t.state.to_string() == "healthy") {
+        assert!(started.elapsed() < Duration::from_secs(10), "targets not healthy within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Reloads on one thread, recording when each was in flight.
+    let busy: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
+    let done = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let mut calls: Vec<(Instant, Instant)> = Vec::new();
+    let mut worst_probe = 0f64;
+    std::thread::scope(|s| {
+        let (busy, finished, path, client) = (busy.clone(), done.0.clone(), cfg.0.clone(), &client);
+        s.spawn(move || {
+            for k in 0..RELOADS {
+                std::fs::write(&path, if k % 2 == 0 { &with } else { &without }).expect("write config");
+                let t0 = Instant::now();
+                block_on(client.reload()).expect("reload");
+                busy.lock().expect("lock").push((t0, Instant::now()));
+            }
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        while !done.0.load(std::sync::atomic::Ordering::SeqCst) {
+            let t0 = Instant::now();
+            let status = block_on(client.status()).expect("status");
+            let list = block_on(client.targets(None)).expect("list");
+            calls.push((t0, Instant::now()));
+            assert!(status.target_groups.iter().all(|g| g.healthy == g.targets), "{status:?}");
+            worst_probe = list.targets.iter().filter_map(|t| t.last_check_latency_ms).fold(worst_probe, f64::max);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let reloads = busy.lock().expect("lock").clone();
+    let longest = reloads.iter().map(|(s, e)| *e - *s).max().unwrap_or_default();
+    // Calls that ran entirely while a reload was in flight.
+    let during: Vec<Duration> = calls
+        .iter()
+        .filter(|(c0, c1)| reloads.iter().any(|(r0, r1)| r0 <= c0 && c1 <= r1))
+        .map(|(c0, c1)| *c1 - *c0)
+        .collect();
+    let worst = calls.iter().map(|(c0, c1)| *c1 - *c0).max().unwrap_or_default();
+    eprintln!(
+        "{RELOADS} reloads (longest {longest:?}); {} status+list pairs, {} of them during a reload, slowest {worst:?}; slowest health probe {worst_probe:.2} ms",
+        calls.len(),
+        during.len()
+    );
+    assert!(longest > LIMIT, "a reload took only {longest:?}: the test proves nothing at this speed");
+    assert!(worst < LIMIT, "a status+list pair took {worst:?} while rings were written");
+    assert!(worst_probe < LIMIT.as_secs_f64() * 1e3, "a health probe took {worst_probe} ms");
+    assert!(during.len() >= RELOADS, "too few calls overlapped a reload: the test proves nothing");
+    let list = block_on(client.targets(None)).expect("list");
+    assert!(list.targets.iter().all(|t| t.state.to_string() == "healthy"), "{list:?}");
+}
