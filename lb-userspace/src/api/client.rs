@@ -13,7 +13,6 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::{Serialize, de::DeserializeOwned};
-use serde_json::Value;
 use tokio::net::UnixStream;
 
 use super::{
@@ -146,26 +145,6 @@ impl Client {
             .await
             .map_err(|_| ApiError::Timeout { path: path(), after: self.timeout })?
     }
-}
-
-/// Sends one request to the agent at `socket` and returns the status and the JSON body
-/// (`null` if empty), whatever the status. For tests and tools that look at the raw
-/// JSON; the CLI uses [`Client`]'s typed calls.
-pub async fn call(socket: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<(u16, Value), ApiError> {
-    let invalid = || ApiError::InvalidRequest { method: method.to_string(), target: target.to_string() };
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| invalid())?;
-    let body = body.map(|b| b.to_string().into_bytes());
-    let client = Client::new(socket);
-    let (status, answer) = client.send(method, target, body).await?;
-    if answer.iter().all(u8::is_ascii_whitespace) {
-        return Ok((status.as_u16(), Value::Null));
-    }
-    let value = serde_json::from_slice(&answer).map_err(|source| ApiError::BadJson {
-        path: socket.to_path_buf(),
-        status: status.as_u16(),
-        source,
-    })?;
-    Ok((status.as_u16(), value))
 }
 
 /// A non-2xx answer as an error carrying the agent's code and message (or, if the body

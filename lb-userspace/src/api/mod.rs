@@ -30,11 +30,7 @@ pub(crate) mod server;
 mod tests;
 pub mod types;
 
-pub use self::{
-    client::{Client, call},
-    server::serve_unix,
-    types::*,
-};
+pub use self::{client::Client, server::serve_unix, types::*};
 
 /// Errors of the socket set-up and of the client, each naming its cause and a fix.
 #[derive(Debug, thiserror::Error)]

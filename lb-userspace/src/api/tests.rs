@@ -25,6 +25,18 @@ use super::{
 };
 use crate::control::{health_state::TargetState, registry::Source};
 
+/// One request as raw JSON: (status, body or `null`).
+async fn call(socket: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<(u16, Value), ApiError> {
+    let method = Method::from_bytes(method.as_bytes()).expect("method");
+    let (status, answer) = Client::new(socket).send(method, target, body.map(|b| b.to_string().into_bytes())).await?;
+    let value = if answer.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&answer).expect("JSON answer")
+    };
+    Ok((status.as_u16(), value))
+}
+
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(5);
 

@@ -2,6 +2,7 @@
 //! topologies with real services, packet builders and parsers.
 
 pub mod agent;
+pub mod api;
 pub mod netns;
 pub mod packet;
 pub mod programs;

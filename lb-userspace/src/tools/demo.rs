@@ -81,9 +81,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let started = Instant::now();
     loop {
-        let (_, status) = rt.block_on(crate::api::call(&topo.socket(), "GET", "/v1/status", None))?;
-        let healthy = status["target_groups"][0]["healthy"].as_u64().unwrap_or(0);
-        if healthy == 3 {
+        let status = rt.block_on(crate::api::Client::new(topo.socket()).status())?;
+        if status.target_groups.iter().map(|g| g.healthy).sum::<usize>() == 3 {
             println!("   all 3 targets passed their HTTP health checks in {:.1} s", started.elapsed().as_secs_f64());
             break;
         }
