@@ -27,7 +27,8 @@ use crate::control::{health_state::TargetState, registry::Source};
 
 /// One request as raw JSON: (status, body or `null`).
 async fn call(socket: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<(u16, Value), ApiError> {
-    let method = Method::from_bytes(method.as_bytes()).expect("method");
+    let invalid = || ApiError::InvalidRequest { method: method.to_string(), target: target.to_string() };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| invalid())?;
     let (status, answer) = Client::new(socket).send(method, target, body.map(|b| b.to_string().into_bytes())).await?;
     let value = if answer.iter().all(u8::is_ascii_whitespace) {
         Value::Null
