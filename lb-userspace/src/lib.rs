@@ -3,10 +3,12 @@
 //! - `config`: the TOML schema and its validation. Pure.
 //! - `control`: decisions: Maglev, the plan (desired datapath state), id allocation,
 //!   the target registry, the health state machine. Pure: no I/O, no aya.
-//! - `datapath`: the only code that touches aya: loading, map writes, pins, stats.
+//! - `datapath`: the only product code that touches aya: loading, map writes, pins,
+//!   stats, the datapath thread.
 //! - `host`: facts about this host: interfaces, routes, neighbours (netlink).
 //! - `health`: health probes and the monitors that run them.
 //! - `api`: the control API: request/response types, server, client.
+//! - `http`: the HTTP/1.1 server loop the API and the metrics endpoint share.
 //! - `metrics`: the Prometheus endpoint.
 //! - `agent`: the event loop that owns the state and ties the layers together.
 //! - `tools` and `testing` (feature `tools`): `lb gen`, `lb bench`, `lb demo`, and the
@@ -20,6 +22,7 @@ pub mod control;
 pub mod datapath;
 pub mod health;
 pub mod host;
+pub mod http;
 pub mod metrics;
 #[cfg(feature = "tools")]
 pub mod testing;

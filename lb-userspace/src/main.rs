@@ -249,7 +249,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             rt.block_on(serve(opts))
         }
         Command::Check { config } => {
-            let c = Config::load(&config)?;
+            let text = std::fs::read_to_string(&config)
+                .map_err(|source| config::ConfigError::Read { path: config.clone(), source })?;
+            let c = Config::parse(&text, &config)?;
             println!(
                 "{}: valid ({} listeners, {} target groups, {} targets)",
                 config.display(),
@@ -287,36 +289,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             match command {
                 TargetsCommand::Register { group, target, weight } => {
                     let answer = block_on(client.register(&RegisterRequest { group, target, weight }))?;
-                    if api.json {
-                        println!("{}", serde_json::to_string_pretty(&answer)?);
-                    } else {
-                        println!("{} registered in group {}: {}", answer.target, answer.group, answer.state);
-                    }
+                    print_answer(&answer, api.json, |answer| {
+                        println!("{} registered in group {}: {}", answer.target, answer.group, answer.state)
+                    })?;
                 }
                 TargetsCommand::Deregister { group, target } => {
                     let answer = block_on(client.deregister(&DeregisterRequest { group, target }))?;
-                    if api.json {
-                        println!("{}", serde_json::to_string_pretty(&answer)?);
-                    } else {
-                        println!("{} deregistered in group {}: {}", answer.target, answer.group, answer.state);
-                    }
+                    print_answer(&answer, api.json, |answer| {
+                        println!("{} deregistered in group {}: {}", answer.target, answer.group, answer.state)
+                    })?;
                 }
                 TargetsCommand::List { group } => {
                     let answer = block_on(client.targets(group.as_deref()))?;
-                    if api.json {
-                        println!("{}", serde_json::to_string_pretty(&answer)?);
-                    } else {
-                        print_targets(&answer);
-                    }
+                    print_answer(&answer, api.json, print_targets)?;
                 }
             }
             Ok(())
         }
         Command::Status { api } => {
             let answer = block_on(Client::new(&api.socket).status())?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
+            print_answer(&answer, api.json, |answer| {
                 println!("agent pid {} up {} s, config {}", answer.pid, answer.uptime_secs, answer.config);
                 for l in &answer.listeners {
                     println!("listener {:<16} {:<32} -> {}", l.name, l.vip, l.target_group);
@@ -327,16 +319,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for g in &answer.target_groups {
                     println!("group    {:<16} {}/{} targets healthy", g.group, g.healthy, g.targets);
                 }
-            }
+            })?;
             Ok(())
         }
         Command::Reload { api } => {
             let answer = block_on(Client::new(&api.socket).reload())?;
-            if api.json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
-            } else {
-                println!("config reloaded");
-            }
+            print_answer(&answer, api.json, |_| println!("config reloaded"))?;
             Ok(())
         }
         #[cfg(feature = "tools")]
@@ -358,6 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("JSON results: {}", out.display());
             Ok(())
         }
+        #[cfg(feature = "tools")]
         Command::Bench { tiny, out, .. } => {
             let opts = if tiny {
                 lb_userspace::tools::bench::BenchOptions::tiny()
@@ -485,4 +474,14 @@ fn print_targets(list: &TargetList) {
         let (state, source) = (t.state.to_string(), t.source.to_string());
         println!("{:<12} {:<28} {:>6} {:<10} {:<7} {}", t.group, target, t.weight, state, source, t.reason);
     }
+}
+
+/// Prints the agent's answer: as pretty JSON with `--json`, else the way `human` says.
+fn print_answer<T: serde::Serialize>(answer: &T, json: bool, human: impl FnOnce(&T)) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+    } else {
+        human(answer);
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
-//! Project automation (`cargo xtask <command>`): setup from nothing, the test suite and
-//! the demo. Kept dependency-light so that it builds before anything else is installed.
+//! Project automation (`cargo xtask <command>`): setup from nothing, the test suite, the
+//! demo and the benchmarks. Kept dependency-light so that it builds before anything else
+//! is installed.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,8 +23,9 @@ enum Cmd {
     /// packages, rust-src for nightly, bpf-linker linked against rustc's own LLVM,
     /// and a bpffs at /sys/fs/bpf.
     Setup,
-    /// Set up, then run every test: unit, packet (BPF_PROG_RUN) and end-to-end
-    /// (network namespaces). Needs root; extra arguments go to `cargo test`.
+    /// Set up, check that the agent-only build (`--no-default-features`) compiles, then
+    /// run every test: unit, packet (BPF_PROG_RUN) and end-to-end (network namespaces).
+    /// Needs root; extra arguments go to `cargo test`.
     Test {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -73,6 +75,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Setup => setup(),
         Cmd::Test { args } => {
             setup()?;
+            step("checking the agent-only build (cargo check --no-default-features)");
+            status(Command::new(cargo()).current_dir(&root).args([
+                "check",
+                "--quiet",
+                "-p",
+                "lb-userspace",
+                "--no-default-features",
+                "--all-targets",
+            ]))?;
             step("running the tests (cargo test)");
             let mut cmd = Command::new(cargo());
             // Tests that need root fail instead of skipping: CI must run them all.

@@ -65,8 +65,7 @@ impl Agent {
                 let outcome = self.reload().await;
                 let _ = reply.send(match outcome {
                     Ok(()) => Ok(ReloadResponse { reloaded: true }),
-                    Err(e @ AgentError::RolledBackFailed { .. }) => Err(ApiFailure::internal(e.to_string())),
-                    Err(e) => Err(ApiFailure::bad_request(format!("config rejected, nothing changed: {}", chain(&e)))),
+                    Err(e) => Err(failure(&e, "config rejected, nothing changed")),
                 });
             }
         }
@@ -116,7 +115,8 @@ impl Agent {
         let mut resolved_all = self.resolved.clone();
         resolved_all.insert(ip, resolved);
         let config = self.config.clone();
-        self.apply_state(&config, &registry, &resolved_all).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
+        let refused = "registration not applied, nothing changed";
+        self.apply_state(&config, &registry, &resolved_all).await.map_err(|e| failure(&e, refused))?;
         self.registry = registry;
         self.resolved = resolved_all;
         self.sync_monitors();
@@ -132,7 +132,8 @@ impl Agent {
         registry.sync(&self.config, Instant::now());
         let config = self.config.clone();
         let resolved = self.resolved.clone();
-        self.apply_state(&config, &registry, &resolved).await.map_err(|e| ApiFailure::internal(chain(&e)))?;
+        let refused = "deregistration not applied, nothing changed";
+        self.apply_state(&config, &registry, &resolved).await.map_err(|e| failure(&e, refused))?;
         self.registry = registry;
         self.sync_monitors();
         self.publish();
@@ -144,5 +145,27 @@ impl Agent {
         };
         info!(group = %key.0, target = %key.1, delay_secs = delay, "target deregistered");
         Ok(DeregisterResponse { group: key.0, target: key.1, state, deregistration_delay_secs: delay })
+    }
+}
+
+/// The API's answer to a change the agent could not make: the caller's mistakes (a bad
+/// config, a setting that needs a restart, an unresolvable target) are 400, running out
+/// of slots is 409, the agent's own failures are 500 (503 once its datapath thread is
+/// gone). `refused` says what did not happen, unless the error says it better.
+fn failure(e: &AgentError, refused: &str) -> ApiFailure {
+    let message = format!("{refused}: {}", chain(e));
+    match e {
+        AgentError::Config(_) | AgentError::NeedsRestart { .. } | AgentError::Net(_) => {
+            ApiFailure::bad_request(message)
+        }
+        AgentError::Plan(PlanError::Exhausted { .. }) => ApiFailure::conflict(message),
+        AgentError::RolledBackFailed { .. } => ApiFailure::internal(e.to_string()),
+        AgentError::DatapathGone(_) => ApiFailure::unavailable(e.to_string()),
+        AgentError::Plan(_)
+        | AgentError::Dataplane(_)
+        | AgentError::DatapathThread { .. }
+        | AgentError::Api { .. }
+        | AgentError::Metrics { .. }
+        | AgentError::Join(_) => ApiFailure::internal(message),
     }
 }

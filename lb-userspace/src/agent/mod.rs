@@ -81,7 +81,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error("resolving targets was interrupted: {0}")]
+    /// The agent could not run or ended abnormally (its runtime or thread failed).
+    #[error("the agent did not run to the end: {0}")]
     Join(String),
 }
 
@@ -120,9 +121,13 @@ impl RunOptions {
         }
     }
 
-    /// Loads the config file with the overrides applied, validated.
-    pub fn load_config(&self) -> Result<Config, AgentError> {
-        let mut config = Config::load(&self.config_path)?;
+    /// Reads the config file (off the loop's thread) and returns it with the overrides
+    /// applied, validated.
+    pub async fn load_config(&self) -> Result<Config, AgentError> {
+        let path = &self.config_path;
+        let text =
+            tokio::fs::read_to_string(path).await.map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+        let mut config = Config::parse(&text, path)?;
         if let Some(mode) = self.xdp_mode {
             config.dataplane.xdp_mode = mode;
         }
@@ -157,10 +162,21 @@ pub async fn run(
     ready: Option<oneshot::Sender<()>>,
 ) -> Result<(), AgentError> {
     let (health_tx, mut health_rx) = mpsc::channel(256);
-    let config = opts.load_config()?;
-    // The control socket first: a second agent fails here, before touching anything.
+    let config = opts.load_config().await?;
+    // The sockets first: a second agent, or a taken metrics port, fails here before
+    // anything is loaded or attached.
     let socket = config.control.socket.clone();
     let listener = api::bind_unix(&socket).map_err(|source| AgentError::Api { source })?;
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some((addr, l)),
+            Err(source) => {
+                let _ = std::fs::remove_file(&socket);
+                return Err(AgentError::Metrics { addr, source });
+            }
+        },
+        None => None,
+    };
     let mut agent = match start(opts, config, health_tx).await {
         Ok(agent) => agent,
         Err(e) => {
@@ -180,22 +196,12 @@ pub async fn run(
         Arc::new(ApiHandler { tx: api_tx, published: agent.published.clone() }),
         stopped(stop_rx.clone()),
     ));
-    let metrics_task = match agent.config.metrics.listen {
-        Some(addr) => {
-            let listener = match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(source) => {
-                    let _ = std::fs::remove_file(&socket);
-                    return Err(AgentError::Metrics { addr, source });
-                }
-            };
-            let source =
-                crate::metrics::Source { view: agent.view.clone(), pin_dir: agent.config.dataplane.pin_dir.clone() };
-            info!(%addr, "metrics at http://{addr}/metrics");
-            Some(tokio::spawn(crate::metrics::serve(listener, source, stopped(stop_rx.clone()))))
-        }
-        None => None,
-    };
+    let metrics_task = metrics_listener.map(|(addr, listener)| {
+        let source =
+            crate::metrics::Source { view: agent.view.clone(), pin_dir: agent.config.dataplane.pin_dir.clone() };
+        info!(%addr, "metrics at http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(listener, source, stopped(stop_rx.clone())))
+    });
     info!(socket = %socket.display(), "control API listening");
     if let Some(ready) = ready {
         let _ = ready.send(());

@@ -49,7 +49,7 @@ impl Agent {
 
     pub(super) async fn try_reload(&mut self) -> Result<(), AgentError> {
         let started = Instant::now();
-        let config = self.opts.load_config()?;
+        let config = self.opts.load_config().await?;
         if let Some(field) = restart_field(&self.config, &config) {
             return Err(AgentError::NeedsRestart { field });
         }
@@ -141,7 +141,7 @@ impl Agent {
         self.registry = registry;
         self.resolved = resolved;
         self.last_update = Some(started.elapsed());
-        self.dirty = outcome.is_err();
+        let retrying = std::mem::replace(&mut self.dirty, outcome.is_err());
         match outcome {
             Ok(report) => info!(
                 why,
@@ -149,6 +149,8 @@ impl Agent {
                 elapsed_us = started.elapsed().as_micros() as u64,
                 "datapath updated"
             ),
+            // Logged once; the retries every tick only at debug level.
+            Err(e) if retrying => debug!(why, error = %chain(&e), "updating the datapath failed again"),
             Err(e) => error!(why, error = %chain(&e), "updating the datapath failed; retrying every 100 ms"),
         }
         self.publish();

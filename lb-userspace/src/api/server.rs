@@ -1,5 +1,4 @@
-//! The control API's routes (axum) and the accept loop shared with the metrics endpoint
-//! (hyper's HTTP/1.1 server, one request per connection, bounded connections).
+//! The control API's routes (axum), served by `crate::http::serve`.
 
 use std::{sync::Arc, time::Duration};
 
@@ -10,42 +9,19 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
-    serve::Listener,
 };
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use hyper_util::{
-    rt::{TokioIo, TokioTimer},
-    server::graceful::GracefulShutdown,
-    service::TowerToHyperService,
-};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::{net::UnixListener, sync::Semaphore};
+use tokio::net::UnixListener;
 use tracing::debug;
 
 use super::{ApiFailure, DeregisterRequest, Handler, RegisterRequest, TargetsQuery};
+use crate::http::{Limits, serve};
 
 /// Largest request body the control API reads.
 pub(crate) const MAX_BODY: usize = 64 * 1024;
-/// Largest request head (request line and headers); hyper answers 431 above it.
-pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// How long the control API waits for a request body once the head is in (else 408).
 pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long connections still open at shutdown may take to finish.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
-
-/// What one HTTP server accepts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    /// Connections served at once. Over it, new connections wait in the listen backlog
-    /// (accepted as others end); the head timeout keeps idle ones from holding slots.
-    pub max_connections: usize,
-    /// A connection that has not sent its whole request head by then is closed.
-    pub head_timeout: Duration,
-    /// A connection is closed after this long whatever it is doing (a slow handler or
-    /// a client that does not read its answer).
-    pub connection_timeout: Duration,
-}
-
 /// The control socket's limits. 64 connections at once is far more than its clients
 /// (the CLI, scripts, curl) use; the socket is root-only, so the bound is against bugs
 /// (a script leaking connections), not strangers. The head timeout is shorter than
@@ -62,52 +38,6 @@ pub async fn serve_unix<H: Handler>(
     shutdown: impl Future<Output = ()> + Send,
 ) {
     serve(listener, router(handler), CONTROL_LIMITS, shutdown).await;
-}
-
-/// Serves `router` on `listener` within `limits`, one request per connection, until
-/// `shutdown` completes; connections in flight then get [`SHUTDOWN_GRACE`] to finish.
-pub(crate) async fn serve<L: Listener>(
-    mut listener: L,
-    router: Router,
-    limits: Limits,
-    shutdown: impl Future<Output = ()> + Send,
-) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.head_timeout).max_header_size(MAX_HEAD).keep_alive(false);
-    tokio::pin!(shutdown);
-    loop {
-        // A free slot first, then accept: over the limit, clients wait in the backlog.
-        let slot = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break, // The semaphore is never closed.
-            },
-        };
-        // `Listener::accept` logs and retries failed accepts (e.g. out of descriptors).
-        let stream = tokio::select! {
-            biased;
-            () = &mut shutdown => break,
-            (stream, _) = listener.accept() => stream,
-        };
-        let conn =
-            graceful.watch(http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone())));
-        tokio::spawn(async move {
-            match tokio::time::timeout(limits.connection_timeout, conn).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("HTTP connection failed: {e}"),
-                Err(_) => debug!("HTTP connection closed after {:?}", limits.connection_timeout),
-            }
-            drop(slot);
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
-        debug!("HTTP connections still open {SHUTDOWN_GRACE:?} after shutdown: dropped");
-    }
 }
 
 /// The control API's routes.

@@ -19,11 +19,11 @@ use tokio::{
     time::timeout,
 };
 
-use super::{
-    server::{Limits, MAX_BODY, MAX_HEAD},
-    *,
+use super::{server::MAX_BODY, *};
+use crate::{
+    control::{health_state::TargetState, registry::Source},
+    http::{Limits, MAX_HEAD},
 };
-use crate::control::{health_state::TargetState, registry::Source};
 
 /// One request as raw JSON: (status, body or `null`).
 async fn call(socket: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<(u16, Value), ApiError> {
@@ -174,7 +174,7 @@ impl Server {
         let handler = Arc::new(Fake::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let router = server::router(Arc::clone(&handler));
-        let task = tokio::spawn(server::serve(listener, router, limits, async {
+        let task = tokio::spawn(crate::http::serve(listener, router, limits, async {
             let _ = stopped.await;
         }));
         Self { socket, handler, stop: Some(stop), task, _dir: dir }

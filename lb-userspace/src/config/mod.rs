@@ -1,6 +1,7 @@
 //! The agent's TOML configuration: listeners (VIPs), target groups, targets, and the
-//! dataplane settings. `Config::load` parses and validates; a config that fails
-//! validation is never applied. See docs/configuration.md for the reference.
+//! dataplane settings. Pure: `Config::parse` parses and validates text (the caller reads
+//! the file); a config that fails validation is never applied. See
+//! docs/configuration.md for the reference.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -378,13 +379,6 @@ fn default_weight() -> u32 {
 }
 
 impl Config {
-    /// Reads, parses and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::parse(&text, path)
-    }
-
     /// Parses and validates config text; `path` is only used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config =

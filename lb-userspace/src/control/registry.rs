@@ -85,15 +85,6 @@ struct Desired {
     source: Source,
 }
 
-/// Changes that the agent must act on after a registry update.
-#[derive(Debug, Default, Clone, PartialEq)]
-pub struct Changes {
-    /// Targets to health check from now on (new or revived).
-    pub start_checks: Vec<TargetKey>,
-    /// Targets no longer checked (draining or removed).
-    pub stop_checks: Vec<TargetKey>,
-}
-
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     entries: BTreeMap<TargetKey, Entry>,
@@ -198,9 +189,8 @@ impl Registry {
 
     /// Brings the entries in line with `config` and the runtime changes: new targets
     /// start (Initial, or Healthy if unchecked), revived ones restart, removed ones drain.
-    pub fn sync(&mut self, config: &Config, now: Instant) -> Changes {
+    pub fn sync(&mut self, config: &Config, now: Instant) {
         let desired = self.desired(config);
-        let mut changes = Changes::default();
         for (key, d) in &desired {
             let group = config.target_group(&key.0);
             let checked = group.is_some_and(|g| g.health_check.is_some());
@@ -222,8 +212,6 @@ impl Registry {
                     let mut tracker = new_tracker(group);
                     if !used {
                         tracker.set_unused();
-                    } else if checked {
-                        changes.start_checks.push(key.clone());
                     }
                     self.entries.insert(
                         key.clone(),
@@ -249,7 +237,6 @@ impl Registry {
             .map(|(k, _)| k.clone())
             .collect();
         for key in leaving {
-            changes.stop_checks.push(key.clone());
             let delay = config.target_group(&key.0).map(|g| g.deregistration_delay_secs).unwrap_or(0);
             if delay == 0 {
                 self.entries.remove(&key);
@@ -259,7 +246,6 @@ impl Registry {
                 e.drain_until = Some(now + Duration::from_secs(delay));
             }
         }
-        changes
     }
 
     /// Removes targets whose drain ended. Returns them.
@@ -494,8 +480,7 @@ mod tests {
     fn unchecked_targets_are_healthy_at_once() {
         let c = config("");
         let mut r = Registry::default();
-        let changes = r.sync(&c, Instant::now());
-        assert!(changes.start_checks.is_empty());
+        r.sync(&c, Instant::now());
         assert_eq!(r.get(&key("198.18.0.11")).map(Entry::state), Some(TargetState::Healthy));
         assert_eq!(r.get(&key("198.18.0.11")).map(Entry::reason).as_deref(), Some("health checks disabled"));
     }
@@ -504,8 +489,8 @@ mod tests {
     fn checked_targets_start_initial_and_follow_probes() {
         let c = config("health_check = { interval_secs = 1, timeout_secs = 1, healthy_threshold = 2 }");
         let mut r = Registry::default();
-        let changes = r.sync(&c, Instant::now());
-        assert_eq!(changes.start_checks.len(), 2);
+        r.sync(&c, Instant::now());
+        assert!(r.entries().values().all(|e| e.checked && e.state() == TargetState::Initial));
         let k = key("198.18.0.11");
         let ok = Probe { ok: true, latency: Duration::from_millis(1), reason: "connected".into() };
         assert_eq!(r.on_probe(&k, &ok), None);
@@ -577,8 +562,7 @@ mod tests {
         r.sync(&c, t0);
         let k = key("198.18.0.11");
         r.deregister(&c, "web", "198.18.0.11").expect("ok");
-        let changes = r.sync(&c, t0);
-        assert_eq!(changes.stop_checks, vec![k.clone()]);
+        r.sync(&c, t0);
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Draining));
         let draining = r.get(&k).expect("listed");
         assert_eq!(draining.source, Source::Config);

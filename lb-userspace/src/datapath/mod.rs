@@ -93,6 +93,8 @@ pub enum DataplaneError {
         #[source]
         source: Box<aya_log::Error>,
     },
+    #[error("internal error: a planned ring has {len} slots, the maps were sized for {ring_size}; nothing was written")]
+    RingLength { len: usize, ring_size: u32 },
     #[error("VIP slot {slot} is outside the {max_vips} slots the maps were sized for")]
     SlotOutOfRange { slot: u32, max_vips: u32 },
     #[error(
@@ -229,10 +231,6 @@ impl Dataplane {
         self.logger.take()
     }
 
-    pub fn options(&self) -> LoadOptions {
-        self.opts
-    }
-
     /// The loaded LB program (for BPF_PROG_RUN).
     pub fn program(&self) -> Result<&Xdp, DataplaneError> {
         xdp_ref(&self.ebpf, programs::LB)
@@ -281,11 +279,14 @@ impl Dataplane {
         Ok(used)
     }
 
-    /// Refuses a plan that would write a slot or id the datapath still uses for
-    /// something else (see `control::ids`), and waits out the grace period of slots and
-    /// ids the previous apply freed, before anything is written.
-    fn check_reuse(&self, plan: &Plan) -> Result<(), DataplaneError> {
+    /// Refuses a plan whose rings do not fit the maps, or that would write a slot or id
+    /// the datapath still uses for something else (see `control::ids`), and waits out the
+    /// grace period of slots and ids the previous apply freed, before anything is written.
+    fn check_plan(&self, plan: &Plan) -> Result<(), DataplaneError> {
         for vip in &plan.vips {
+            if vip.ring.len() != self.opts.ring_size as usize {
+                return Err(DataplaneError::RingLength { len: vip.ring.len(), ring_size: self.opts.ring_size });
+            }
             if let Some((live, _)) = self.applied.vips.iter().find(|(k, m)| m.id == vip.slot && **k != vip.key) {
                 let live =
                     crate::config::vip_display(lb_common::ip_from_addr(live.addr), u16::from_be(live.port), live.proto);
@@ -309,7 +310,7 @@ impl Dataplane {
 
     /// Writes `plan` into the maps, changing only what differs from the last apply.
     pub fn apply(&mut self, plan: &Plan) -> Result<ApplyReport, DataplaneError> {
-        self.check_reuse(plan)?;
+        self.check_plan(plan)?;
         let mut report = ApplyReport::default();
         let m = self.opts.ring_size;
         let mut freed_slots = BTreeSet::new();
@@ -461,7 +462,7 @@ impl Dataplane {
         let base = ring * m;
         let mut written = 0;
         for (i, &new) in table.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o[i] != new) {
+            if old.as_ref().is_none_or(|o| o.get(i) != Some(&new)) {
                 if let Err(source) = rings.set(base + i as u32, new, 0) {
                     self.applied.dirty_rings.insert(ring);
                     return Err(DataplaneError::Map { name: maps::RINGS, source: Box::new(source) });

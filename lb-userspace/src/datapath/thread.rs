@@ -1,6 +1,8 @@
 //! The thread that owns the [`Dataplane`] once the agent runs: map writes (a whole
-//! 65,537-slot ring is 65,537 syscalls) and the final detach happen there, so the
-//! agent's event loop, its health monitors and its API never wait on them.
+//! 65,537-slot ring is 65,537 syscalls) and the final detach happen there. The agent's
+//! loop awaits each write (changes are applied one at a time) without blocking its
+//! runtime: health monitors keep probing and the control API keeps answering reads
+//! from the published snapshot meanwhile.
 
 use std::{sync::mpsc, thread::JoinHandle};
 

@@ -129,7 +129,8 @@ impl HttpChecker {
     async fn exchange(&self, target: SocketAddr) -> Result<u16, HttpFailure> {
         let stream = TcpStream::connect(target).await.map_err(HttpFailure::Connect)?;
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-            // Headers as `Host`, not `host`: what the hand-written client sent before.
+            // Header names as `Host`, not `host`: some minimal target servers match them
+            // case-sensitively.
             .title_case_headers(true)
             // The smallest buffer hyper allows: a longer head is an error, not more reads.
             .max_buf_size(MAX_RESPONSE_BYTES)

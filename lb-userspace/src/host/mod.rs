@@ -151,17 +151,6 @@ pub async fn next_hop(ip: IpAddr, wait: Duration) -> Result<(Interface, [u8; 6],
     .await
 }
 
-/// The neighbour table's MAC for `ip` on `dev`, triggering resolution and waiting up to
-/// `wait` for it.
-pub async fn neighbour_mac(ip: IpAddr, dev: &str, wait: Duration) -> Result<[u8; 6], NetError> {
-    with_netlink(|h| async move {
-        let link = link_by_name(&h, dev).await?;
-        let dev = decode_link(&link, dev)?;
-        neighbour_wait(&h, ip, &dev, wait).await
-    })
-    .await
-}
-
 /// Blocking forms of the lookups, for tools and tests that are not async. Each runs the
 /// async lookup to completion on a current-thread runtime on the calling thread (so in
 /// that thread's network namespace). Called from inside a runtime, where blocking on a
@@ -191,11 +180,6 @@ pub mod blocking {
     /// [`super::next_hop`].
     pub fn next_hop(ip: IpAddr, wait: Duration) -> Result<(Interface, [u8; 6], Option<IpAddr>), NetError> {
         run(super::next_hop(ip, wait))
-    }
-
-    /// [`super::neighbour_mac`].
-    pub fn neighbour_mac(ip: IpAddr, dev: &str, wait: Duration) -> Result<[u8; 6], NetError> {
-        run(super::neighbour_mac(ip, dev, wait))
     }
 
     fn run<T: Send>(lookup: impl Future<Output = Result<T, NetError>> + Send) -> Result<T, NetError> {

@@ -29,9 +29,9 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::{
-    api::server::{self, Limits},
     control::health_state::TargetState,
     datapath::stats::Snapshot,
+    http::{self, Limits},
 };
 
 /// One target as the agent sees it.
@@ -133,7 +133,7 @@ pub async fn serve(listener: TcpListener, source: Source, shutdown: impl Future<
         )
         .fallback(move || async move { plain(StatusCode::NOT_FOUND, "not found; metrics are at /metrics\n") })
         .with_state(Arc::new(source));
-    server::serve(listener, router, METRICS_LIMITS, shutdown).await;
+    http::serve(listener, router, METRICS_LIMITS, shutdown).await;
 }
 
 async fn metrics(State(source): State<Arc<Source>>, headers: HeaderMap) -> Response {

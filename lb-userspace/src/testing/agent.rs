@@ -69,3 +69,10 @@ impl Drop for AgentHandle {
         let _ = self.join();
     }
 }
+
+/// Healthy targets over all groups, from the agent's `GET /v1/status` on `socket`
+/// (0 while it does not answer).
+pub fn healthy_targets(socket: &std::path::Path) -> usize {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return 0 };
+    rt.block_on(crate::api::Client::new(socket).status()).map_or(0, |s| s.target_groups.iter().map(|g| g.healthy).sum())
+}

@@ -78,11 +78,9 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     // Targets start `initial`; HTTP health checks (every second, 2 passes) make them
     // healthy. Until then the group fails open, so traffic would flow anyway.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("async runtime")?;
     let started = Instant::now();
     loop {
-        let status = rt.block_on(crate::api::Client::new(topo.socket()).status())?;
-        if status.target_groups.iter().map(|g| g.healthy).sum::<usize>() == 3 {
+        if crate::testing::agent::healthy_targets(&topo.socket()) == 3 {
             println!("   all 3 targets passed their HTTP health checks in {:.1} s", started.elapsed().as_secs_f64());
             break;
         }

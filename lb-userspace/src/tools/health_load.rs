@@ -19,7 +19,6 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -212,7 +211,7 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
     // Settle: wait until every target is healthy.
     let deadline = started + opts.settle_limit;
     loop {
-        let healthy = healthy_targets(lb, &socket);
+        let healthy = crate::testing::agent::healthy_targets(&socket) as u64;
         if healthy >= u64::from(opts.targets) {
             break;
         }
@@ -238,7 +237,7 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
     std::thread::sleep(opts.measure);
     let (cpu1, probes1, measure_secs) = (cpu_secs(pid)?, accepted.load(Ordering::Relaxed), t0.elapsed().as_secs_f64());
     let rss_kib = rss_kib(pid);
-    let healthy = healthy_targets(lb, &socket);
+    let healthy = crate::testing::agent::healthy_targets(&socket) as u64;
     if healthy < u64::from(opts.targets) {
         return Err(HealthLoadError::NotHealthy {
             healthy,
@@ -342,7 +341,9 @@ fn agent_config(opts: &HealthLoadOptions, pin_dir: &Path, socket: &Path) -> Stri
 
 /// The targets' listener (run inside their namespace): accepts every connection, answers
 /// `200 OK` to an HTTP request if `http`, closes, and counts it. Reports on `ready` once
-/// listening; returns when `stop` is set.
+/// listening; returns when `stop` is set. A load fixture, not a server: one thread,
+/// non-blocking accepts, a fixed answer to whatever request head arrives, so that its
+/// own cost stays small next to the agent's.
 fn answer_probes(
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicU64>,
@@ -386,15 +387,6 @@ fn answer_probes(
             }
         }
     }
-}
-
-/// Healthy targets per `lb status --json`, 0 if the agent does not answer.
-fn healthy_targets(lb: &Path, socket: &Path) -> u64 {
-    let Ok(out) = Command::new(lb).arg("status").arg("--json").arg("--socket").arg(socket).output() else {
-        return 0;
-    };
-    let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return 0 };
-    status["target_groups"].as_array().map_or(0, |groups| groups.iter().filter_map(|g| g["healthy"].as_u64()).sum())
 }
 
 /// User and system CPU time of process `pid` (all its threads), seconds.

@@ -1,5 +1,7 @@
 //! The tools in the `lb` binary besides the agent: `lb gen`, `lb bench`, `lb demo`.
-//! They load their own BPF object (`TOOLS_OBJECT`), never the agent's.
+//! Their own programs (generator, sink, pass) are in the tools' BPF object
+//! (`testing::programs::TOOLS_OBJECT`); `lb bench` also loads the agent's object to
+//! measure it, and `lb demo` runs the agent. The agent never uses this module.
 
 pub mod bench;
 pub mod demo;
