@@ -215,9 +215,9 @@ impl Collector for Scrape {
                 "Bytes (whole frames) forwarded for a VIP.",
                 vips().map(|v| ([("vip", v.vip.as_str())], v.bytes)),
             )?;
-            let group_of = |id: u32| {
-                view.targets.iter().find(|t| t.backend_id == Some(id)).map(|t| t.group.as_str()).unwrap_or("")
-            };
+            let groups: std::collections::HashMap<u32, &str> =
+                view.targets.iter().filter_map(|t| t.backend_id.map(|id| (id, t.group.as_str()))).collect();
+            let group_of = |id: u32| groups.get(&id).copied().unwrap_or("");
             let ips: Vec<String> = s.backends.iter().map(|b| b.ip.to_string()).collect();
             let backends = || s.backends.iter().zip(&ips);
             counters(
