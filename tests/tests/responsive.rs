@@ -2,6 +2,7 @@
 //! (both of its 65,537-slot rings written, 131,074 map updates) run again and again
 //! while the control API is asked for its status and targets and health checks go on.
 //! Every answer comes within 50 ms, and every health probe's latency stays under 50 ms.
+//! A registration waiting for ARP does not hold up other changes either.
 
 use std::{
     sync::{Arc, Mutex, atomic::AtomicBool},
@@ -11,7 +12,7 @@ use std::{
 use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
     agent::RunOptions,
-    api::Client,
+    api::{Client, RegisterRequest},
     testing::{
         agent::AgentHandle,
         topology::{StopOnDrop, TempFile, Topology},
@@ -93,4 +94,22 @@ fn api_answers_and_health_probes_stay_under_50_ms_while_whole_rings_are_written(
     assert!(during.len() >= RELOADS, "too few calls overlapped a reload: the test proves nothing");
     let list = block_on(client.targets(None)).expect("list");
     assert!(list.targets.iter().all(|t| t.state.to_string() == "healthy"), "{list:?}");
+
+    // A registration waiting for an ARP answer that never comes (nothing holds that
+    // on-link address) does not hold up other changes: a reload meanwhile is applied.
+    let socket = topo.socket();
+    let waiting = std::thread::spawn(move || {
+        let req = RegisterRequest { group: "web".into(), target: "198.18.0.99".into(), weight: None };
+        let t0 = Instant::now();
+        (block_on(Client::new(socket).register(&req)), t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    block_on(client.reload()).expect("reload during a registration's ARP wait");
+    let reload_took = t0.elapsed();
+    let (registered, register_took) = waiting.join().expect("register thread");
+    eprintln!("reload took {reload_took:?} while a registration waited {register_took:?} for ARP");
+    assert!(registered.is_err(), "nothing answers ARP for 198.18.0.99: {registered:?}");
+    assert!(register_took > Duration::from_secs(2), "the registration did not wait for ARP: {register_took:?}");
+    assert!(reload_took < Duration::from_secs(1), "the reload waited for the registration: {reload_took:?}");
 }

@@ -14,6 +14,9 @@ type Reply<T> = oneshot::Sender<Result<T, ApiFailure>>;
 
 /// Changes asked for through the control API, answered by the agent task.
 pub(super) enum ApiCall {
+    /// A registration whose target the loop has not resolved yet comes back as
+    /// `Resolved` once its ARP/NDP lookup (on its own task) is done.
+    Resolved(RegisterRequest, Result<Resolved, NetError>, Reply<RegisterResponse>),
     Register(RegisterRequest, Reply<RegisterResponse>),
     Deregister(DeregisterRequest, Reply<DeregisterResponse>),
     Reload(Reply<ReloadResponse>),
@@ -55,8 +58,13 @@ impl api::Handler for ApiHandler {
 impl Agent {
     pub(super) async fn api(&mut self, call: ApiCall) {
         match call {
-            ApiCall::Register(req, reply) => {
-                let _ = reply.send(self.register(req).await);
+            ApiCall::Register(req, reply) => self.register(req, reply).await,
+            ApiCall::Resolved(req, resolved, reply) => {
+                let outcome = match resolved {
+                    Ok(r) => self.finish_register(req, Some(r)).await,
+                    Err(e) => Err(ApiFailure::bad_request(chain(&e))),
+                };
+                let _ = reply.send(outcome);
             }
             ApiCall::Deregister(req, reply) => {
                 let _ = reply.send(self.deregister(req).await);
@@ -98,16 +106,45 @@ impl Agent {
         }
     }
 
-    pub(super) async fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse, ApiFailure> {
+    /// Checks a registration; a target not resolved yet is resolved on its own task (an
+    /// ARP/NDP wait of up to `resolve_wait` must not hold up the loop), and the request
+    /// comes back as [`ApiCall::Resolved`].
+    async fn register(&mut self, req: RegisterRequest, reply: Reply<RegisterResponse>) {
+        let checked = match self.registry.check_register(&self.config, &req.group, &req.target, req.weight) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        let ip = checked.key.1;
+        if self.resolved.contains_key(&ip) {
+            let _ = reply.send(self.finish_register(req, None).await);
+            return;
+        }
+        let (wait, loopback) = (self.opts.resolve_wait, self.api_tx.clone());
+        tokio::spawn(async move {
+            let resolved = host::resolve_target(ip, None, wait).await;
+            if let Some(tx) = loopback {
+                // Only fails if the agent stopped; the reply then tells the caller so.
+                let _ = tx.send(ApiCall::Resolved(req, resolved, reply)).await;
+            }
+        });
+    }
+
+    /// Applies a registration, checked again (the registry may have changed while its
+    /// target was being resolved). `resolved` is the target's lookup if it was not known.
+    async fn finish_register(
+        &mut self,
+        req: RegisterRequest,
+        resolved: Option<Resolved>,
+    ) -> Result<RegisterResponse, ApiFailure> {
         let checked = self.registry.check_register(&self.config, &req.group, &req.target, req.weight)?;
         let (key, weight) = (checked.key, checked.weight);
         let ip = key.1;
-        let resolved = match self.resolved.get(&ip) {
-            Some(r) => r.clone(),
-            None => {
-                let wait = self.opts.resolve_wait;
-                host::resolve_target(ip, None, wait).await.map_err(|e| ApiFailure::bad_request(chain(&e)))?
-            }
+        let resolved = match resolved.or_else(|| self.resolved.get(&ip).cloned()) {
+            Some(r) => r,
+            None => return Err(ApiFailure::internal(format!("target {ip} was not resolved"))),
         };
         let mut registry = self.registry.clone();
         registry.register(key.clone(), weight, checked.port);

@@ -193,9 +193,10 @@ pub async fn run(
     let (api_tx, mut api_rx) = mpsc::channel(16);
     let api_task = tokio::spawn(api::serve_unix(
         listener,
-        Arc::new(ApiHandler { tx: api_tx, published: agent.published.clone() }),
+        Arc::new(ApiHandler { tx: api_tx.clone(), published: agent.published.clone() }),
         stopped(stop_rx.clone()),
     ));
+    agent.api_tx = Some(api_tx);
     let metrics_task = metrics_listener.map(|(addr, listener)| {
         let source =
             crate::metrics::Source { view: agent.view.clone(), pin_dir: agent.config.dataplane.pin_dir.clone() };
@@ -301,6 +302,7 @@ async fn start(
         last_update: None,
         dirty: false,
         log_task,
+        api_tx: None,
     };
     agent.sync_monitors();
     agent.publish();

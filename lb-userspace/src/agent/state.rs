@@ -30,6 +30,9 @@ pub(super) struct Agent {
     pub(super) last_update: Option<Duration>,
     /// The last health/drain-driven update failed: retried on the next tick.
     pub(super) dirty: bool,
+    /// The loop's own API channel, for requests that come back after work done off the
+    /// loop (a registration's target resolution). Set once the API is served.
+    pub(super) api_tx: Option<mpsc::Sender<api_calls::ApiCall>>,
     /// Forwards the program's rare-event logs (aya-log) to the agent's log.
     pub(super) log_task: Option<tokio::task::JoinHandle<()>>,
 }
