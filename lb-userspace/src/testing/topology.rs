@@ -682,7 +682,14 @@ fn no_ipv6(ns: &Netns) -> Result<(), TopologyError> {
 }
 
 /// A veth pair: `a_name` in `a`, `b_name` in `b`, both up, with the given MACs.
-fn wire(a: &Netns, a_name: &str, a_mac: [u8; 6], b: &Netns, b_name: &str, b_mac: [u8; 6]) -> Result<(), TopologyError> {
+pub fn wire(
+    a: &Netns,
+    a_name: &str,
+    a_mac: [u8; 6],
+    b: &Netns,
+    b_name: &str,
+    b_mac: [u8; 6],
+) -> Result<(), TopologyError> {
     let (am, bm) = (crate::config::MacAddr(a_mac).to_string(), crate::config::MacAddr(b_mac).to_string());
     a.ip(&[
         "link",

@@ -32,7 +32,7 @@ use crate::{
     config::MacAddr,
     config::health_check::CheckProtocol,
     testing::netns::{Netns, NetnsError},
-    testing::topology::{AgentProcess, NS_PREFIX, StopOnDrop, TempFile, TopologyError, sweep_stale},
+    testing::topology::{self, AgentProcess, NS_PREFIX, StopOnDrop, TempFile, TopologyError, sweep_stale},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -284,27 +284,10 @@ fn wire(lb: &Netns, targets: &Netns, count: u32) -> Result<(), HealthLoadError> 
         ns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")?;
     }
     let (lb_mac, target_mac) = (MacAddr(LB_MAC).to_string(), MacAddr(TARGET_MAC).to_string());
-    lb.ip(&[
-        "link",
-        "add",
-        "eth0",
-        "address",
-        &lb_mac,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "eth0",
-        "address",
-        &target_mac,
-        "netns",
-        targets.name(),
-    ])?;
+    topology::wire(lb, "eth0", LB_MAC, targets, "eth0", TARGET_MAC)?;
     lb.ip(&["addr", "add", &format!("{LB_ADDR}/24"), "dev", "eth0"])?;
-    lb.ip(&["link", "set", "eth0", "up"])?;
     lb.ip(&["route", "add", TARGET_RANGE, "dev", "eth0"])?;
     targets.ip(&["addr", "add", &format!("{TARGET_HOST_ADDR}/24"), "dev", "eth0"])?;
-    targets.ip(&["link", "set", "eth0", "up"])?;
     targets.ip(&["route", "add", "local", TARGET_RANGE, "dev", "lo"])?;
     targets.ip(&["neigh", "replace", &LB_ADDR.to_string(), "lladdr", &lb_mac, "dev", "eth0", "nud", "permanent"])?;
     let batch: String = (0..count)
