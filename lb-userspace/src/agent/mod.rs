@@ -2,14 +2,16 @@
 //! then serve reloads until told to stop. Shutdown and reload arrive on a channel, so the
 //! same code runs under signals (`lb run`) and in tests and the demo (in-process).
 //!
-//! Nothing is half-applied at start-up: every check that can fail (config, interfaces,
-//! target resolution, program verification) runs before the first attach, and a failed
-//! attach detaches whatever was attached before it.
+//! Nothing is half-applied at start-up: every check that can fail (config, sockets,
+//! interfaces, target resolution, program verification) runs before the first attach,
+//! and a failed attach detaches whatever was attached before it.
 //!
-//! - `mod.rs`: start-up and the event loop (`run`);
-//! - `state.rs`: the agent's state and how a change reaches the datapath (reload, replan);
-//! - `targets.rs`: health monitors, probe results, drains, the published view;
-//! - `api_calls.rs`: the control API's requests, answered on the loop.
+//! - `mod.rs`: start-up and the event loop (`run`): one task owns all state;
+//! - `state.rs`: the agent's state and how a change reaches the datapath (reload, apply
+//!   with rollback, replan), the map writes themselves on the datapath thread;
+//! - `targets.rs`: health monitors, probe results, drains, publishing;
+//! - `api_calls.rs`: the control API's requests: changes on the loop, reads off it;
+//! - `published.rs`: the snapshot the API's reads are answered from.
 
 use std::{
     collections::HashMap,
