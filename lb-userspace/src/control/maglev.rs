@@ -58,27 +58,46 @@ pub struct Perm {
     pub weight: u32,
 }
 
-/// Per-backend population state.
+/// Table value of a slot no backend took yet, inside [`fill`].
+const FREE: u32 = u32::MAX;
+
+/// Per-backend population state: where its permutation stands.
 struct Cursor {
-    perm: Perm,
-    /// Index `j` of the next preference to try.
-    next: u64,
+    /// Slot of preference `j`: `(offset + j * skip) % m` for `j < m`, kept up to date by
+    /// additions (no division per probe).
+    pos: u64,
+    /// Index of the preference `pos` is.
+    j: u64,
+    offset: u64,
+    skip: u64,
+    weight: u64,
     /// Weight accumulated but not yet spent on a slot.
     credit: u64,
 }
 
 impl Cursor {
-    /// Slot of preference `j = self.next`.
-    ///
-    /// For `j < m` this is the Maglev permutation; `offset + j * skip` cannot overflow
-    /// `u64` since all three are below 2^32. If the permutation is not a full cycle
-    /// (non-prime `m`, `skip % m == 0`), preferences `m..2m` fall back to linear probing,
-    /// which visits every slot, so a free slot is always found before `j` reaches `2m`.
-    fn slot(&self, m: u64) -> usize {
-        let (offset, skip, j) = (u64::from(self.perm.offset), u64::from(self.perm.skip), self.next);
-        let slot = if j < m { (offset + j * skip) % m } else { (offset + j) % m };
-        // `slot < m <= u32::MAX`, so the conversion is lossless.
-        slot as usize
+    fn new(perm: &Perm, m: u64) -> Cursor {
+        // The only divisions: normalise once, so that every step is an addition.
+        let offset = u64::from(perm.offset) % m;
+        Cursor { pos: offset, j: 0, offset, skip: u64::from(perm.skip) % m, weight: u64::from(perm.weight), credit: 0 }
+    }
+
+    /// Moves to the next preference. For `j < m` that is the Maglev permutation. If the
+    /// permutation is not a full cycle (non-prime `m`, `skip % m == 0`), preferences
+    /// `m..2m` fall back to linear probing from `offset`, which visits every slot, so a
+    /// free slot is always found before `j` reaches `2m`.
+    fn advance(&mut self, m: u64) {
+        self.j += 1;
+        self.pos = if self.j < m {
+            let p = self.pos + self.skip; // both < m <= 2^32: no overflow
+            if p >= m { p - m } else { p }
+        } else if self.j == m {
+            self.offset
+        } else if self.pos + 1 == m {
+            0
+        } else {
+            self.pos + 1
+        };
     }
 }
 
@@ -90,33 +109,99 @@ impl Cursor {
 /// the index into `perms`; slots are `None` only when `perms` is empty or all weights are 0.
 /// Work is bounded by `O(m * perms.len())` for any input.
 pub fn populate(perms: &[Perm], m: u32) -> Vec<Option<usize>> {
+    fill(perms, m).into_iter().map(|i| (i != FREE).then_some(i as usize)).collect()
+}
+
+/// [`fill`] when every permutation is a full cycle (`m` prime, every `skip % m != 0`:
+/// what [`build`] always gives) and `m < 2^31`, so that `pos + skip` fits a `u32`: no
+/// preference counter, no fallback, one backend's state in 8 bytes (`pos`, `skip`), and
+/// the weight bookkeeping skipped when all weights are equal. `None` if it does not apply.
+fn fill_full_cycles(perms: &[Perm], m: u32) -> Option<Vec<u32>> {
+    if m >= 1 << 31 || !is_prime(m) || perms.iter().any(|p| p.skip % m == 0) || perms.len() >= FREE as usize {
+        return None;
+    }
     let size = m as usize;
-    let mut table = vec![None; size];
+    let mut table = vec![FREE; size];
     let max_weight = u64::from(perms.iter().map(|p| p.weight).max().unwrap_or(0));
-    if size == 0 || max_weight == 0 {
+    if max_weight == 0 {
+        return Some(table);
+    }
+    let equal = perms.iter().all(|p| u64::from(p.weight) == max_weight);
+    let mut pos: Vec<u32> = perms.iter().map(|p| p.offset % m).collect();
+    let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
+    let mut credit = vec![0u64; perms.len()];
+    let mut taken = vec![0u64; size.div_ceil(64)];
+    let mut filled = 0;
+    // Terminates as `fill` does: every round the max-weight backends take a slot, and a
+    // full cycle always reaches a free slot.
+    loop {
+        for i in 0..perms.len() {
+            if !equal {
+                credit[i] += u64::from(perms[i].weight);
+                if credit[i] < max_weight {
+                    continue;
+                }
+                credit[i] -= max_weight;
+            }
+            let (step, mut p) = (skip[i], pos[i]);
+            let next = |p: u32| {
+                let q = p + step; // < 2m < 2^32
+                if q >= m { q - m } else { q }
+            };
+            while taken[(p >> 6) as usize] & (1 << (p & 63)) != 0 {
+                p = next(p);
+            }
+            taken[(p >> 6) as usize] |= 1 << (p & 63);
+            table[p as usize] = i as u32;
+            pos[i] = next(p);
+            filled += 1;
+            if filled == size {
+                return Some(table);
+            }
+        }
+    }
+}
+
+/// [`populate`] on a compact table: per slot the index into `perms` as `u32`, or
+/// [`FREE`]. Which slots are taken is a bitset (8 KiB for m = 65,537, so the probes,
+/// most of the work, stay in the L1 cache); a probe is an addition, a compare and a bit
+/// test, never a division.
+fn fill(perms: &[Perm], m: u32) -> Vec<u32> {
+    fill_full_cycles(perms, m).unwrap_or_else(|| fill_any(perms, m))
+}
+
+/// [`fill`] for any permutations (the general case: non-prime `m`, partial cycles).
+fn fill_any(perms: &[Perm], m: u32) -> Vec<u32> {
+    let size = m as usize;
+    let mut table = vec![FREE; size];
+    let max_weight = u64::from(perms.iter().map(|p| p.weight).max().unwrap_or(0));
+    // `perms.len() <= m < u32::MAX` for `build`; an index that would not fit is never stored.
+    if size == 0 || max_weight == 0 || perms.len() >= FREE as usize {
         return table;
     }
     let m = u64::from(m);
-    let mut cursors: Vec<Cursor> = perms.iter().map(|&perm| Cursor { perm, next: 0, credit: 0 }).collect();
+    let mut taken = vec![0u64; size.div_ceil(64)];
+    let is_taken = |taken: &[u64], slot: u64| taken[(slot >> 6) as usize] & (1 << (slot & 63)) != 0;
+    let mut cursors: Vec<Cursor> = perms.iter().map(|p| Cursor::new(p, m)).collect();
     let mut filled = 0;
     // Terminates: each round the max-weight backend takes a slot, so there are at most
-    // `m` rounds, and each backend's `next` stays below `2m` (see `Cursor::slot`).
+    // `m` rounds, and each backend's `j` stays below `2m` (see `Cursor::advance`).
     loop {
         for (i, cursor) in cursors.iter_mut().enumerate() {
             // credit < 2 * max_weight <= 2^33 after the addition: no overflow, and one
             // payment brings it back below max_weight, so `if` suffices (no `while`).
-            cursor.credit += u64::from(cursor.perm.weight);
+            cursor.credit += cursor.weight;
             if cursor.credit < max_weight {
                 continue;
             }
             cursor.credit -= max_weight;
-            let mut slot = cursor.slot(m);
-            while table[slot].is_some() {
-                cursor.next += 1;
-                slot = cursor.slot(m);
+            while is_taken(&taken, cursor.pos) {
+                cursor.advance(m);
             }
-            table[slot] = Some(i);
-            cursor.next += 1;
+            let slot = cursor.pos;
+            taken[(slot >> 6) as usize] |= 1 << (slot & 63);
+            table[slot as usize] = i as u32;
+            cursor.advance(m);
             filled += 1;
             if filled == size {
                 return table;
@@ -189,7 +274,8 @@ pub fn build(backends: &[Backend<'_>], m: u32) -> Result<Vec<u32>, MaglevError> 
         return Err(MaglevError::DuplicateKey { key: pair[0].key.to_owned() });
     }
     let perms: Vec<Perm> = sorted.iter().map(|b| perm_for(b, m)).collect();
-    Ok(populate(&perms, m).into_iter().map(|slot| slot.map_or(EMPTY_SLOT, |i| sorted[i].id)).collect())
+    let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
+    Ok(fill(&perms, m).into_iter().map(|i| ids.get(i as usize).copied().unwrap_or(EMPTY_SLOT)).collect())
 }
 
 /// Fraction of slots whose id differs between two tables (0.0 for two empty tables).
@@ -230,6 +316,30 @@ mod tests {
             *counts.entry(id).or_default() += 1;
         }
         counts
+    }
+
+    /// The fast path for full cycles and the general one fill the same table.
+    #[test]
+    fn full_cycle_fast_path_equals_the_general_fill() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u32| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % u64::from(n)) as u32
+        };
+        for (m, n, weighted) in
+            [(7, 3, false), (1009, 10, false), (1009, 50, true), (65_537, 100, true), (65_537, 1000, false)]
+        {
+            let perms: Vec<Perm> = (0..n)
+                .map(|_| Perm { offset: next(m), skip: next(m - 1) + 1, weight: if weighted { next(5) } else { 1 } })
+                .collect();
+            let fast = fill_full_cycles(&perms, m).expect("full cycles");
+            assert_eq!(fast, fill_any(&perms, m), "m={m} n={n} weighted={weighted}");
+        }
+        // Not a full cycle: the fast path declines.
+        assert!(fill_full_cycles(&[Perm { offset: 1, skip: 7, weight: 1 }], 7).is_none());
+        assert!(fill_full_cycles(&[Perm { offset: 1, skip: 2, weight: 1 }], 8).is_none());
     }
 
     #[test]
