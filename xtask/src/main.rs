@@ -39,6 +39,16 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Set up, then fuzz the datapath: `--frames` random and mutated frames (default
+    /// 10,000,000) through the loaded program in a release build, every invariant checked
+    /// on every frame (tests/tests/fuzz.rs; `cargo xtask test` runs 1,000,000). Needs root.
+    Fuzz {
+        #[arg(long, default_value_t = 10_000_000)]
+        frames: u64,
+        /// Seed of the frame generator (a failure names it, to repeat the run).
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// Set up, build, and run `lb demo` (client, LB and three HTTP backends in network
     /// namespaces, real traffic, counters). Needs root.
     Demo {
@@ -104,6 +114,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .arg(out.join(file))
                     .args(&args),
             )
+        }
+        Cmd::Fuzz { frames, seed } => {
+            setup()?;
+            step("fuzzing the datapath (release build of tests/tests/fuzz.rs)");
+            let mut cmd = Command::new(cargo());
+            cmd.current_dir(&root)
+                .args(["test", "--release", "-p", "lb-tests", "--test", "fuzz", "--", "--nocapture"])
+                .env("LB_TESTS_REQUIRE_PRIVILEGES", "1")
+                .env("LB_FUZZ_FRAMES", frames.to_string());
+            if let Some(seed) = seed {
+                cmd.env("LB_FUZZ_SEED", seed.to_string());
+            }
+            status(&mut cmd)
         }
         Cmd::Demo { args } => {
             setup()?;
