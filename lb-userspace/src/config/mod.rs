@@ -549,6 +549,71 @@ mod tests {
         targets = [{ ip = "198.18.0.11" }, { ip = "198.18.0.12", weight = 3, mac = "02:00:00:00:00:12" }]
     "#;
 
+    /// Any input is an error or a valid config, never a panic: 5,000 seeded mutations
+    /// of the example config (byte flips, truncations, lines dropped, repeated or
+    /// swapped, digits changed), each parsed and, if it parses, validated again.
+    #[test]
+    fn mutated_configs_are_errors_or_valid_never_panics() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n.max(1) as u64) as usize
+        };
+        let (mut valid, mut invalid) = (0, 0);
+        for _ in 0..5_000 {
+            let mut lines: Vec<String> = EXAMPLE.lines().map(str::to_owned).collect();
+            for _ in 0..=next(4) {
+                let at = next(lines.len());
+                match next(6) {
+                    0 => {
+                        lines.remove(at);
+                    }
+                    1 => {
+                        let l = lines[at].clone();
+                        lines.insert(at, l);
+                    }
+                    2 => {
+                        let other = next(lines.len());
+                        lines.swap(at, other);
+                    }
+                    3 => {
+                        let cut = next(lines[at].len() + 1);
+                        lines[at] = lines[at].chars().take(cut).collect();
+                    }
+                    4 => {
+                        lines[at] = lines[at]
+                            .chars()
+                            .map(|c| if c.is_ascii_digit() { char::from(b'0' + next(10) as u8) } else { c })
+                            .collect();
+                    }
+                    _ => {
+                        let mut bytes = lines[at].clone().into_bytes();
+                        if !bytes.is_empty() {
+                            let b = next(bytes.len());
+                            bytes[b] ^= 1 << next(7);
+                        }
+                        lines[at] = String::from_utf8_lossy(&bytes).into_owned();
+                    }
+                }
+                if lines.is_empty() {
+                    break;
+                }
+            }
+            match Config::parse(&lines.join("\n"), Path::new("fuzz.toml")) {
+                Ok(c) => {
+                    assert!(c.validate().is_ok(), "a parsed config validates");
+                    valid += 1;
+                }
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    invalid += 1;
+                }
+            }
+        }
+        assert!(valid > 100 && invalid > 100, "the mutations explore both sides: {valid} valid, {invalid} invalid");
+    }
     #[test]
     fn minimal_config_gets_defaults() {
         let c = parse(MINIMAL).expect("valid");

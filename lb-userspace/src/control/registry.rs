@@ -451,6 +451,24 @@ mod tests {
         r.check_register(c, "web", target, weight)
     }
 
+    /// Any target text is an address or an error, never a panic.
+    #[test]
+    fn parse_target_never_panics() {
+        let alphabet = b"0123456789abcdef:.[]% -xffFF";
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..50_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 48) as usize;
+            let text: String =
+                (0..len).map(|i| char::from(alphabet[((seed >> (i % 58)) as usize + i) % alphabet.len()])).collect();
+            if let Ok((ip, port)) = parse_target(&text) {
+                assert!(port != Some(0), "{text}: port 0 accepted");
+                assert!(text.contains(&ip.to_string()) || text.contains(':'), "{text} -> {ip}");
+            }
+        }
+    }
     #[test]
     fn runtime_changes_of_a_removed_group_are_dropped() {
         let with_api = config(
