@@ -201,29 +201,26 @@ impl Agent {
     /// calls [`Agent::publish`]); falls back to a full publish if the entry is missing.
     fn publish_target(&mut self, key: &TargetKey) {
         let Some(e) = self.registry.get(key) else { return };
-        let updated = self.view_index.get(key).is_some_and(|&i| {
-            let Ok(mut view) = self.view.lock() else { return true };
-            match view.targets.get_mut(i) {
-                Some(t) if t.group == key.0 && t.target == key.1 => {
-                    t.state = e.state();
-                    t.last_latency = e.last_latency;
-                    t.probes = e.tracker.total_probes();
-                    t.failures = e.tracker.total_failures();
-                    true
-                }
-                _ => false,
+        let Some(&i) = self.view_index.get(key) else { return self.publish() };
+        let in_view = self.view.lock().is_ok_and(|mut view| match view.targets.get_mut(i) {
+            Some(t) if t.group == key.0 && t.target == key.1 => {
+                t.state = e.state();
+                t.last_latency = e.last_latency;
+                t.probes = e.tracker.total_probes();
+                t.failures = e.tracker.total_failures();
+                true
             }
-        }) && self.view_index.get(key).is_some_and(|&i| {
-            let Ok(mut p) = self.published.lock() else { return true };
-            match p.targets.get_mut(i) {
+            _ => false,
+        });
+        let in_snapshot = in_view
+            && self.published.lock().is_ok_and(|mut p| match p.targets.get_mut(i) {
                 Some(slot) if slot.0.group == key.0 && slot.0.target == key.1 => {
                     *slot = published::target_info(key, e);
                     true
                 }
                 _ => false,
-            }
-        });
-        if !updated {
+            });
+        if !in_snapshot {
             self.publish();
         }
     }

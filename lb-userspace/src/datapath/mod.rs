@@ -283,14 +283,13 @@ impl Dataplane {
     /// the datapath still uses for something else (see `control::ids`), and waits out the
     /// grace period of slots and ids the previous apply freed, before anything is written.
     fn check_plan(&self, plan: &Plan) -> Result<(), DataplaneError> {
+        let live: HashMap<u32, &VipKey> = self.applied.vips.iter().map(|(k, m)| (m.id, k)).collect();
         for vip in &plan.vips {
             if vip.ring.len() != self.opts.ring_size as usize {
                 return Err(DataplaneError::RingLength { len: vip.ring.len(), ring_size: self.opts.ring_size });
             }
-            if let Some((live, _)) = self.applied.vips.iter().find(|(k, m)| m.id == vip.slot && **k != vip.key) {
-                let live =
-                    crate::config::vip_display(lb_common::ip_from_addr(live.addr), u16::from_be(live.port), live.proto);
-                return Err(DataplaneError::SlotInUse { slot: vip.slot, live });
+            if let Some(&other) = live.get(&vip.slot).filter(|k| ***k != vip.key) {
+                return Err(DataplaneError::SlotInUse { slot: vip.slot, live: display_key(other) });
             }
         }
         for (id, (_, b)) in &plan.backends {
@@ -590,6 +589,11 @@ pub(crate) fn xdp_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a Xdp,
         .ok_or(DataplaneError::MissingProgram { name })?
         .try_into()
         .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })
+}
+
+/// A VIP key as people read it (`198.18.1.100:80/tcp`).
+pub(crate) fn display_key(key: &VipKey) -> String {
+    crate::config::vip_display(lb_common::ip_from_addr(key.addr), u16::from_be(key.port), key.proto)
 }
 
 /// Opens a pinned map of a running agent.

@@ -9,7 +9,7 @@ use lb_common::{Backend, BackendFlags, Counter, GlobalCounter, VipKey, VipMeta, 
 use serde::Serialize;
 
 use crate::{
-    config::{MacAddr, vip_display},
+    config::MacAddr,
     datapath::{DataplaneError, open_pinned},
 };
 
@@ -71,12 +71,7 @@ impl Snapshot {
         for entry in vip_map.iter() {
             let (key, meta) = entry.map_err(err(maps::VIPS))?;
             let c = sum(&vip_stats.get(&meta.id, 0).map_err(err(maps::VIP_STATS))?);
-            vips.push(VipStats {
-                vip: vip_display(lb_common::ip_from_addr(key.addr), u16::from_be(key.port), key.proto),
-                slot: meta.id,
-                packets: c.packets,
-                bytes: c.bytes,
-            });
+            vips.push(VipStats { vip: super::display_key(&key), slot: meta.id, packets: c.packets, bytes: c.bytes });
         }
         vips.sort_by_key(|v| v.slot);
 
