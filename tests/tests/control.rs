@@ -25,8 +25,7 @@ health_check = { protocol = \"http\", port = 80, path = \"/\", interval_secs = 1
 /// errors, returns (status, body).
 fn api(topo: &Topology, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(lb_userspace::testing::api::call(&topo.socket(), method, path, body.as_ref()))
-        .expect("control API call")
+    rt.block_on(lb_userspace::api::client::call(&topo.socket(), method, path, body.as_ref())).expect("control API call")
 }
 
 /// target address -> state, from `GET /v1/targets` through the typed client.

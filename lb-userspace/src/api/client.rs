@@ -147,6 +147,32 @@ impl Client {
     }
 }
 
+/// Sends one request to the agent at `socket` and returns the status and the JSON body
+/// (`null` if empty), whatever the status: for the tests that look at what goes over
+/// the wire. The CLI uses [`Client`]'s typed calls; the agent-only build leaves it out.
+#[cfg(any(test, feature = "tools"))]
+pub async fn call(
+    socket: &Path,
+    method: &str,
+    target: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), ApiError> {
+    let invalid = || ApiError::InvalidRequest { method: method.to_string(), target: target.to_string() };
+    let method = Method::from_bytes(method.as_bytes()).map_err(|_| invalid())?;
+    let body = body.map(|b| b.to_string().into_bytes());
+    let client = Client::new(socket);
+    let (status, answer) = client.send(method, target, body).await?;
+    if answer.iter().all(u8::is_ascii_whitespace) {
+        return Ok((status.as_u16(), serde_json::Value::Null));
+    }
+    let value = serde_json::from_slice(&answer).map_err(|source| ApiError::BadJson {
+        path: socket.to_path_buf(),
+        status: status.as_u16(),
+        source,
+    })?;
+    Ok((status.as_u16(), value))
+}
+
 /// A non-2xx answer as an error carrying the agent's code and message (or, if the body
 /// is not an [`ErrorBody`], the body itself).
 fn refusal(status: StatusCode, body: &[u8]) -> ApiError {

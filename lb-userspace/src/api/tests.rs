@@ -19,24 +19,11 @@ use tokio::{
     time::timeout,
 };
 
-use super::{server::MAX_BODY, *};
+use super::{client::call, server::MAX_BODY, *};
 use crate::{
     control::{health_state::TargetState, registry::Source},
     http::{Limits, MAX_HEAD},
 };
-
-/// One request as raw JSON: (status, body or `null`).
-async fn call(socket: &Path, method: &str, target: &str, body: Option<&Value>) -> Result<(u16, Value), ApiError> {
-    let invalid = || ApiError::InvalidRequest { method: method.to_string(), target: target.to_string() };
-    let method = Method::from_bytes(method.as_bytes()).map_err(|_| invalid())?;
-    let (status, answer) = Client::new(socket).send(method, target, body.map(|b| b.to_string().into_bytes())).await?;
-    let value = if answer.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(&answer).expect("JSON answer")
-    };
-    Ok((status.as_u16(), value))
-}
 
 /// Bound on every wait in these tests.
 const WAIT: Duration = Duration::from_secs(5);

@@ -2,7 +2,6 @@
 //! topologies with real services, packet builders and parsers.
 
 pub mod agent;
-pub mod api;
 pub mod netns;
 pub mod packet;
 pub mod programs;
