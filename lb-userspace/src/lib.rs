@@ -24,6 +24,8 @@ pub mod health;
 pub mod host;
 pub mod http;
 pub mod metrics;
+#[cfg(test)]
+mod test_rng;
 #[cfg(feature = "tools")]
 pub mod testing;
 #[cfg(feature = "tools")]

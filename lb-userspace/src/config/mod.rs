@@ -554,13 +554,8 @@ mod tests {
     /// swapped, digits changed), each parsed and, if it parses, validated again.
     #[test]
     fn mutated_configs_are_errors_or_valid_never_panics() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n.max(1) as u64) as usize
-        };
+        let mut rng = crate::test_rng::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move |n: usize| rng.below(n as u64) as usize;
         let (mut valid, mut invalid) = (0, 0);
         for _ in 0..5_000 {
             let mut lines: Vec<String> = EXAMPLE.lines().map(str::to_owned).collect();

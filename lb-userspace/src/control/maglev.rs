@@ -321,13 +321,8 @@ mod tests {
     /// The fast path for full cycles and the general one fill the same table.
     #[test]
     fn full_cycle_fast_path_equals_the_general_fill() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u32| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % u64::from(n)) as u32
-        };
+        let mut rng = crate::test_rng::Rng::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move |n: u32| rng.below(u64::from(n)) as u32;
         for (m, n, weighted) in
             [(7, 3, false), (1009, 10, false), (1009, 50, true), (65_537, 100, true), (65_537, 1000, false)]
         {
