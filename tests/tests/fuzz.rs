@@ -30,7 +30,7 @@ use lb_userspace::{
     host::{Interface, Resolved},
     testing::{
         netns::Netns,
-        packet::{Frame, tcp_flags},
+        packet::{Frame, parse, tcp_flags},
     },
 };
 
@@ -220,27 +220,6 @@ fn vips(config: &Config) -> HashSet<(IpAddr, u16, u8)> {
     config.listeners.iter().map(|l| (l.address, l.port, l.protocol.number())).collect()
 }
 
-/// The (address, destination port, protocol) a frame is addressed to, read the way a
-/// forwarded frame must be: one tag at most, IPv4 not fragmented, L4 right after IPv6.
-fn addressed_to(f: &[u8]) -> Option<(IpAddr, u16, u8)> {
-    let (ip, ether_type) = l3(f)?;
-    let (dst, proto, l4) = match ether_type {
-        0x0800 => {
-            let h = f.get(ip..ip + 20)?;
-            let dst: [u8; 4] = h[16..20].try_into().ok()?;
-            (IpAddr::from(dst), h[9], ip + usize::from(h[0] & 0x0f) * 4)
-        }
-        0x86dd => {
-            let h = f.get(ip..ip + 40)?;
-            let dst: [u8; 16] = h[24..40].try_into().ok()?;
-            (IpAddr::from(dst), h[6], ip + 40)
-        }
-        _ => return None,
-    };
-    let port = f.get(l4 + 2..l4 + 4)?;
-    Some((dst, u16::from_be_bytes([port[0], port[1]]), proto))
-}
-
 fn verdicts(dp: &Dataplane) -> (u64, u64) {
     let s = Snapshot::read(|name| dp.map(name)).expect("stats");
     (s.global(C::Rx), C::ALL.iter().filter(|c| c.is_verdict()).map(|&c| s.global(c)).sum())
@@ -315,7 +294,8 @@ fn random_and_mutated_frames_keep_every_datapath_invariant() {
                 let dst_mac: [u8; 6] = out[..6].try_into().expect("mac");
                 assert!(target_macs.contains(&dst_mac), "forwarded to MAC {dst_mac:02x?}: {}", what());
                 assert_eq!(out[6..12], LB_MAC, "source MAC not the LB's: {}", what());
-                let to = addressed_to(&frame).unwrap_or_else(|| panic!("forwarded an unparsable frame: {}", what()));
+                let p = parse(&frame).unwrap_or_else(|| panic!("forwarded an unparsable frame: {}", what()));
+                let to = (p.dst, p.dport, p.proto);
                 let vip = vips.contains(&to) || vips.contains(&(to.0, 0, to.2));
                 assert!(vip && [IPPROTO_TCP, IPPROTO_UDP].contains(&to.2), "forwarded {to:?}, not a VIP: {}", what());
             }

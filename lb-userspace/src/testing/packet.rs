@@ -424,7 +424,7 @@ pub struct Parsed {
     pub dst_mac: [u8; 6],
     /// Source MAC address.
     pub src_mac: [u8; 6],
-    /// The VLAN id of the 802.1Q tag, if tagged.
+    /// The VLAN id of the 802.1Q (or 802.1ad) tag, if tagged.
     pub vlan: Option<u16>,
     /// Source IP address.
     pub src: IpAddr,
@@ -447,7 +447,9 @@ pub fn parse(frame: &[u8]) -> Option<Parsed> {
     let dst_mac = bytes_at::<6>(frame, 0)?;
     let src_mac = bytes_at::<6>(frame, 6)?;
     let (vlan, ether_type, l3) = match u16_at(frame, 12)? {
-        ETH_P_8021Q => (Some(u16_at(frame, 14)? & VLAN_VID_MASK), u16_at(frame, 16)?, ETH_HLEN + VLAN_HLEN),
+        lb_common::ETH_P_8021Q | lb_common::ETH_P_8021AD => {
+            (Some(u16_at(frame, 14)? & VLAN_VID_MASK), u16_at(frame, 16)?, ETH_HLEN + VLAN_HLEN)
+        }
         other => (None, other, ETH_HLEN),
     };
     let (src, dst, proto, ttl, l4) = match ether_type {
