@@ -30,6 +30,14 @@ pub const MAX_CONN_TABLE_SIZE: u32 = 16_777_216;
 pub const MAX_TX_PORTS: u32 = 64;
 /// Rings per VIP slot: the active one and the one the agent writes next.
 pub const RINGS_PER_VIP: u32 = 2;
+/// Bytes between two slots of [`maps::RINGS`] in its memory mapping: the kernel stores
+/// array values 8-byte aligned, so each `u32` slot takes 8 bytes.
+pub const RING_SLOT_STRIDE: usize = 8;
+
+/// Version of the maps' layout: their set, types, key and value layouts and meaning.
+/// A starting agent adopts pinned maps only with this exact version (and sizes); bump
+/// it with any change a running datapath's maps would not match.
+pub const LAYOUT_VERSION: u32 = 1;
 
 /// Whether `n` is prime (deterministic trial division; fine for any `u32`). Maglev
 /// ring sizes must be prime.
@@ -76,9 +84,13 @@ pub mod maps {
 
     /// `PerCpuArray<u64>` (1 entry): when each CPU last logged a rare event (ns).
     pub const LOG_LIMIT: &str = "LB_LOG_LIMIT";
+    /// `Array<DatapathInfo>` (1 entry): the layout version and sizes the maps were
+    /// created with, written once by the agent that created them (see
+    /// [`LAYOUT_VERSION`](super::LAYOUT_VERSION)).
+    pub const INFO: &str = "LB_INFO";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 9] =
-        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT];
+    pub const ALL: [&str; 10] =
+        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT, INFO];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
     pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";
@@ -317,6 +329,17 @@ const _: () = {
     assert!(offset_of!(Backend, flags) == 32 && offset_of!(Backend, generation) == 36);
 };
 
+/// Value of [`maps::INFO`]: what the maps were created with.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DatapathInfo {
+    /// [`LAYOUT_VERSION`] of the agent that created the maps.
+    pub layout_version: u32,
+    pub ring_size: u32,
+    pub max_vips: u32,
+    pub conn_table_size: u32,
+}
+
 /// Key of [`maps::CONNS`]: the 5-tuple. Ports in network byte order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -389,6 +412,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowValue {}
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::GenTemplate {}
+    unsafe impl aya::Pod for super::DatapathInfo {}
 }
 
 // ---------------------------------------------------------------------------------------

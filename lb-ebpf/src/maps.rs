@@ -2,12 +2,12 @@
 //! `lb_common`; the agent resizes `LB_RINGS` and `LB_CONNS` at load time from its config.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_COMMON_LRU,
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowValue, GlobalCounter,
+    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DatapathInfo, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowValue, GlobalCounter,
     MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey, VipMeta,
 };
 
@@ -16,8 +16,10 @@ use lb_common::{
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(MAX_VIPS, 0);
 
 /// Maglev rings, `RINGS_PER_VIP` per VIP slot, `LB_RING_SIZE` backend ids each.
+/// Memory-mappable: the agent reads and writes rings in place, not a syscall per slot.
 #[map(name = "LB_RINGS")]
-pub static RINGS: Array<u32> = Array::with_max_entries(RINGS_PER_VIP * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, 0);
+pub static RINGS: Array<u32> =
+    Array::with_max_entries(RINGS_PER_VIP * DEFAULT_MAX_VIPS * DEFAULT_RING_SIZE, BPF_F_MMAPABLE);
 
 /// Backend id -> MACs, interface, flags. Id 0 is never valid.
 #[map(name = "LB_BACKENDS")]
@@ -33,6 +35,10 @@ pub static CONNS: LruHashMap<FlowKey, FlowValue> =
 /// Interfaces (by ifindex) that frames may be redirected to.
 #[map(name = "LB_TX_PORTS")]
 pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_TX_PORTS, 0);
+
+/// The layout version and sizes of these maps; read by the agent only (adoption check).
+#[map(name = "LB_INFO")]
+static INFO: Array<DatapathInfo> = Array::with_max_entries(1, 0);
 
 #[map(name = "LB_GLOBAL_STATS")]
 static GLOBAL_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(GlobalCounter::COUNT, 0);

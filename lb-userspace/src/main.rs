@@ -113,7 +113,12 @@ enum TargetsCommand {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the agent: load the XDP program, attach it to the configured interfaces,
-    /// fill the maps, pin them, and serve until SIGINT/SIGTERM (then detach).
+    /// fill the maps, pin them, and serve until SIGINT/SIGTERM.
+    ///
+    /// The datapath outlives the agent: on SIGINT/SIGTERM (or a crash) the program keeps
+    /// forwarding with its last state, pinned under `dataplane.pin_dir`. The next `lb run`
+    /// adopts it (connection table, ids and rings kept; only differences written) and
+    /// replaces the program in place if this build's differs. `lb detach` removes it.
     /// SIGHUP re-reads the config and applies it whole, or keeps the running state.
     Run {
         /// Config file (TOML). `lb example-config` prints a commented one.
@@ -128,6 +133,20 @@ enum Command {
         /// Seconds to wait for each target's ARP/neighbour-discovery answer.
         #[arg(long, default_value_t = 3)]
         resolve_timeout: u64,
+        /// Replace pinned maps this build cannot adopt (another layout version, or
+        /// changed `ring_size`/`max_vips`/`conn_table_size`). The program keeps running
+        /// through the switch, but the connection table starts empty: established flows
+        /// may move to other targets.
+        #[arg(long)]
+        fresh_maps: bool,
+    },
+    /// Remove the datapath a stopped agent left running: detach the XDP program from
+    /// every interface and remove the pinned maps. Refused while an agent runs on the
+    /// pin directory (stop it first: SIGTERM, or `systemctl stop lb`).
+    Detach {
+        /// The agent's pin directory (`dataplane.pin_dir`).
+        #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
     },
     /// Validate a config file and exit: 0 if valid, 1 with the reason if not.
     /// Checks syntax, names, addresses, weights and capacities; does not touch the system.
@@ -234,12 +253,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, xdp_mode, pin_dir, resolve_timeout } => {
+        Command::Run { config, xdp_mode, pin_dir, resolve_timeout, fresh_maps } => {
             let opts = RunOptions {
-                config_path: config,
                 xdp_mode,
                 pin_dir,
                 resolve_wait: Duration::from_secs(resolve_timeout),
+                fresh_maps,
+                ..RunOptions::new(config)
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(1)
@@ -275,6 +295,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&snap)?);
             } else {
                 print!("{}", snap.render());
+            }
+            Ok(())
+        }
+        Command::Detach { pin_dir } => {
+            let removed = lb_userspace::datapath::pins::detach_pinned(&pin_dir)
+                .with_context(|| format!("removing the datapath pinned under {}", pin_dir.display()))?;
+            if removed.links.is_empty() && removed.maps == 0 {
+                println!("nothing pinned under {}: no datapath to remove", pin_dir.display());
+            } else {
+                println!(
+                    "detached from {} interface(s) ({}) and removed {} pinned maps under {}",
+                    removed.links.len(),
+                    removed.links.join(", "),
+                    removed.maps,
+                    pin_dir.display()
+                );
             }
             Ok(())
         }

@@ -43,15 +43,15 @@ fn stats_without_an_agent_says_what_to_do() {
 }
 
 #[test]
-fn run_serves_reloads_on_sighup_and_detaches_on_sigterm() {
-    if !privileged("run_serves_reloads_on_sighup_and_detaches_on_sigterm") {
+fn run_serves_reloads_on_sighup_and_leaves_the_datapath_on_sigterm_until_detach() {
+    if !privileged("run_serves_reloads_on_sighup_and_leaves_the_datapath_on_sigterm_until_detach") {
         return;
     }
     let _lock = traffic_lock();
     let mut topo = Topology::build(2).expect("topology");
     topo.start_http().expect("http");
     let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1)])).expect("config");
-    let agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
+    let mut agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
     let logs = agent.logs();
     assert!(logs.contains("XDP program attached") && logs.contains("mode=\"native\""), "{logs}");
 
@@ -92,13 +92,33 @@ fn run_serves_reloads_on_sighup_and_detaches_on_sigterm() {
     }
     assert_eq!(stats()["backends"].as_array().map(Vec::len), Some(2));
 
-    // SIGTERM: clean exit, program detached, pins gone.
-    let logs_path = agent.log.0.clone();
+    // `lb detach` is refused while the agent runs.
+    let busy = lb(&["detach", "--pin-dir", &pin]);
+    assert_eq!(busy.status.code(), Some(1), "{busy:?}");
+    assert!(String::from_utf8_lossy(&busy.stderr).contains("stop it first"), "{busy:?}");
+
+    // SIGTERM: clean exit; the datapath keeps forwarding, pinned.
     let status = agent.stop().expect("stop");
-    assert!(status.success(), "{status}: {}", std::fs::read_to_string(&logs_path).unwrap_or_default());
-    let link = topo.lb.ip(&["-j", "link", "show", "eth0"]).expect("ip link");
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("\"xdp\""), "XDP still attached");
-    assert!(!topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins left behind");
+    let logs = agent.logs();
+    assert!(status.success(), "{status}: {logs}");
+    assert!(logs.contains("the datapath keeps forwarding"), "{logs}");
+    let xdp_attached = || {
+        let link = topo.lb.ip(&["-j", "link", "show", "eth0"]).expect("ip link");
+        String::from_utf8_lossy(&link.stdout).contains("\"xdp\"")
+    };
+    assert!(xdp_attached(), "XDP detached by SIGTERM");
+    assert!(topo.pin_dir.join(lb_common::maps::VIPS).exists(), "pins removed by SIGTERM");
+    let body = topo.curl(&format!("http://{VIP4}/")).expect("curl without an agent");
+    assert!(body.starts_with("backend=b"), "{body}");
+
+    // `lb detach` removes it: program detached, pins gone; a second time is a no-op.
+    let out = lb(&["detach", "--pin-dir", &pin]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("detached from 1 interface(s) (eth0)"), "{out:?}");
+    assert!(!xdp_attached(), "XDP still attached after lb detach");
+    assert!(!topo.pin_dir.exists(), "pins left behind");
+    let again = lb(&["detach", "--pin-dir", &pin]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing pinned"), "{again:?}");
 }
 
 #[test]
@@ -110,7 +130,7 @@ fn control_api_from_the_cli_refuses_bad_input_and_strangers() {
     let mut topo = Topology::build(3).expect("topology");
     topo.start_http().expect("http");
     let config = TempFile::write(&format!("{}.toml", topo.id), &topo.config(&[(1, 1), (2, 1)])).expect("config");
-    let agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
+    let mut agent = AgentProcess::start(LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir).expect("lb run starts");
     let socket = topo.socket().display().to_string();
     let list = || {
         let out = lb(&["targets", "list", "--json", "--socket", &socket]);

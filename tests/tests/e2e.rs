@@ -18,7 +18,7 @@ use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
     agent::RunOptions,
     datapath::stats::Snapshot,
-    datapath::{Dataplane, DataplaneError, LoadOptions, open_pinned},
+    datapath::{Dataplane, DataplaneError, EBPF_OBJECT, LoadOptions, open_pinned},
     testing::agent::AgentHandle,
     testing::topology::{
         self, CLIENT4, CLIENT6, ECHO_PORT, LB4, LB6, StopOnDrop, TempFile, Topology, UDP_PORT, VIP4, VIP6,
@@ -349,11 +349,10 @@ fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
         "refused agent left its socket"
     );
     // Nor may a second agent take over the first one's pin directory.
-    let mut dp = Dataplane::load(LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024 }).expect("load");
-    let busy = dp.pin(&topo.pin_dir).expect_err("pin dir is in use");
+    let opts = LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024 };
+    let busy = Dataplane::open(EBPF_OBJECT, opts, &topo.pin_dir, false).err().expect("pin dir is in use");
     assert!(matches!(busy, DataplaneError::PinDirBusy { .. }), "{busy}");
     assert!(busy.to_string().contains("--pin-dir"), "{busy}");
-    drop(dp);
     assert!(topo.pin_dir.join(lb_common::maps::VIPS).exists(), "the first agent's pins survive");
     // The first agent still forwards.
     assert!(stats(&topo).backend(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11))).is_some());

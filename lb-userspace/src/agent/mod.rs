@@ -1,5 +1,7 @@
-//! `lb run`: load the config, resolve the targets, load and fill the maps, attach, pin,
-//! then serve reloads until told to stop. Shutdown and reload arrive on a channel, so the
+//! `lb run`: load the config, resolve the targets, adopt the running datapath or load a
+//! new one, fill the maps (only the differences), attach, pin, then serve reloads until
+//! told to stop. Stopping leaves the datapath forwarding; only `Control::Detach` (and
+//! `lb detach`) removes it. Shutdown and reload arrive on a channel, so the
 //! same code runs under signals (`lb run`) and in tests and the demo (in-process).
 //!
 //! Nothing is half-applied at start-up: every check that can fail (config, sockets,
@@ -97,8 +99,11 @@ pub enum Control {
     /// Re-read the config file and apply it whole, or keep the running state. The
     /// outcome goes to `reply` if given.
     Reload { reply: Option<oneshot::Sender<Result<(), String>>> },
-    /// Detach, unpin and return.
+    /// Stop the agent and leave the datapath forwarding with its last state (pinned);
+    /// the next agent adopts it.
     Shutdown,
+    /// Detach from every interface, remove the pins, and stop.
+    Detach,
 }
 
 /// How to run the agent.
@@ -111,6 +116,11 @@ pub struct RunOptions {
     pub pin_dir: Option<PathBuf>,
     /// How long to wait for a target's ARP/NDP answer.
     pub resolve_wait: Duration,
+    /// Replace pinned maps that cannot be adopted (the connection table starts empty).
+    pub fresh_maps: bool,
+    /// The BPF object to load: [`datapath::EBPF_OBJECT`](crate::datapath::EBPF_OBJECT)
+    /// but in upgrade tests.
+    pub object: &'static [u8],
 }
 
 impl RunOptions {
@@ -120,6 +130,8 @@ impl RunOptions {
             xdp_mode: None,
             pin_dir: None,
             resolve_wait: Duration::from_secs(3),
+            fresh_maps: false,
+            object: crate::datapath::EBPF_OBJECT,
         }
     }
 
@@ -214,7 +226,7 @@ pub async fn run(
     // that failed, and removes targets whose deregistration delay has ended.
     let mut drains = tokio::time::interval(TICK);
     drains.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    let detach = loop {
         tokio::select! {
             cmd = control.recv() => match cmd {
                 Some(Control::Reload { reply }) => {
@@ -223,14 +235,25 @@ pub async fn run(
                         let _ = reply.send(outcome.map_err(|e| chain(&e)));
                     }
                 }
-                Some(Control::Shutdown) | None => break,
+                Some(Control::Shutdown) | None => break false,
+                Some(Control::Detach) => break true,
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
             Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
             _ = drains.tick() => agent.expire_drains().await,
         }
+    };
+    let pin_dir = agent.config.dataplane.pin_dir.clone();
+    if detach {
+        info!("stopping: detaching the datapath and removing its pins");
+    } else {
+        info!(
+            pin_dir = %pin_dir.display(),
+            vips = agent.plan.vips.len(),
+            backends = agent.plan.backends.len(),
+            "stopping: the datapath keeps forwarding with its last state; the next `lb run` adopts it, `lb detach` removes it"
+        );
     }
-    info!("shutting down: detaching and removing pins");
     // Requests in flight or queued now get 503 (their reply channels close), so the
     // servers' graceful shutdown does not wait on a loop that no longer answers.
     drop(api_rx);
@@ -240,6 +263,10 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = std::fs::remove_file(&socket);
+    if detach {
+        let removed = agent.dp.run(|dp| dp.detach()).await??;
+        info!(interfaces = ?removed.links, maps = removed.maps, "datapath removed");
+    }
     drop(agent);
     Ok(())
 }
@@ -254,12 +281,11 @@ async fn start(
     for name in &dpc.interfaces {
         interfaces.push(host::interface(name).await?);
     }
-    // Loading first surfaces permission and verifier problems before slow resolution.
-    let mut dp = Dataplane::load(LoadOptions {
-        ring_size: dpc.ring_size,
-        max_vips: dpc.max_vips,
-        conn_table_size: dpc.conn_table_size,
-    })?;
+    // Loading first surfaces permission, verifier and adoption problems before slow
+    // resolution. A running datapath's maps are adopted here; nothing is written yet.
+    let load = LoadOptions { ring_size: dpc.ring_size, max_vips: dpc.max_vips, conn_table_size: dpc.conn_table_size };
+    let mut dp = Dataplane::open(opts.object, load, &dpc.pin_dir, opts.fresh_maps)?;
+    let origin = dp.origin();
     let mut registry = Registry::default();
     registry.sync(&config, Instant::now());
     let resolved = resolve_all(&config, &registry.addresses(&config), opts.resolve_wait).await?;
@@ -268,16 +294,20 @@ async fn start(
     let plan = plan::build_cached(&config, &registry.plan_groups(&config), &resolved, &mut ids, &mut rings)?;
     let report = dp.apply(&plan)?;
     info!(
+        maps = origin.as_str(),
         vips = plan.vips.len(),
         backends = plan.backends.len(),
+        vips_switched = report.vips_switched,
+        backends_written = report.backends_written,
         ring_slots = report.ring_slots_written,
         "maps filled"
     );
     for iface in &interfaces {
-        // On error `dp` is dropped, which detaches from the interfaces done so far.
+        // On error `dp` is dropped, which detaches from the interfaces it attached to
+        // (links it took over from a running datapath keep running).
         dp.attach(iface, dpc.xdp_mode)?;
     }
-    dp.pin(&dpc.pin_dir)?;
+    dp.commit()?;
     let log_task = dp.take_logger().map(|l| tokio::spawn(crate::datapath::forward_logs(l)));
     // From here on only the datapath thread touches the maps.
     let dp = DatapathThread::spawn(dp).map_err(|source| AgentError::DatapathThread { source })?;

@@ -1,5 +1,8 @@
-//! The only module that touches `aya::Ebpf`: loads the XDP object, attaches it, writes
-//! a [`Plan`] into the maps, pins the maps, and detaches on drop.
+//! The only module that touches `aya::Ebpf`: loads the XDP object (adopting the pinned
+//! maps of a running datapath, see `pins.rs`), attaches it through pinned bpf_links,
+//! and writes a [`Plan`] into the maps. The datapath outlives the `Dataplane`: dropping
+//! it after [`Dataplane::commit`] leaves the program forwarding; [`Dataplane::detach`]
+//! removes it.
 //!
 //! Map updates are ordered so that a packet never sees a dangling reference: backends
 //! first, then each VIP's new ring into its spare ring slot, then the VIP entry switched
@@ -13,14 +16,22 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{Xdp, XdpMode as AyaXdpMode, xdp::XdpLinkId},
+    programs::{
+        Xdp, XdpMode as AyaXdpMode,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpLink,
+    },
 };
 use aya_log::EbpfLogger;
 use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
+pub mod pins;
+mod rings;
 pub mod stats;
 pub mod thread;
+
+use self::rings::RingMemory;
 
 /// The load balancer's XDP object (lb-ebpf), built by build.rs. It holds `lb_xdp` and
 /// its maps only; the tools' programs are in `crate::testing::programs::TOOLS_OBJECT`.
@@ -82,6 +93,10 @@ pub enum DataplaneError {
         "pin directory {path} is in use by another running agent: give this one its own `--pin-dir` (or `dataplane.pin_dir`)"
     )]
     PinDirBusy { path: PathBuf },
+    #[error(
+        "an agent is running on pin directory {path}: stop it first (SIGTERM, or `systemctl stop lb`), then detach"
+    )]
+    DetachBusy { path: PathBuf },
     #[error("pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -92,6 +107,33 @@ pub enum DataplaneError {
     Log {
         #[source]
         source: Box<aya_log::Error>,
+    },
+    #[error("mapping the rings map into memory failed")]
+    Mmap {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the datapath pinned at {path} cannot be adopted: {what}. Restart with `--fresh-maps` to replace its maps (the program keeps running, but the connection table starts empty: established flows may move), or run the lb that created it"
+    )]
+    Incompatible { path: PathBuf, what: String },
+    #[error(
+        "the datapath pinned at {path} was created with other sizes: {what}. Put the sizes back in the config to keep its connection table, or restart with `--fresh-maps` to resize (the connection table starts empty: established flows may move)"
+    )]
+    Resized { path: PathBuf, what: String },
+    #[error("the XDP link pinned at {path}{hint}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<LinkError>,
+        hint: &'static str,
+    },
+    #[error("replacing the program on the XDP link of `{iface}` failed{hint}")]
+    Replace {
+        iface: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+        hint: &'static str,
     },
     #[error("internal error: a planned ring has {len} slots, the maps were sized for {ring_size}; nothing was written")]
     RingLength { len: usize, ring_size: u32 },
@@ -128,14 +170,11 @@ pub struct LoadOptions {
     pub conn_table_size: u32,
 }
 
-/// What is in the maps now, so that the next apply writes only differences.
+/// What is in the maps now, so that the next apply writes only differences. The rings'
+/// contents are read from their memory mapping instead.
 #[derive(Debug, Default)]
 struct Applied {
     vips: HashMap<VipKey, VipMeta>,
-    /// Ring index -> contents, for every ring written so far.
-    rings: HashMap<u32, Vec<u32>>,
-    /// Rings whose last write failed partway: contents unknown.
-    dirty_rings: BTreeSet<u32>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
     /// VIP slots and backend ids the last apply took out of the datapath, and when.
@@ -162,14 +201,48 @@ impl std::ops::AddAssign for ApplyReport {
     }
 }
 
+/// Where the maps came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Created by this load: nothing was pinned.
+    Fresh,
+    /// The pinned maps of a datapath that was running: connection table, rings,
+    /// backends and counters kept.
+    Adopted,
+    /// Created by this load to replace pinned ones (`--fresh-maps`).
+    Replaced,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Fresh => "fresh",
+            Origin::Adopted => "adopted",
+            Origin::Replaced => "replaced",
+        }
+    }
+}
+
+/// One interface's XDP attachment: a bpf_link, pinned at `path` once committed.
+struct Attachment {
+    iface: String,
+    path: PathBuf,
+    link: FdLink,
+    /// Created by this agent (removed again if the start fails); else adopted.
+    created: bool,
+}
+
 pub struct Dataplane {
     ebpf: Ebpf,
     opts: LoadOptions,
     applied: Applied,
-    links: Vec<(String, XdpLinkId)>,
-    pinned: Option<PathBuf>,
-    /// Held open with an exclusive flock while the maps are pinned.
-    pin_lock: Option<std::fs::File>,
+    rings: RingMemory,
+    links: Vec<Attachment>,
+    /// The pin directory and its exclusive lock (one agent per directory).
+    pin_dir: Option<(PathBuf, std::fs::File)>,
+    origin: Origin,
+    /// Maps and links are pinned: the datapath now outlives this value.
+    committed: bool,
     logger: Option<DatapathLogger>,
 }
 
@@ -194,14 +267,68 @@ pub async fn forward_logs(logger: DatapathLogger) {
 }
 
 impl Dataplane {
-    /// Loads the object with its maps sized from `opts`, and verifies the LB program.
+    /// Loads the object with new maps sized from `opts`, and verifies the LB program.
+    /// Nothing is pinned: the datapath lives as long as this value (tests, benchmarks).
     pub fn load(opts: LoadOptions) -> Result<Self, DataplaneError> {
+        Self::load_with(EBPF_OBJECT, opts, None)
+    }
+
+    /// The agent's load: takes the lock on `pin_dir`, then adopts the datapath pinned
+    /// there if it is compatible (see `pins.rs`), or creates new maps when there is none
+    /// or `fresh_maps` is set. Refuses pinned maps it cannot adopt before anything is
+    /// written. `object` is the BPF object to load ([`EBPF_OBJECT`] but in upgrade tests).
+    pub fn open(
+        object: &'static [u8],
+        opts: LoadOptions,
+        pin_dir: &Path,
+        fresh_maps: bool,
+    ) -> Result<Self, DataplaneError> {
+        let lock = pins::lock(pin_dir)?;
+        let found = pins::look(pin_dir)?;
+        let origin = if found.is_empty() {
+            Origin::Fresh
+        } else if fresh_maps {
+            warn!(pin_dir = %pin_dir.display(), "--fresh-maps: replacing the pinned maps; the connection table starts empty");
+            Origin::Replaced
+        } else {
+            pins::check(object, &opts, pin_dir, &found)?;
+            Origin::Adopted
+        };
+        let mut dp = Self::load_with(object, opts, (origin == Origin::Adopted).then_some(pin_dir))?;
+        dp.pin_dir = Some((pin_dir.to_owned(), lock));
+        dp.origin = origin;
+        if origin == Origin::Adopted {
+            dp.recover()?;
+            info!(
+                pin_dir = %pin_dir.display(),
+                vips = dp.applied.vips.len(),
+                backends = dp.applied.backends.len(),
+                "adopted the running datapath's maps (connection table kept)"
+            );
+        }
+        Ok(dp)
+    }
+
+    /// Where the maps came from.
+    pub fn origin(&self) -> Origin {
+        self.origin
+    }
+
+    fn load_with(object: &[u8], opts: LoadOptions, adopt: Option<&Path>) -> Result<Self, DataplaneError> {
         let ring_entries = RINGS_PER_VIP * opts.max_vips * opts.ring_size;
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(globals::RING_SIZE, &opts.ring_size, true)
             .map_max_entries(maps::RINGS, ring_entries)
-            .map_max_entries(maps::CONNS, opts.conn_table_size)
-            .load(EBPF_OBJECT)
+            .map_max_entries(maps::CONNS, opts.conn_table_size);
+        let pin_paths: Vec<(&'static str, PathBuf)> =
+            adopt.map(|dir| maps::ALL.iter().map(|&name| (name, dir.join(name))).collect()).unwrap_or_default();
+        for (name, path) in &pin_paths {
+            // Reuses the map pinned there (checked compatible by `pins::check`).
+            loader.map_pin_path(*name, path.as_path());
+        }
+        let mut ebpf = loader
+            .load(object)
             .map_err(|source| {
                 let hint = permission_hint(&source);
                 DataplaneError::Load { source: Box::new(source), hint }
@@ -211,6 +338,11 @@ impl Dataplane {
                 return Err(DataplaneError::MissingMap { name });
             }
         }
+        if adopt.is_none() {
+            let info = ebpf.map_mut(maps::INFO).ok_or(DataplaneError::MissingMap { name: maps::INFO })?;
+            pins::write_info(info, &opts)?;
+        }
+        let rings = RingMemory::map(ebpf.map(maps::RINGS).ok_or(DataplaneError::MissingMap { name: maps::RINGS })?, ring_entries)?;
         // Takes the program's log ring buffer; it must outlive the program's load.
         let logger = EbpfLogger::init(&mut ebpf).map_err(|source| DataplaneError::Log { source: Box::new(source) })?;
         load_program(&mut ebpf, programs::LB)?;
@@ -218,11 +350,39 @@ impl Dataplane {
             ebpf,
             opts,
             applied: Applied::default(),
+            rings,
             links: Vec::new(),
-            pinned: None,
-            pin_lock: None,
+            pin_dir: None,
+            origin: Origin::Fresh,
+            committed: false,
             logger: Some(logger),
         })
+    }
+
+    /// Reads what adopted maps hold into `applied`, so the first apply writes only what
+    /// differs from the desired state.
+    fn recover(&mut self) -> Result<(), DataplaneError> {
+        let err = |name| move |source| DataplaneError::Map { name, source: Box::new(source) };
+        let mut applied = Applied::default();
+        let vips: BpfHashMap<&MapData, VipKey, VipMeta> =
+            BpfHashMap::try_from(self.map(maps::VIPS)?).map_err(err(maps::VIPS))?;
+        for entry in vips.iter() {
+            let (key, meta) = entry.map_err(err(maps::VIPS))?;
+            applied.vips.insert(key, meta);
+        }
+        let backends: Array<&MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
+        for id in 1..backends.len() {
+            let b = backends.get(&id, 0).map_err(err(maps::BACKENDS))?;
+            if b != Backend::default() {
+                applied.backends.insert(id, b);
+            }
+        }
+        let ports: DevMapHash<&MapData> = DevMapHash::try_from(self.map(maps::TX_PORTS)?).map_err(err(maps::TX_PORTS))?;
+        for key in ports.keys() {
+            applied.tx_ports.insert(key.map_err(err(maps::TX_PORTS))?);
+        }
+        self.applied = applied;
+        Ok(())
     }
 
     /// The reader of the program's rare-event logs (see lb-ebpf's `log.rs`), for
@@ -251,8 +411,20 @@ impl Dataplane {
         self.ebpf.map(name).ok_or(DataplaneError::MissingMap { name })
     }
 
-    /// Attaches the LB program to `iface`. Returns the mode actually used.
+    /// Attaches the LB program to `iface` through a bpf_link. If the pin directory holds
+    /// this interface's link (a datapath left running), the program on it is replaced
+    /// atomically (`BPF_LINK_UPDATE`): no frame meets an interface without a program.
+    /// Returns the mode used ("kept" for a replaced link, which keeps its mode).
     pub fn attach(&mut self, iface: &Interface, mode: XdpMode) -> Result<&'static str, DataplaneError> {
+        let path = match &self.pin_dir {
+            Some((dir, _)) => pins::link_path(dir, &iface.name),
+            None => PathBuf::new(),
+        };
+        if !path.as_os_str().is_empty() && path.exists() {
+            if let Some(used) = self.replace_on_link(iface, &path)? {
+                return Ok(used);
+            }
+        }
         if let Some(prog_id) = iface.xdp_prog {
             return Err(DataplaneError::AlreadyAttached { iface: iface.name.clone(), prog_id });
         }
@@ -274,9 +446,101 @@ impl Dataplane {
                 }
             },
         };
+        let link_err = |source| DataplaneError::Link { path: path.clone(), source: Box::new(source), hint: "" };
+        let link = prog.take_link(id).map_err(|source| DataplaneError::Attach {
+            iface: iface.name.clone(),
+            mode: used,
+            source: Box::new(source),
+            hint: "",
+        })?;
+        let link = FdLink::try_from(link).map_err(link_err)?;
+        // Pinned at once; removed again if the start fails before `commit`.
+        let link = match &self.pin_dir {
+            Some(_) => FdLink::from(link.pin(&path).map_err(|source| DataplaneError::Pin {
+                name: "XDP link",
+                path: path.clone(),
+                source: Box::new(source),
+            })?),
+            None => link,
+        };
         info!(interface = %iface.name, ifindex = iface.ifindex, mode = used, "XDP program attached");
-        self.links.push((iface.name.clone(), id));
+        self.links.push(Attachment { iface: iface.name.clone(), path, link, created: true });
         Ok(used)
+    }
+
+    /// Puts this program on the pinned link at `path`, if that link is the one on
+    /// `iface`. Returns `None` (and removes the pin) for a link whose interface is gone.
+    fn replace_on_link(&mut self, iface: &Interface, path: &Path) -> Result<Option<&'static str>, DataplaneError> {
+        let link_err = |source| DataplaneError::Link { path: path.to_owned(), source: Box::new(source), hint: "" };
+        let pinned = PinnedLink::from_pin(path).map_err(link_err)?;
+        let link = FdLink::from(pinned);
+        let running = link.info().map_err(link_err)?.program_id();
+        if iface.xdp_prog != Some(running) {
+            // The interface was recreated (the link died with it) or holds another program.
+            warn!(interface = %iface.name, path = %path.display(), "removing the pin of a link that is no longer on this interface");
+            std::fs::remove_file(path).map_err(|source| DataplaneError::PinDir { path: path.to_owned(), source })?;
+            return Ok(None);
+        }
+        let link = XdpLink::try_from(link).map_err(link_err)?;
+        let prog = xdp_mut(&mut self.ebpf, programs::LB)?;
+        let replace_err = |source: aya::programs::ProgramError| {
+            let hint = permission_hint(&source);
+            DataplaneError::Replace { iface: iface.name.clone(), source: Box::new(source), hint }
+        };
+        let id = prog.attach_to_link(link).map_err(replace_err)?;
+        let link = FdLink::try_from(prog.take_link(id).map_err(replace_err)?).map_err(link_err)?;
+        let new_id = prog.info().map(|i| i.id()).unwrap_or_default();
+        info!(interface = %iface.name, old_program = running, new_program = new_id, "XDP program replaced in place on the running link");
+        self.links.push(Attachment { iface: iface.name.clone(), path: path.to_owned(), link, created: false });
+        Ok(Some("kept"))
+    }
+
+    /// Makes the datapath outlive this value: pins new maps (replacing the pins of maps
+    /// `--fresh-maps` dropped) and removes the links of interfaces no longer attached.
+    /// Until then, dropping it removes the links this load created.
+    pub fn commit(&mut self) -> Result<(), DataplaneError> {
+        let Some((dir, _)) = &self.pin_dir else { return Ok(()) };
+        let dir = dir.clone();
+        if self.origin != Origin::Adopted {
+            for name in maps::ALL {
+                let path = dir.join(name);
+                if path.exists() {
+                    std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
+                }
+                self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin { name, path, source: Box::new(source) })?;
+            }
+        }
+        let attached: BTreeSet<PathBuf> = self.links.iter().map(|a| a.path.clone()).collect();
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.filter_map(Result::ok) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(pins::LINK_PREFIX) && !attached.contains(&e.path()) {
+                    info!(path = %e.path().display(), "detaching from an interface no longer configured");
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        self.committed = true;
+        Ok(())
+    }
+
+    /// Removes the datapath: detaches from every interface and removes the pins.
+    pub fn detach(&mut self) -> Result<pins::Detached, DataplaneError> {
+        let links = std::mem::take(&mut self.links);
+        let mut out = pins::Detached::default();
+        for a in links {
+            drop(a.link);
+            let _ = std::fs::remove_file(&a.path);
+            info!(interface = %a.iface, "XDP program detached");
+            out.links.push(a.iface);
+        }
+        if let Some((dir, _)) = &self.pin_dir {
+            let rest = pins::remove_all(dir)?;
+            out.links.extend(rest.links);
+            out.maps = rest.maps;
+        }
+        self.committed = false;
+        Ok(out)
     }
 
     /// Refuses a plan whose rings do not fit the maps, or that would write a slot or id
@@ -354,8 +618,7 @@ impl Dataplane {
             let current = self.applied.vips.get(&vip.key).copied();
             let target_ring = match current {
                 Some(meta) if meta.id == vip.slot => {
-                    let unchanged =
-                        meta.flags == vip.flags && self.applied.rings.get(&meta.ring).is_some_and(|r| *r == vip.ring);
+                    let unchanged = meta.flags == vip.flags && self.rings.holds((meta.ring * m) as usize, &vip.ring);
                     if unchanged {
                         continue;
                     }
@@ -448,88 +711,29 @@ impl Dataplane {
 
     /// Writes the slots of ring `ring` that differ from what it holds. Returns how many.
     fn write_ring(&mut self, ring: u32, table: &[u32], m: u32) -> Result<usize, DataplaneError> {
-        // A ring never written holds zeros; one whose last write failed holds anything,
-        // so all of it is written again.
-        let known = self.applied.rings.remove(&ring);
-        let old = if self.applied.dirty_rings.remove(&ring) {
-            None
-        } else {
-            Some(known.unwrap_or_else(|| vec![0; m as usize]))
-        };
-        let map = self.ebpf.map_mut(maps::RINGS).ok_or(DataplaneError::MissingMap { name: maps::RINGS })?;
-        let mut rings: Array<&mut MapData, u32> = typed(Some(map), maps::RINGS)?;
-        let base = ring * m;
-        let mut written = 0;
-        for (i, &new) in table.iter().enumerate() {
-            if old.as_ref().is_none_or(|o| o.get(i) != Some(&new)) {
-                if let Err(source) = rings.set(base + i as u32, new, 0) {
-                    self.applied.dirty_rings.insert(ring);
-                    return Err(DataplaneError::Map { name: maps::RINGS, source: Box::new(source) });
-                }
-                written += 1;
-            }
-        }
-        self.applied.rings.insert(ring, table.to_vec());
-        Ok(written)
+        self.rings
+            .store((ring * m) as usize, table)
+            .ok_or(DataplaneError::RingLength { len: table.len(), ring_size: m })
     }
 
-    /// Pins every map under `dir` (replacing stale pins of an earlier run).
-    pub fn pin(&mut self, dir: &Path) -> Result<(), DataplaneError> {
-        std::fs::create_dir_all(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
-        // One agent per pin directory: hold an exclusive lock on it while running.
-        let lock =
-            std::fs::File::open(dir).map_err(|source| DataplaneError::PinDir { path: dir.to_owned(), source })?;
-        // SAFETY: flock on a file descriptor we own.
-        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(DataplaneError::PinDirBusy { path: dir.to_owned() });
-        }
-        self.pin_lock = Some(lock);
-        // From here on, `unpin` (also on drop) removes whatever was pinned.
-        self.pinned = Some(dir.to_owned());
-        for name in maps::ALL {
-            let path = dir.join(name);
-            if path.exists() {
-                warn!(path = %path.display(), "removing a stale pin from an earlier run");
-                std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
-            }
-            self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin {
-                name,
-                path,
-                source: Box::new(source),
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Removes the pins (the maps go away with the last reference).
-    pub fn unpin(&mut self) {
-        if let Some(dir) = self.pinned.take() {
-            for name in maps::ALL {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
-            let _ = std::fs::remove_dir(&dir);
-        }
-        self.pin_lock = None;
-    }
-
-    /// Detaches from every interface.
-    pub fn detach_all(&mut self) {
-        let links = std::mem::take(&mut self.links);
-        if let Ok(prog) = xdp_mut(&mut self.ebpf, programs::LB) {
-            for (iface, id) in links {
-                match prog.detach(id) {
-                    Ok(()) => info!(interface = %iface, "XDP program detached"),
-                    Err(e) => warn!(interface = %iface, error = %e, "detaching failed"),
-                }
-            }
-        }
+    /// The contents of ring `ring` (for tests).
+    pub fn ring(&self, ring: u32) -> Vec<u32> {
+        self.rings.read((ring * self.opts.ring_size) as usize, self.opts.ring_size as usize)
     }
 }
 
 impl Drop for Dataplane {
+    /// After [`Dataplane::commit`] the pins keep the datapath running; before it (a
+    /// start that failed), the links this load created are removed, which detaches
+    /// them, and maps never pinned go away with their last descriptor.
     fn drop(&mut self) {
-        self.detach_all();
-        self.unpin();
+        if self.committed {
+            return;
+        }
+        for a in self.links.iter().filter(|a| a.created) {
+            let _ = std::fs::remove_file(&a.path);
+            info!(interface = %a.iface, "XDP program detached (the start did not complete)");
+        }
     }
 }
 

@@ -47,8 +47,14 @@ impl AgentHandle {
         outcome.blocking_recv().map_err(|_| "agent stopped during the reload".to_string())?
     }
 
-    /// Stops the agent and returns how it ended.
+    /// Stops the agent, detaches and removes the pins; returns how it ended.
     pub fn stop(mut self) -> Result<(), AgentError> {
+        let _ = self.tx.blocking_send(Control::Detach);
+        self.join()
+    }
+
+    /// Stops the agent as SIGTERM does: the datapath keeps forwarding, pinned.
+    pub fn stop_leaving_datapath(mut self) -> Result<(), AgentError> {
         let _ = self.tx.blocking_send(Control::Shutdown);
         self.join()
     }
@@ -65,7 +71,7 @@ impl AgentHandle {
 
 impl Drop for AgentHandle {
     fn drop(&mut self) {
-        let _ = self.tx.blocking_send(Control::Shutdown);
+        let _ = self.tx.blocking_send(Control::Detach);
         let _ = self.join();
     }
 }

@@ -712,8 +712,8 @@ pub fn wire(
     Ok(())
 }
 
-/// `lb run` as a separate process inside a namespace: what an operator runs. Stopped
-/// with SIGTERM on drop.
+/// `lb run` as a separate process inside a namespace: what an operator runs. On drop it
+/// gets SIGTERM and the datapath it leaves is removed (as `lb detach` does).
 pub struct AgentProcess {
     child: Option<std::process::Child>,
     pub pin_dir: PathBuf,
@@ -722,13 +722,24 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Starts `lb run --config config` from the binary `lb` in `ns` and waits until its
-    /// maps are pinned (it is ready) or it exits.
+    /// Starts `lb run --config config` from the binary `lb` in `ns` and waits until it
+    /// is ready (its control API listens) or it exits.
     pub fn start(
         lb: &std::path::Path,
         ns: &Netns,
         config: &std::path::Path,
         pin_dir: &std::path::Path,
+    ) -> Result<AgentProcess, TopologyError> {
+        Self::start_args(lb, ns, config, pin_dir, &[])
+    }
+
+    /// [`AgentProcess::start`] with more arguments for `lb run`.
+    pub fn start_args(
+        lb: &std::path::Path,
+        ns: &Netns,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+        args: &[&str],
     ) -> Result<AgentProcess, TopologyError> {
         let log = TempFile(std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
@@ -737,12 +748,13 @@ impl AgentProcess {
         )));
         let stderr = std::fs::File::create(&log.0).map_err(io("creating the agent log"))?;
         let mut cmd = std::process::Command::new(lb);
-        cmd.arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.arg("run").arg("--config").arg(config).args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         ns.process(&mut cmd)?;
         let child = cmd.spawn().map_err(io(format!("starting {}", lb.display())))?;
         let mut agent = AgentProcess { child: Some(child), pin_dir: pin_dir.to_owned(), log };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !pin_dir.join(lb_common::maps::VIPS).exists() {
+        while !agent.logs().contains(READY_LOG) {
             let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
             if let Some(status) = exited {
                 return Err(TopologyError::Io {
@@ -778,9 +790,18 @@ impl AgentProcess {
         }
     }
 
-    /// SIGTERM, then waits for the exit; returns its status.
-    pub fn stop(mut self) -> Result<std::process::ExitStatus, TopologyError> {
-        self.signal(libc::SIGTERM);
+    /// SIGTERM, then waits for the exit; returns its status. The datapath stays.
+    pub fn stop(&mut self) -> Result<std::process::ExitStatus, TopologyError> {
+        self.end(libc::SIGTERM)
+    }
+
+    /// SIGKILL (a crash), then waits for the exit. The datapath stays.
+    pub fn kill(&mut self) -> Result<std::process::ExitStatus, TopologyError> {
+        self.end(libc::SIGKILL)
+    }
+
+    fn end(&mut self, sig: libc::c_int) -> Result<std::process::ExitStatus, TopologyError> {
+        self.signal(sig);
         let mut child = self.child.take().ok_or_else(|| TopologyError::Io {
             what: "agent already stopped".into(),
             source: std::io::ErrorKind::Other.into(),
@@ -789,13 +810,13 @@ impl AgentProcess {
     }
 }
 
+/// What `lb run` logs once it serves (see `agent::run`).
+const READY_LOG: &str = "control API listening";
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let _ = c.wait();
-        }
+        let _ = self.stop();
+        let _ = crate::datapath::pins::detach_pinned(&self.pin_dir);
     }
 }
 

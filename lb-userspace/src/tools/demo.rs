@@ -72,7 +72,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     check_interrupt()?;
 
     println!("\n== Starting `lb run --config {}` in the LB namespace (native XDP on eth0)", config.0.display());
-    let agent = AgentProcess::start(&lb, &topo.lb, &config.0, &topo.pin_dir).context("starting the agent")?;
+    let mut agent = AgentProcess::start(&lb, &topo.lb, &config.0, &topo.pin_dir).context("starting the agent")?;
     for line in agent.logs().lines() {
         println!("   | {line}");
     }
@@ -167,7 +167,12 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     }
     println!("\n== Cleaning up");
     let status = agent.stop().context("stopping the agent")?;
+    let removed = crate::datapath::pins::detach_pinned(&topo.pin_dir).context("removing the datapath (lb detach)")?;
     drop(topo);
-    println!("   `lb run` exited ({status}) after detaching; namespaces deleted");
+    println!(
+        "   `lb run` exited ({status}), leaving the datapath forwarding; `lb detach` removed it ({} interface, {} maps); namespaces deleted",
+        removed.links.len(),
+        removed.maps
+    );
     Ok(())
 }

@@ -202,7 +202,7 @@ pub fn run(opts: &HealthLoadOptions, lb: &Path) -> Result<HealthLoadReport, Heal
     let socket = PathBuf::from(format!("/run/lb/{id}.sock"));
     let config = TempFile::write(&format!("{id}.toml"), &agent_config(opts, &pin_dir, &socket))?;
     let started = Instant::now();
-    let agent = AgentProcess::start(lb, &lb_ns, &config.0, &pin_dir)?;
+    let mut agent = AgentProcess::start(lb, &lb_ns, &config.0, &pin_dir)?;
     let ready_secs = started.elapsed().as_secs_f64();
     let pid = agent
         .pid()
