@@ -719,6 +719,9 @@ pub struct AgentProcess {
     pub pin_dir: PathBuf,
     /// The agent's stderr (its logs).
     pub log: TempFile,
+    /// Whether drop removes the datapath: only once this agent got ready (a refused
+    /// start leaves what ran before it alone).
+    detach_on_drop: bool,
 }
 
 impl AgentProcess {
@@ -752,7 +755,7 @@ impl AgentProcess {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         ns.process(&mut cmd)?;
         let child = cmd.spawn().map_err(io(format!("starting {}", lb.display())))?;
-        let mut agent = AgentProcess { child: Some(child), pin_dir: pin_dir.to_owned(), log };
+        let mut agent = AgentProcess { child: Some(child), pin_dir: pin_dir.to_owned(), log, detach_on_drop: false };
         let deadline = Instant::now() + Duration::from_secs(30);
         while !agent.logs().contains(READY_LOG) {
             let exited = agent.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -770,6 +773,7 @@ impl AgentProcess {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        agent.detach_on_drop = true;
         Ok(agent)
     }
 
@@ -816,7 +820,9 @@ const READY_LOG: &str = "control API listening";
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.stop();
-        let _ = crate::datapath::pins::detach_pinned(&self.pin_dir);
+        if self.detach_on_drop {
+            let _ = crate::datapath::pins::detach_pinned(&self.pin_dir);
+        }
     }
 }
 
