@@ -10,6 +10,8 @@
 //! - `api`: the control API: request/response types, server, client.
 //! - `http`: the HTTP/1.1 server loop the API and the metrics endpoint share.
 //! - `metrics`: the Prometheus endpoint.
+//! - `state_file`: the agent's saved state (what a restart resumes), read and written
+//!   atomically.
 //! - `agent`: the event loop that owns the state and ties the layers together.
 //! - `tools` and `testing` (feature `tools`): `lb gen`, `lb bench`, `lb demo`, and the
 //!   namespaces, topologies and packet builders they and the tests share. The agent
@@ -24,6 +26,7 @@ pub mod health;
 pub mod host;
 pub mod http;
 pub mod metrics;
+pub mod state_file;
 #[cfg(test)]
 mod test_rng;
 #[cfg(feature = "tools")]

@@ -27,6 +27,8 @@ pub const CONFIG_VERSION: u32 = 1;
 pub const MAX_WEIGHT: u32 = 1_000;
 /// Default pin directory for the maps of a running agent.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/lb";
+/// Default directory of the agent's saved state (`crate::state_file`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/lb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +48,10 @@ pub enum ConfigError {
     NoInterfaces,
     #[error("interface `{name}` is listed twice in `dataplane.interfaces`")]
     DuplicateInterface { name: String },
+    #[error(
+        "dataplane.state_dir `{path}` is not an absolute path: write it from the root, e.g. \"{DEFAULT_STATE_DIR}\""
+    )]
+    StateDirNotAbsolute { path: PathBuf },
     #[error(
         "ring_size {ring_size} is not a prime number: Maglev needs a prime table size (e.g. 65537, 131071, 262139)"
     )]
@@ -266,6 +272,9 @@ pub struct Dataplane {
     pub xdp_mode: XdpMode,
     /// bpffs directory where the maps of the running agent are pinned (`lb stats` reads them).
     pub pin_dir: PathBuf,
+    /// Directory of the agent's saved state (runtime registrations, health states, ids),
+    /// which a restarted agent resumes. Absolute.
+    pub state_dir: PathBuf,
     /// Maglev table size per VIP (prime).
     pub ring_size: u32,
     /// VIP slots the maps are sized for.
@@ -280,6 +289,7 @@ impl Default for Dataplane {
             interfaces: Vec::new(),
             xdp_mode: XdpMode::Native,
             pin_dir: PathBuf::from(DEFAULT_PIN_DIR),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
             ring_size: DEFAULT_RING_SIZE,
             max_vips: DEFAULT_MAX_VIPS,
             conn_table_size: DEFAULT_CONN_TABLE_SIZE,
@@ -401,6 +411,9 @@ impl Config {
             if !seen.insert(name) {
                 return Err(ConfigError::DuplicateInterface { name: name.clone() });
             }
+        }
+        if !dp.state_dir.is_absolute() {
+            return Err(ConfigError::StateDirNotAbsolute { path: dp.state_dir.clone() });
         }
         if !(3..=MAX_RING_SIZE).contains(&dp.ring_size) {
             return Err(ConfigError::RingSize { ring_size: dp.ring_size });
@@ -616,6 +629,7 @@ mod tests {
         assert_eq!(c.dataplane.ring_size, DEFAULT_RING_SIZE);
         assert_eq!(c.dataplane.xdp_mode, XdpMode::Native);
         assert_eq!(c.dataplane.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.dataplane.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.listeners[0].hash, HashMode::FiveTuple);
         let g = c.target_group("web").expect("group");
         assert_eq!(g.targets[0].weight, 1);
@@ -639,6 +653,7 @@ mod tests {
             ("dup target", r#"{ ip = "198.18.0.11" }"#, r#"{ ip = "198.18.0.12" }"#),
             ("unknown key", "[dataplane]", "[dataplane]\nfoo = 1"),
             ("multicast vip", "198.18.1.100", "224.0.0.1"),
+            ("relative state_dir", "interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nstate_dir = \"var/lib/lb\""),
         ];
         for (what, from, to) in cases {
             let text = MINIMAL.replacen(from, to, 1);
@@ -654,6 +669,7 @@ mod tests {
                 "dup target" => "appears twice",
                 "unknown key" => "unknown field `foo`",
                 "multicast vip" => "multicast",
+                "relative state_dir" => "dataplane.state_dir `var/lib/lb` is not an absolute path",
                 _ => unreachable!(),
             };
             assert!(err.contains(expect), "{what}: {err}");

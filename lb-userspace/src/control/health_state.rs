@@ -92,6 +92,21 @@ impl Tracker {
         Tracker::new(config.healthy_threshold, config.unhealthy_threshold)
     }
 
+    /// A tracker resumed in `state` (e.g. from the agent's saved state), with
+    /// `last_reason` as its last probe's reason and no results counted yet: it leaves
+    /// `state` after a full threshold of the other result, as from any state.
+    pub fn restored(
+        healthy_threshold: u32,
+        unhealthy_threshold: u32,
+        state: TargetState,
+        last_reason: Option<String>,
+    ) -> Tracker {
+        let mut t = Tracker::new(healthy_threshold, unhealthy_threshold);
+        t.state = state;
+        t.last_reason = last_reason;
+        t
+    }
+
     /// Feeds one probe result; returns the transition if the state changed.
     pub fn observe(&mut self, ok: bool) -> Option<Transition> {
         self.total_probes += 1;
@@ -262,6 +277,17 @@ mod tests {
         assert_eq!(t.state(), TargetState::Unused);
         assert_eq!(t.reset(), Some((TargetState::Unused, TargetState::Initial)));
         assert_eq!((t.total_probes(), t.consecutive_successes()), (0, 0));
+    }
+
+    #[test]
+    fn restored_tracker_resumes_its_state_and_counts_from_zero() {
+        let mut t = Tracker::restored(2, 3, TargetState::Healthy, Some("connected".into()));
+        assert_eq!((t.state(), t.last_reason(), t.total_probes()), (TargetState::Healthy, Some("connected"), 0));
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(false), None);
+        assert_eq!(t.observe(false), Some((TargetState::Healthy, TargetState::Unhealthy)));
+        let mut d = Tracker::restored(1, 1, TargetState::Draining, None);
+        assert_eq!(d.observe(true), None, "draining stays draining");
     }
 
     #[test]

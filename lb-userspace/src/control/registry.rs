@@ -10,13 +10,13 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    config::{Config, MAX_WEIGHT, MacAddr, TargetGroup},
+    config::{Config, MAX_DEREGISTRATION_DELAY_SECS, MAX_WEIGHT, MacAddr, TargetGroup},
     control::health_state::{Probe, TargetState, Tracker},
     control::plan::{PlanGroup, PlanTarget},
 };
@@ -131,6 +131,92 @@ pub struct Registration {
     pub weight: u32,
     /// The target's own (health-check) port, if one was given.
     pub port: Option<u16>,
+}
+
+/// A runtime registration in a [`RegistrySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedRegistration {
+    pub group: String,
+    pub ip: IpAddr,
+    pub weight: u32,
+    /// The target's own (health-check) port, if it was registered as `IP:port`.
+    pub port: Option<u16>,
+}
+
+/// A config target deregistered at runtime, in a [`RegistrySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedDeregistration {
+    pub group: String,
+    pub ip: IpAddr,
+}
+
+/// A target's last known state, in a [`RegistrySnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedTarget {
+    pub group: String,
+    pub ip: IpAddr,
+    pub state: TargetState,
+    /// Whether its group was health checked (a state from the other regime is not resumed).
+    pub checked: bool,
+    /// The last probe's outcome, if any.
+    pub reason: Option<String>,
+    /// Draining, it was unhealthy when its drain began: its flows stay re-picked.
+    pub drained_unhealthy: bool,
+    /// Draining: when the drain ends, in milliseconds since the Unix epoch.
+    pub drain_until_unix_ms: Option<u64>,
+    // What a drain needs when neither the config nor a registration names the target
+    // any more (e.g. a registered target deregistered before the restart).
+    pub weight: u32,
+    pub port: Option<u16>,
+    pub mac: Option<MacAddr>,
+    pub source: Source,
+}
+
+/// What the registry must remember across a restart: the runtime changes and every
+/// target's state. See [`Registry::snapshot`] and [`Registry::restore`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegistrySnapshot {
+    /// Targets registered at runtime.
+    pub registered: Vec<SavedRegistration>,
+    /// Config targets deregistered at runtime (they stay out while the config lists them).
+    pub deregistered: Vec<SavedDeregistration>,
+    /// Every target's state, draining ones included.
+    pub targets: Vec<SavedTarget>,
+}
+
+/// A part of a [`RegistrySnapshot`] that [`Registry::restore`] left out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ignored {
+    /// "registration", "state" or "drain".
+    pub what: &'static str,
+    pub group: String,
+    pub ip: IpAddr,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Ignored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "saved {} of {} in group `{}` ignored: {}", self.what, self.ip, self.group, self.reason)
+    }
+}
+
+/// What [`Registry::restore`] resumed, for the agent's log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RestoreReport {
+    /// Runtime registrations in force again.
+    pub registrations: usize,
+    /// Runtime deregistrations of config targets in force again.
+    pub deregistrations: usize,
+    /// Health-checked targets resumed in their saved state.
+    pub states: usize,
+    /// Drains resumed with their remaining time (0 if it ran out while the agent was down).
+    pub drains: usize,
+    pub ignored: Vec<Ignored>,
+}
+
+/// Milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Parses `IP`, `IP:port` or `[IPv6]:port`.
@@ -396,6 +482,210 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// What to save to resume this registry after a restart. Drain deadlines are turned
+    /// into wall-clock time with the two clocks read at the same moment.
+    pub fn snapshot(&self, now: Instant, now_wall: SystemTime) -> RegistrySnapshot {
+        let wall = unix_ms(now_wall);
+        RegistrySnapshot {
+            registered: self
+                .api_added
+                .iter()
+                .map(|((group, ip), (weight, port))| SavedRegistration {
+                    group: group.clone(),
+                    ip: *ip,
+                    weight: *weight,
+                    port: *port,
+                })
+                .collect(),
+            deregistered: self
+                .api_removed
+                .iter()
+                .map(|(group, ip)| SavedDeregistration { group: group.clone(), ip: *ip })
+                .collect(),
+            targets: self
+                .entries
+                .iter()
+                .map(|((group, ip), e)| SavedTarget {
+                    group: group.clone(),
+                    ip: *ip,
+                    state: e.state(),
+                    checked: e.checked,
+                    reason: e.tracker.last_reason().map(str::to_owned),
+                    drained_unhealthy: e.drained_unhealthy,
+                    drain_until_unix_ms: e.drain_until.map(|t| {
+                        let left = u64::try_from(t.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX);
+                        wall.saturating_add(left)
+                    }),
+                    weight: e.weight,
+                    port: e.port,
+                    mac: e.mac,
+                    source: e.source,
+                })
+                .collect(),
+        }
+    }
+
+    /// A registry for `config` resuming `snapshot`: call it at start instead of
+    /// `Registry::default()` + [`Registry::sync`] (it syncs with `config` itself), with
+    /// both clocks read at the same moment. In order:
+    ///
+    /// 1. Deregistrations of targets `config` still lists, and registrations that pass
+    ///    the checks of [`Registry::check_register`] against `config` (group, address,
+    ///    weight, probe port, room), come back; then the registry syncs with `config`.
+    /// 2. Each target in the result takes its saved health state (counts start from
+    ///    zero), unless its group's health checks were turned on or off, or the group is
+    ///    unused now or was then. Unchecked targets are healthy, as always.
+    /// 3. A saved drain of a target the config and registrations no longer name resumes
+    ///    with the time it had left (`drain_until_unix_ms - now_wall`, at most
+    ///    `MAX_DEREGISTRATION_DELAY_SECS`): one that ran out while the agent was down
+    ///    ends at the next [`Registry::expire`].
+    ///
+    /// Targets whose group is gone, or that neither the config nor a registration names
+    /// and are not draining, are left out and listed in the report, as are registrations
+    /// that fail the checks.
+    pub fn restore(
+        config: &Config,
+        snapshot: &RegistrySnapshot,
+        now: Instant,
+        now_wall: SystemTime,
+    ) -> (Registry, RestoreReport) {
+        let mut report = RestoreReport::default();
+        let mut r = Registry::default();
+        let listed =
+            |key: &TargetKey| config.target_group(&key.0).is_some_and(|g| g.targets.iter().any(|t| t.ip == key.1));
+        // A deregistration of a target the config no longer lists does nothing (and a
+        // reload that lists it again would drop it): left out without a word.
+        r.api_removed = snapshot.deregistered.iter().map(|d| (d.group.clone(), d.ip)).filter(listed).collect();
+        report.deregistrations = r.api_removed.len();
+        r.sync(config, now);
+
+        let used = |group: &str| config.listeners.iter().any(|l| l.target_group == group);
+        let mut in_group: BTreeMap<String, usize> = BTreeMap::new();
+        for key in r.entries.keys() {
+            *in_group.entry(key.0.clone()).or_default() += 1;
+        }
+        let mut in_datapath = r.entries.values().filter(|e| e.state() != TargetState::Unused).count();
+        for reg in &snapshot.registered {
+            let key = (reg.group.clone(), reg.ip);
+            let new = !r.entries.contains_key(&key) && !r.api_added.contains_key(&key);
+            let checked = group(config, &reg.group).and_then(|g| {
+                check_saved_registration(config, g, reg)?;
+                let count = in_group.get(&g.name).copied().unwrap_or(0);
+                if new && count + 1 > config.dataplane.ring_size as usize {
+                    return Err(RegistryError::GroupFull {
+                        group: g.name.clone(),
+                        targets: count,
+                        ring_size: config.dataplane.ring_size,
+                    });
+                }
+                if new && used(&g.name) && in_datapath + 1 >= lb_common::MAX_BACKENDS as usize {
+                    return Err(RegistryError::LbFull { targets: in_datapath, capacity: lb_common::MAX_BACKENDS - 1 });
+                }
+                Ok(())
+            });
+            match checked {
+                Ok(()) => {
+                    if new {
+                        *in_group.entry(reg.group.clone()).or_default() += 1;
+                        in_datapath += usize::from(used(&reg.group));
+                    }
+                    r.register(key, reg.weight, reg.port);
+                    report.registrations += 1;
+                }
+                Err(e) => report.ignored.push(Ignored {
+                    what: "registration",
+                    group: reg.group.clone(),
+                    ip: reg.ip,
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        r.sync(config, now);
+
+        let wall = unix_ms(now_wall);
+        for saved in &snapshot.targets {
+            let key = (saved.group.clone(), saved.ip);
+            let ignore = |what, reason: &str| Ignored {
+                what,
+                group: saved.group.clone(),
+                ip: saved.ip,
+                reason: reason.to_owned(),
+            };
+            let Some(g) = config.target_group(&saved.group) else {
+                let what = if saved.drain_until_unix_ms.is_some() { "drain" } else { "state" };
+                report.ignored.push(ignore(what, "its group is no longer in the config"));
+                continue;
+            };
+            let thresholds = g.health_check.as_ref().map(|h| (h.healthy_threshold, h.unhealthy_threshold));
+            if let Some(e) = r.entries.get_mut(&key) {
+                if saved.drain_until_unix_ms.is_some() || saved.state == TargetState::Draining {
+                    report.ignored.push(ignore("drain", "the config or a registration names the target again"));
+                } else if e.checked != saved.checked {
+                    report.ignored.push(ignore("state", "its group's health checks were turned on or off"));
+                } else if let (Some((healthy, unhealthy)), false) =
+                    (thresholds, e.state() == TargetState::Unused || saved.state == TargetState::Unused)
+                {
+                    e.tracker = Tracker::restored(healthy, unhealthy, saved.state, saved.reason.clone());
+                    report.states += 1;
+                }
+                continue;
+            }
+            // (A draining state without a deadline, from a hand-edited file, is not a drain.)
+            let Some(deadline) = saved.drain_until_unix_ms else {
+                report.ignored.push(ignore("state", "neither the config nor a registration names it any more"));
+                continue;
+            };
+            if in_datapath + 1 >= lb_common::MAX_BACKENDS as usize {
+                let full = RegistryError::LbFull { targets: in_datapath, capacity: lb_common::MAX_BACKENDS - 1 };
+                report.ignored.push(ignore("drain", &full.to_string()));
+                continue;
+            }
+            let left = deadline.saturating_sub(wall).min(MAX_DEREGISTRATION_DELAY_SECS * 1000);
+            let (healthy, unhealthy) = thresholds.unwrap_or((1, 1));
+            r.entries.insert(
+                key,
+                Entry {
+                    weight: saved.weight,
+                    port: saved.port,
+                    mac: saved.mac,
+                    source: saved.source,
+                    tracker: Tracker::restored(healthy, unhealthy, TargetState::Draining, saved.reason.clone()),
+                    drain_until: Some(now + Duration::from_millis(left)),
+                    last_latency: None,
+                    checked: thresholds.is_some(),
+                    drained_unhealthy: saved.drained_unhealthy,
+                },
+            );
+            in_datapath += 1;
+            report.drains += 1;
+        }
+        (r, report)
+    }
+}
+
+/// The checks of [`Registry::check_register`] that do not depend on the other targets,
+/// for a saved registration.
+fn check_saved_registration(
+    config: &Config,
+    group: &TargetGroup,
+    reg: &SavedRegistration,
+) -> Result<(), RegistryError> {
+    if reg.port == Some(0) {
+        return Err(RegistryError::PortZero { target: SocketAddr::new(reg.ip, 0).to_string() });
+    }
+    if let Some(reason) = crate::config::unusable_unicast(reg.ip) {
+        return Err(RegistryError::UnusableAddress { ip: reg.ip, reason });
+    }
+    if !(1..=MAX_WEIGHT).contains(&reg.weight) {
+        return Err(RegistryError::WeightOutOfRange { weight: reg.weight });
+    }
+    if group.health_check.is_some() && reg.port.is_none() && group.probe_port(&config.listeners).is_none() {
+        return Err(RegistryError::NoProbePort { group: group.name.clone() });
+    }
+    Ok(())
+}
+
 fn group<'a>(config: &'a Config, name: &str) -> Result<&'a TargetGroup, RegistryError> {
     config.target_group(name).ok_or_else(|| RegistryError::UnknownGroup {
         group: name.to_string(),
@@ -620,6 +910,243 @@ mod tests {
         c2.listeners[0].target_group = "spare".into();
         r.sync(&c2, Instant::now());
         assert_eq!(r.get(&k).map(Entry::state), Some(TargetState::Healthy));
+    }
+
+    const CHECKED: &str =
+        "health_check = { interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }";
+
+    fn probe(r: &mut Registry, k: &TargetKey, ok: bool, times: usize) {
+        let p =
+            Probe { ok, latency: Duration::from_millis(1), reason: if ok { "connected" } else { "refused" }.into() };
+        for _ in 0..times {
+            r.on_probe(k, &p);
+        }
+    }
+
+    fn wall(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    /// Resolves every address the registry needs, on one interface.
+    fn resolved(r: &Registry, c: &Config) -> std::collections::HashMap<IpAddr, crate::control::plan::Resolved> {
+        use crate::control::plan::{Interface, Resolved};
+        let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
+        r.addresses(c)
+            .into_iter()
+            .map(|(ip, _)| (ip, Resolved { ip, dev: dev.clone(), mac: [2, 0, 0, 0, 0, 9] }))
+            .collect()
+    }
+
+    /// A registry with every kind of runtime knowledge: health states, a registration,
+    /// a deregistered config target (unhealthy when it began to drain), a deregistered
+    /// registered target, and allocators that went through plans freeing ids.
+    fn lived_in(c: &Config, t0: Instant) -> (Registry, crate::control::plan::Allocators) {
+        use crate::control::plan::{Allocators, RingCache, build_cached};
+        let mut r = Registry::default();
+        let mut ids = Allocators::new(c.dataplane.max_vips);
+        let mut cache = RingCache::default();
+        let mut plan = |r: &Registry, ids: &mut Allocators| {
+            build_cached(c, &r.plan_groups(c), &resolved(r, c), ids, &mut cache).expect("plan");
+        };
+        r.sync(c, t0);
+        for ip in ["198.18.0.20", "198.18.0.21:8080", "198.18.0.22"] {
+            let reg = check(&r, c, ip, Some(3)).expect("valid");
+            r.register(reg.key, reg.weight, reg.port);
+        }
+        r.sync(c, t0);
+        plan(&r, &mut ids);
+        // .20 leaves at once (expired), so ids are freed and generations move on.
+        r.deregister(c, "web", "198.18.0.20").expect("registered");
+        r.sync(c, t0);
+        r.expire(t0 + Duration::from_secs(10));
+        plan(&r, &mut ids);
+        plan(&r, &mut ids);
+        probe(&mut r, &key("198.18.0.11"), true, 2);
+        probe(&mut r, &key("198.18.0.12"), false, 2);
+        probe(&mut r, &key("198.18.0.21"), true, 3);
+        r.deregister(c, "web", "198.18.0.12").expect("listed");
+        r.deregister(c, "web", "198.18.0.22").expect("registered");
+        r.sync(c, t0);
+        plan(&r, &mut ids);
+        (r, ids)
+    }
+
+    #[test]
+    fn snapshot_and_restore_resume_runtime_changes_states_drains_and_ids() {
+        use crate::control::plan::{Allocators, RingCache, build_cached};
+        let c = config(CHECKED);
+        let t0 = Instant::now();
+        let (r, ids) = lived_in(&c, t0);
+        assert_eq!(
+            r.get(&key("198.18.0.12")).map(|e| (e.state(), e.drained_unhealthy)),
+            Some((TargetState::Draining, true))
+        );
+
+        // Saved 2 s into the drains, restored 3 s of wall time later: 5 s left.
+        let w0 = 1_700_000_000_000;
+        let saved = r.snapshot(t0 + Duration::from_secs(2), wall(w0));
+        let text = serde_json::to_string(&saved).expect("json");
+        let loaded: RegistrySnapshot = serde_json::from_str(&text).expect("parse");
+        assert_eq!(loaded, saved);
+        let t1 = t0 + Duration::from_secs(60); // the new process's clock is unrelated
+        let (back, report) = Registry::restore(&c, &loaded, t1, wall(w0 + 3_000));
+        assert_eq!(
+            (report.registrations, report.deregistrations, report.states, report.drains, report.ignored.len()),
+            (1, 1, 2, 2, 0),
+            "{report:?}"
+        );
+        assert_eq!(back.api_added, r.api_added);
+        assert_eq!(back.api_removed, r.api_removed);
+        let states = |r: &Registry| {
+            r.entries()
+                .iter()
+                .map(|(k, e)| (k.clone(), e.state(), e.weight, e.port, e.source, e.drained_unhealthy))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(states(&back), states(&r));
+        for ip in ["198.18.0.12", "198.18.0.22"] {
+            assert_eq!(back.get(&key(ip)).and_then(|e| e.drain_until), Some(t1 + Duration::from_secs(5)), "{ip}");
+        }
+        assert_eq!(back.snapshot(t1, wall(w0 + 3_000)), saved, "the same knowledge, the same deadlines");
+
+        // The allocators resume too: the plan is the same, slot for slot, id for id,
+        // generation for generation.
+        let json = serde_json::to_string(&ids.snapshot()).expect("json");
+        let mut restored =
+            Allocators::restore(c.dataplane.max_vips, &serde_json::from_str(&json).expect("parse")).expect("restore");
+        let mut before_ids = ids.clone();
+        let before =
+            build_cached(&c, &r.plan_groups(&c), &resolved(&r, &c), &mut before_ids, &mut RingCache::default())
+                .expect("plan");
+        let after =
+            build_cached(&c, &back.plan_groups(&c), &resolved(&back, &c), &mut restored, &mut RingCache::default())
+                .expect("plan");
+        assert_eq!(after, before);
+        assert!(!after.backends.is_empty() && !after.vips.is_empty());
+
+        // A new target after the restart gets a generation never seen before.
+        let mut grown = back.clone();
+        let reg = check(&grown, &c, "198.18.0.30", None).expect("valid");
+        grown.register(reg.key, reg.weight, reg.port);
+        grown.sync(&c, t1);
+        let plan =
+            build_cached(&c, &grown.plan_groups(&c), &resolved(&grown, &c), &mut restored, &mut RingCache::default())
+                .expect("plan");
+        let ip30: IpAddr = "198.18.0.30".parse().expect("ip");
+        let new_gen = plan.backends.values().find(|(ip, _)| *ip == ip30).map(|(_, b)| b.generation).expect("planned");
+        assert!(before.backends.values().all(|(_, b)| b.generation < new_gen));
+
+        // The drains end when their remaining time is up.
+        let mut ending = back.clone();
+        assert!(ending.expire(t1 + Duration::from_millis(4_999)).is_empty());
+        assert_eq!(ending.expire(t1 + Duration::from_secs(5)), vec![key("198.18.0.12"), key("198.18.0.22")]);
+    }
+
+    #[test]
+    fn drains_that_ran_out_end_at_the_next_expire_and_clock_jumps_are_bounded() {
+        let c = config(CHECKED);
+        let t0 = Instant::now();
+        let (r, _) = lived_in(&c, t0);
+        let w0 = 1_700_000_000_000;
+        let saved = r.snapshot(t0, wall(w0));
+        let t1 = t0 + Duration::from_secs(1);
+        let (mut late, report) = Registry::restore(&c, &saved, t1, wall(w0 + 11_000));
+        assert_eq!(report.drains, 2, "resumed, to end at once");
+        assert_eq!(late.get(&key("198.18.0.12")).map(Entry::state), Some(TargetState::Draining));
+        assert_eq!(late.expire(t1).len(), 2);
+        // The wall clock went back a day: a drain lasts at most the longest delay.
+        let (back, _) = Registry::restore(&c, &saved, t1, wall(w0 - 86_400_000));
+        let limit = t1 + Duration::from_secs(MAX_DEREGISTRATION_DELAY_SECS);
+        assert_eq!(back.get(&key("198.18.0.12")).and_then(|e| e.drain_until), Some(limit));
+    }
+
+    #[test]
+    fn restore_of_an_empty_snapshot_is_a_sync() {
+        let c = config(CHECKED);
+        let now = Instant::now();
+        let (restored, report) = Registry::restore(&c, &RegistrySnapshot::default(), now, wall(0));
+        let mut synced = Registry::default();
+        synced.sync(&c, now);
+        assert_eq!(restored.snapshot(now, wall(0)), synced.snapshot(now, wall(0)));
+        assert_eq!(report, RestoreReport::default());
+    }
+
+    #[test]
+    fn restore_leaves_out_what_the_config_no_longer_allows() {
+        let with_spare =
+            config(&format!("{CHECKED}\n[[target_groups]]\nname = \"spare\"\ntargets = [{{ ip = \"198.18.0.31\" }}]"));
+        let t0 = Instant::now();
+        let mut r = Registry::default();
+        r.sync(&with_spare, t0);
+        probe(&mut r, &key("198.18.0.11"), false, 2);
+        for target in ["198.18.0.21:8080", "198.18.0.22:8080"] {
+            let reg = check(&r, &with_spare, target, None).expect("valid");
+            r.register(reg.key, reg.weight, reg.port);
+        }
+        let spare = ("spare".to_string(), "198.18.0.32".parse().expect("ip"));
+        r.register(spare, 1, None);
+        r.sync(&with_spare, t0);
+        r.deregister(&with_spare, "web", "198.18.0.22").expect("registered");
+        r.sync(&with_spare, t0);
+        let mut saved = r.snapshot(t0, wall(1_000));
+        // A hand-edited file: a weight out of range.
+        saved.registered.push(SavedRegistration {
+            group: "web".into(),
+            ip: "198.18.0.23".parse().expect("ip"),
+            weight: 0,
+            port: Some(80),
+        });
+
+        // Restarted with health checks off, the spare group gone, .12 gone from the
+        // file and .22 listed in it.
+        let mut c = config("");
+        c.target_groups[0].targets[1].ip = "198.18.0.22".parse().expect("ip");
+        let (back, report) = Registry::restore(&c, &saved, Instant::now(), wall(2_000));
+        let ignored: Vec<String> = report.ignored.iter().map(ToString::to_string).collect();
+        let expected = [
+            "saved registration of 198.18.0.32 in group `spare` ignored: no target group `spare`; the groups are: web",
+            "saved registration of 198.18.0.23 in group `web` ignored: weight 0 is out of range: use 1..=1000",
+            "saved state of 198.18.0.31 in group `spare` ignored: its group is no longer in the config",
+            "saved state of 198.18.0.32 in group `spare` ignored: its group is no longer in the config",
+            "saved state of 198.18.0.11 in group `web` ignored: its group's health checks were turned on or off",
+            "saved state of 198.18.0.12 in group `web` ignored: neither the config nor a registration names it any more",
+            "saved state of 198.18.0.21 in group `web` ignored: its group's health checks were turned on or off",
+            "saved drain of 198.18.0.22 in group `web` ignored: the config or a registration names the target again",
+        ];
+        assert_eq!(ignored, expected);
+        assert_eq!(back.get(&key("198.18.0.11")).map(Entry::state), Some(TargetState::Healthy), "unchecked now");
+        assert_eq!(
+            back.get(&key("198.18.0.22")).map(|e| (e.state(), e.source)),
+            Some((TargetState::Healthy, Source::Config))
+        );
+        assert_eq!(back.get(&key("198.18.0.21")).map(|e| e.source), Some(Source::Api));
+        assert_eq!(back.entries().len(), 3);
+        // The same file with its checks: .11's unhealthy state comes back, not fail-open.
+        let (checked, _) = Registry::restore(&config(CHECKED), &saved, Instant::now(), wall(2_000));
+        assert_eq!(checked.get(&key("198.18.0.11")).map(Entry::state), Some(TargetState::Unhealthy));
+        assert_eq!(checked.get(&key("198.18.0.11")).map(Entry::reason).as_deref(), Some("refused"));
+        assert_eq!(checked.get(&key("198.18.0.21")).map(Entry::state), Some(TargetState::Initial));
+    }
+
+    #[test]
+    fn restored_registrations_are_held_to_the_limits() {
+        let c = config("");
+        let mut full = c.clone();
+        full.dataplane.ring_size = 3; // room for one more than the two file targets
+        let saved = RegistrySnapshot {
+            registered: ["198.18.0.21", "198.18.0.22"]
+                .into_iter()
+                .map(|ip| SavedRegistration { group: "web".into(), ip: ip.parse().expect("ip"), weight: 1, port: None })
+                .collect(),
+            ..RegistrySnapshot::default()
+        };
+        let (back, report) = Registry::restore(&full, &saved, Instant::now(), wall(0));
+        assert_eq!(report.registrations, 1);
+        assert_eq!(report.ignored.len(), 1);
+        assert!(report.ignored[0].reason.contains("group `web` is full"), "{:?}", report.ignored);
+        assert_eq!(back.entries().len(), 3);
+        let (all, report) = Registry::restore(&c, &saved, Instant::now(), wall(0));
+        assert_eq!((all.entries().len(), report.registrations), (4, 2));
     }
 
     #[test]
