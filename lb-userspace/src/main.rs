@@ -346,6 +346,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let answer = block_on(Client::new(&api.socket).status())?;
             print_answer(&answer, api.json, |answer| {
                 println!("agent pid {} up {} s, config {}", answer.pid, answer.uptime_secs, answer.config);
+                let d = &answer.datapath;
+                match (d.maps.as_str(), &d.previous_agent) {
+                    ("adopted", Some(prev)) => {
+                        println!("datapath adopted from the previous agent ({prev}): connection table kept")
+                    }
+                    ("adopted", None) => println!("datapath adopted from the previous agent: connection table kept"),
+                    ("replaced", _) => println!("datapath maps replaced at start (--fresh-maps)"),
+                    _ => println!("datapath created by this agent"),
+                }
                 for l in &answer.listeners {
                     println!("listener {:<16} {:<32} -> {}", l.name, l.vip, l.target_group);
                 }

@@ -39,6 +39,10 @@ pub struct SavedState {
     pub version: u32,
     /// When it was written, in milliseconds since the Unix epoch.
     pub saved_at_unix_ms: u64,
+    /// Set by an agent that stopped cleanly (SIGTERM/SIGINT), when it stopped; absent if
+    /// it was killed or crashed after its last save.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at_unix_ms: Option<u64>,
     pub registry: RegistrySnapshot,
     pub ids: AllocatorsSnapshot,
 }
@@ -50,6 +54,7 @@ impl SavedState {
             format: STATE_FORMAT.to_owned(),
             version: STATE_VERSION,
             saved_at_unix_ms: unix_ms(now_wall),
+            stopped_at_unix_ms: None,
             registry,
             ids,
         }

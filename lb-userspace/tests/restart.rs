@@ -238,6 +238,11 @@ fn restart_loses_nothing(sig: libc::c_int, name: &str) {
     assert!(logs.contains("adopted the running datapath"), "{logs}");
     assert!(logs.contains("XDP program replaced in place"), "{logs}");
     assert_eq!(states(&rig.topo), before, "the restarted agent's targets and their states");
+    let status = block_on(client.status()).expect("GET /v1/status");
+    assert_eq!(status.datapath.maps, "adopted");
+    let previous = status.datapath.previous_agent.unwrap_or_default();
+    let ended = if sig == libc::SIGKILL { "killed or crashed" } else { "stopped" };
+    assert!(previous.contains(ended), "{previous}");
     rounds_pass(&rounds, 5);
     Rig::check_connections(&mut conns, "after the restart");
 

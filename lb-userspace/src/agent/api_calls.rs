@@ -103,6 +103,7 @@ impl Agent {
                 .map(|(group, healthy, targets)| GroupInfo { group, healthy, targets })
                 .collect(),
             last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
+            datapath: self.datapath_status.clone(),
         }
     }
 
@@ -203,6 +204,8 @@ fn failure(e: &AgentError, refused: &str) -> ApiFailure {
         | AgentError::DatapathThread { .. }
         | AgentError::Api { .. }
         | AgentError::Metrics { .. }
+        | AgentError::StateFile(_)
+        | AgentError::RestoreIds { .. }
         | AgentError::Join(_) => ApiFailure::internal(message),
     }
 }

@@ -24,7 +24,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     api,
@@ -34,7 +34,7 @@ use crate::{
     control::plan::{self, Allocators, PlanError},
     control::registry::{Registry, TargetKey},
     datapath::{
-        ApplyReport, Dataplane, DataplaneError, LoadOptions,
+        ApplyReport, Dataplane, DataplaneError, LoadOptions, Origin,
         thread::{DatapathGone, DatapathThread},
     },
     health::{self, HealthEvent},
@@ -80,6 +80,16 @@ pub enum AgentError {
     RolledBackFailed { apply: String, rollback: String },
     #[error(transparent)]
     DatapathGone(#[from] DatapathGone),
+    #[error(transparent)]
+    StateFile(#[from] crate::state_file::StateFileError),
+    #[error(
+        "the agent state file {path} holds ids this datapath cannot take: move it away to start from the config alone (flows of the running datapath may move)"
+    )]
+    RestoreIds {
+        path: PathBuf,
+        #[source]
+        source: crate::control::ids::RestoreIdsError,
+    },
     #[error("starting the datapath thread")]
     DatapathThread {
         #[source]
@@ -266,6 +276,8 @@ pub async fn run(
     if detach {
         let removed = agent.dp.run(|dp| dp.detach()).await??;
         info!(interfaces = ?removed.links, maps = removed.maps, "datapath removed");
+    } else {
+        agent.save_state(&agent.registry.clone(), true).await;
     }
     drop(agent);
     Ok(())
@@ -286,10 +298,15 @@ async fn start(
     let load = LoadOptions { ring_size: dpc.ring_size, max_vips: dpc.max_vips, conn_table_size: dpc.conn_table_size };
     let mut dp = Dataplane::open(opts.object, load, &dpc.pin_dir, opts.fresh_maps)?;
     let origin = dp.origin();
-    let mut registry = Registry::default();
-    registry.sync(&config, Instant::now());
+    let state_path = crate::state_file::path_in(&dpc.state_dir);
+    let (registry, mut ids, previous_agent) = restore(&config, &state_path, origin).await?;
+    if origin == Origin::Adopted {
+        // Ids the maps still use but the state does not know (a change applied just
+        // before a crash, not yet saved) are not handed out in this first plan.
+        let (slots, backends) = dp.live_ids();
+        ids.hold_back(&slots, &backends);
+    }
     let resolved = resolve_all(&config, &registry.addresses(&config), opts.resolve_wait).await?;
-    let mut ids = Allocators::new(dpc.max_vips);
     let mut rings = plan::RingCache::default();
     let plan = plan::build_cached(&config, &registry.plan_groups(&config), &resolved, &mut ids, &mut rings)?;
     let report = dp.apply(&plan)?;
@@ -335,10 +352,66 @@ async fn start(
         dirty: false,
         log_task,
         api_tx: None,
+        datapath_status: api::DatapathStatus { maps: origin.as_str().to_string(), previous_agent },
     };
     agent.sync_monitors();
+    agent.save_state(&agent.registry.clone(), false).await;
     agent.publish();
     Ok(agent)
+}
+
+/// The registry and ids from the state file (runtime registrations, deregistrations
+/// with their drain time left, health states, ids), or from the config alone when
+/// there is none. Also says how the previous agent ended, for `lb status`.
+async fn restore(
+    config: &Config,
+    path: &std::path::Path,
+    origin: Origin,
+) -> Result<(Registry, Allocators, Option<String>), AgentError> {
+    let owned = path.to_owned();
+    let saved = tokio::task::spawn_blocking(move || crate::state_file::load(&owned))
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))??;
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let max_vips = config.dataplane.max_vips;
+    let Some(saved) = saved else {
+        if origin == Origin::Adopted {
+            warn!(path = %path.display(), "no agent state file: ids are assigned from the config, so flows of the running datapath may move");
+        }
+        let mut registry = Registry::default();
+        registry.sync(config, now);
+        return Ok((registry, Allocators::new(max_vips), None));
+    };
+    let (registry, report) = Registry::restore(config, &saved.registry, now, wall);
+    info!(
+        path = %path.display(),
+        registrations = report.registrations,
+        deregistrations = report.deregistrations,
+        health_states = report.states,
+        drains = report.drains,
+        "agent state restored"
+    );
+    for ignored in &report.ignored {
+        warn!(%ignored, "not restored");
+    }
+    let ids = match Allocators::restore(max_vips, &saved.ids) {
+        Ok(ids) => ids,
+        Err(source) if origin == Origin::Adopted => {
+            return Err(AgentError::RestoreIds { path: path.to_owned(), source });
+        }
+        Err(e) => {
+            // New maps: any consistent assignment is as good.
+            warn!(error = %e, "saved ids do not fit the new maps; assigning new ones");
+            Allocators::new(max_vips)
+        }
+    };
+    let now_ms = crate::control::registry::unix_ms(wall);
+    let ago = |ms: u64| now_ms.saturating_sub(ms) / 1000;
+    let previous = match saved.stopped_at_unix_ms {
+        Some(at) => format!("stopped {} s before this start", ago(at)),
+        None => format!("last saved its state {} s before this start, then was killed or crashed", ago(saved.saved_at_unix_ms)),
+    };
+    Ok((registry, ids, Some(previous)))
 }
 
 /// The first setting that differs and cannot change without a restart.
@@ -350,6 +423,8 @@ fn restart_field(old: &Config, new: &Config) -> Option<&'static str> {
         Some("dataplane.xdp_mode")
     } else if o.pin_dir != n.pin_dir {
         Some("dataplane.pin_dir")
+    } else if o.state_dir != n.state_dir {
+        Some("dataplane.state_dir")
     } else if o.ring_size != n.ring_size {
         Some("dataplane.ring_size")
     } else if o.max_vips != n.max_vips {

@@ -35,6 +35,8 @@ pub(super) struct Agent {
     pub(super) api_tx: Option<mpsc::Sender<api_calls::ApiCall>>,
     /// Forwards the program's rare-event logs (aya-log) to the agent's log.
     pub(super) log_task: Option<tokio::task::JoinHandle<()>>,
+    /// How this agent found the datapath (for `GET /v1/status`).
+    pub(super) datapath_status: api::DatapathStatus,
 }
 
 /// Plans written for one change: the second adds what waited for ids the first freed.
@@ -99,6 +101,7 @@ impl Agent {
             self.ids = ids;
             self.plan = plan;
             if !self.plan.deferred {
+                self.save_state(registry, false).await;
                 return Ok(total);
             }
             debug!("some listeners or targets wait for ids this update freed: writing a second plan");
@@ -157,6 +160,30 @@ impl Agent {
             Err(e) => error!(why, error = %chain(&e), "updating the datapath failed; retrying every 100 ms"),
         }
         self.publish();
+    }
+}
+
+impl Agent {
+    /// Saves `registry` and the ids to the state file (atomically, on a blocking
+    /// thread), after every applied change and at a clean stop (`stopped`). A failed
+    /// save is logged; the datapath is unaffected, and the next change saves again.
+    pub(super) async fn save_state(&self, registry: &Registry, stopped: bool) {
+        let wall = std::time::SystemTime::now();
+        let mut state = crate::state_file::SavedState::new(
+            registry.snapshot(Instant::now(), wall),
+            self.ids.snapshot(),
+            wall,
+        );
+        if stopped {
+            state.stopped_at_unix_ms = Some(state.saved_at_unix_ms);
+        }
+        let path = crate::state_file::path_in(&self.config.dataplane.state_dir);
+        let saved = tokio::task::spawn_blocking(move || crate::state_file::save(&path, &state)).await;
+        match saved {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %chain(&e), "saving the agent state failed; a restart would forget the latest changes"),
+            Err(e) => error!(error = %e, "saving the agent state failed"),
+        }
     }
 }
 

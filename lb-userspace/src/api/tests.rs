@@ -83,6 +83,7 @@ fn status_answer() -> StatusResponse {
         }],
         target_groups: vec![GroupInfo { group: "web".into(), healthy: 1, targets: 2 }],
         last_datapath_update_ms: None,
+        datapath: DatapathStatus { maps: "adopted".into(), previous_agent: None },
     }
 }
 
@@ -219,6 +220,7 @@ async fn status_route() {
             "listeners": [{ "name": "web", "vip": "198.18.1.100:80/tcp", "target_group": "web" }],
             "target_groups": [{ "group": "web", "healthy": 1, "targets": 2 }],
             "last_datapath_update_ms": null,
+            "datapath": { "maps": "adopted", "previous_agent": null },
         })
     );
     assert_eq!(server.calls(), ["status", "status"]);

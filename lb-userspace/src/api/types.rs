@@ -50,6 +50,18 @@ pub struct StatusResponse {
     /// How long the last health/drain-driven change took to reach the datapath, in ms
     /// (`null` before the first one).
     pub last_datapath_update_ms: Option<f64>,
+    pub datapath: DatapathStatus,
+}
+
+/// The datapath in [`StatusResponse`], as this agent found it when it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatapathStatus {
+    /// `fresh` (created by this agent), `adopted` (left running by a previous agent:
+    /// connection table, ids and rings kept) or `replaced` (`--fresh-maps`).
+    pub maps: String,
+    /// For adopted maps: how the previous agent ended, from its state file, e.g.
+    /// `stopped at 2026-12-01T23:10:04Z` or `last seen at ... (killed or crashed)`.
+    pub previous_agent: Option<String>,
 }
 
 /// A listener in [`StatusResponse`].

@@ -110,6 +110,14 @@ impl<K: Eq + Hash + Clone> Ids<K> {
         Ok(Ids { assigned, free, quarantined: Vec::new(), capacity: end - first })
     }
 
+    /// Moves `ids` that are free to the back of the free queue: they are handed out
+    /// last. For ids the datapath still uses that the restored state does not know.
+    pub fn hold_back(&mut self, ids: &[u32]) {
+        let held: Vec<u32> = self.free.iter().copied().filter(|id| ids.contains(id)).collect();
+        self.free.retain(|id| !held.contains(id));
+        self.free.extend(held);
+    }
+
     /// Ids in use.
     pub fn assigned(&self) -> &HashMap<K, u32> {
         &self.assigned
@@ -276,6 +284,12 @@ impl Allocators {
         })
     }
 
+    /// [`Ids::hold_back`] for VIP slots and backend ids.
+    pub fn hold_back(&mut self, vip_slots: &[u32], backend_ids: &[u32]) {
+        self.vips.hold_back(vip_slots);
+        self.backends.hold_back(backend_ids);
+    }
+
     /// Backends whose generation is remembered (for tests of the pruning).
     pub fn generations_len(&self) -> usize {
         self.gens.len()
@@ -340,5 +354,13 @@ mod tests {
         twice.vips.push(SavedVipSlot { slot: 0, ..snap.vips[0].clone() });
         let err = Allocators::restore(2, &twice).expect_err("a VIP twice");
         assert_eq!(err.to_string(), "saved VIP 198.18.1.100:80/tcp appears twice");
+    }
+
+    #[test]
+    fn held_back_ids_are_handed_out_last() {
+        let mut ids: Ids<u8> = Ids::new(1, 5);
+        ids.hold_back(&[1, 2]);
+        let a = ids.assign(&[10, 11, 12, 13], "id").expect("assign");
+        assert_eq!((a.ids[&10], a.ids[&11], a.ids[&12], a.ids[&13]), (3, 4, 1, 2));
     }
 }

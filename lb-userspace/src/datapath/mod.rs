@@ -309,6 +309,11 @@ impl Dataplane {
         Ok(dp)
     }
 
+    /// VIP slots and backend ids the maps use now.
+    pub fn live_ids(&self) -> (Vec<u32>, Vec<u32>) {
+        (self.applied.vips.values().map(|m| m.id).collect(), self.applied.backends.keys().copied().collect())
+    }
+
     /// Where the maps came from.
     pub fn origin(&self) -> Origin {
         self.origin

@@ -263,6 +263,7 @@ version = 1
 interfaces = ["eth0"]
 xdp_mode = "native"
 pin_dir = "{pin}"
+state_dir = "{state}"
 max_vips = 8
 
 [control]
@@ -303,6 +304,7 @@ targets = [{t}
 "#,
             id = self.id,
             pin = self.pin_dir.display(),
+            state = state_dir_for(&self.pin_dir).display(),
             socket = self.socket().display(),
         )
     }
@@ -336,9 +338,17 @@ targets = [{t}
     }
 }
 
+/// The agent state directory the rigs' configs give an agent pinning at `pin_dir`: in
+/// the temp directory, named after the pin directory (so `sweep_stale` finds it).
+pub fn state_dir_for(pin_dir: &std::path::Path) -> PathBuf {
+    let name = pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    std::env::temp_dir().join(format!("{name}-state"))
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        let _ = std::fs::remove_dir_all(state_dir_for(&self.pin_dir));
         let _ = std::fs::remove_file(self.socket());
     }
 }
@@ -633,11 +643,12 @@ impl BenchTopology {
             .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)))
             .collect();
         format!(
-            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\nmax_vips = 1\n\
+            "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\nmax_vips = 1\n\
              [control]\nsocket = \"/run/lb/{}.sock\"\n\
              [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
              [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
             self.pin_dir().display(),
+            state_dir_for(&self.pin_dir()).display(),
             self.id,
             targets.join(", ")
         )
@@ -822,6 +833,7 @@ impl Drop for AgentProcess {
         let _ = self.stop();
         if self.detach_on_drop {
             let _ = crate::datapath::pins::detach_pinned(&self.pin_dir);
+            let _ = std::fs::remove_dir_all(state_dir_for(&self.pin_dir));
         }
     }
 }

@@ -345,6 +345,7 @@ fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
             tracing::warn!("the LB dropped frames during the benchmark");
         }
         agent.stop().map_err(setup("agent stop"))?;
+        let _ = std::fs::remove_dir_all(crate::testing::topology::state_dir_for(&pin_dir));
     }
 
     // The baseline: kernel forwarding with nftables DNAT, no LB program.
