@@ -730,13 +730,33 @@ impl AgentProcess {
         config: &std::path::Path,
         pin_dir: &std::path::Path,
     ) -> Result<AgentProcess, TopologyError> {
+        AgentProcess::start_wrapped(&[], lb, ns, config, pin_dir)
+    }
+
+    /// [`AgentProcess::start`] through a wrapper command that ends by exec'ing its
+    /// arguments, e.g. `setpriv --bounding-set=... --`: runs `wrapper[0] wrapper[1..] lb
+    /// run --config config`. The wrapper execs, so [`AgentProcess::pid`] is the agent's.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        lb: &std::path::Path,
+        ns: &Netns,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+    ) -> Result<AgentProcess, TopologyError> {
         let log = TempFile(std::env::temp_dir().join(format!(
             "{}-agent-{}.log",
             ns.name(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         )));
         let stderr = std::fs::File::create(&log.0).map_err(io("creating the agent log"))?;
-        let mut cmd = std::process::Command::new(lb);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args).arg(lb);
+                cmd
+            }
+            None => std::process::Command::new(lb),
+        };
         cmd.arg("run").arg("--config").arg(config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         ns.process(&mut cmd)?;
         let child = cmd.spawn().map_err(io(format!("starting {}", lb.display())))?;
