@@ -49,6 +49,22 @@ enum Cmd {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Build `lb` (release) and install it to run under systemd: the binary to
+    /// <prefix>/bin/lb, dist/lb.service to /etc/systemd/system/lb.service, the example
+    /// config to /etc/lb/lb.toml unless a config is there, then `systemctl daemon-reload`
+    /// if systemd is running. Needs root. See docs/operations.md.
+    Install {
+        /// Where the binary goes: <prefix>/bin/lb (the unit's ExecStart follows).
+        #[arg(long, default_value = "/usr/local")]
+        prefix: PathBuf,
+        /// Install under this directory instead of / (for packaging; the unit still
+        /// names the final paths, and systemd is not told).
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+        /// Print what would be done and change nothing (does not build).
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Set up, build, and run `lb demo` (client, LB and three HTTP backends in network
     /// namespaces, real traffic, counters). Needs root.
     Demo {
@@ -128,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             status(&mut cmd)
         }
+        Cmd::Install { prefix, destdir, dry_run } => install(&root, &prefix, destdir.as_deref(), dry_run),
         Cmd::Demo { args } => {
             setup()?;
             step("building and running `lb demo`");
@@ -296,4 +313,192 @@ fn bpffs() -> anyhow::Result<()> {
     }
     step("mounting bpffs at /sys/fs/bpf");
     status(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// The systemd unit (`ExecStart=` names /usr/local/bin/lb) and the example config.
+const UNIT: &str = include_str!("../../dist/lb.service");
+const EXAMPLE_CONFIG: &str = include_str!("../../docs/lb.example.toml");
+const UNIT_PATH: &str = "/etc/systemd/system/lb.service";
+const CONFIG_PATH: &str = "/etc/lb/lb.toml";
+/// Present exactly when systemd is the running init (sd_booted(3)).
+const SYSTEMD_RUNNING: &str = "/run/systemd/system";
+
+/// One step of `cargo xtask install`.
+#[derive(Debug, PartialEq)]
+enum Install {
+    /// `cargo build --release -p lb-userspace --bin lb`.
+    Build,
+    /// Copies a file: to `<to>.new`, then renamed over `to`, so that a running agent's
+    /// binary is replaced, not written into (which would fail with ETXTBSY).
+    Copy { from: PathBuf, to: PathBuf, mode: u32 },
+    /// Writes `contents` to `to`, replacing what is there.
+    Write { to: PathBuf, contents: String, mode: u32 },
+    /// Writes `contents` to `to` only if nothing is there (an operator's config is kept).
+    WriteIfMissing { to: PathBuf, contents: String, mode: u32 },
+    /// `systemctl daemon-reload`, if systemd is running.
+    DaemonReload,
+}
+
+/// What `cargo xtask install --prefix prefix [--destdir destdir]` does, in order.
+fn install_plan(root: &Path, prefix: &Path, destdir: Option<&Path>) -> Vec<Install> {
+    let bin = prefix.join("bin/lb");
+    let unit = UNIT.replace("ExecStart=/usr/local/bin/lb ", &format!("ExecStart={} ", bin.display()));
+    // DESTDIR convention: every installed path is put under destdir, contents unchanged.
+    let dest = |path: &Path| match destdir {
+        Some(d) => d.join(path.strip_prefix("/").unwrap_or(path)),
+        None => path.to_owned(),
+    };
+    let mut plan = vec![
+        Install::Build,
+        Install::Copy { from: root.join("target/release/lb"), to: dest(&bin), mode: 0o755 },
+        Install::Write { to: dest(Path::new(UNIT_PATH)), contents: unit, mode: 0o644 },
+        Install::WriteIfMissing { to: dest(Path::new(CONFIG_PATH)), contents: EXAMPLE_CONFIG.to_owned(), mode: 0o644 },
+    ];
+    if destdir.is_none() {
+        plan.push(Install::DaemonReload);
+    }
+    plan
+}
+
+fn install(root: &Path, prefix: &Path, destdir: Option<&Path>, dry_run: bool) -> anyhow::Result<()> {
+    let systemd = Path::new(SYSTEMD_RUNNING).exists();
+    let would = if dry_run { "would " } else { "" };
+    for action in install_plan(root, prefix, destdir) {
+        match action {
+            Install::Build => {
+                step(&format!("{would}build lb (cargo build --release -p lb-userspace --bin lb)"));
+                if !dry_run {
+                    status(Command::new(cargo()).current_dir(root).args([
+                        "build",
+                        "--release",
+                        "-p",
+                        "lb-userspace",
+                        "--bin",
+                        "lb",
+                    ]))?;
+                }
+            }
+            Install::Copy { from, to, mode } => {
+                step(&format!("{would}install {} to {} (mode {mode:o})", from.display(), to.display()));
+                if !dry_run {
+                    let new = to.with_extension("new");
+                    create_parent(&to)?;
+                    std::fs::copy(&from, &new)
+                        .with_context(|| format!("copying {} to {}", from.display(), new.display()))?;
+                    set_mode(&new, mode)?;
+                    std::fs::rename(&new, &to)
+                        .with_context(|| format!("renaming {} to {}", new.display(), to.display()))?;
+                }
+            }
+            Install::Write { to, contents, mode } => {
+                let old = std::fs::read_to_string(&to).ok();
+                let same = old.as_deref() == Some(contents.as_str());
+                let what = match old {
+                    _ if same => "unchanged",
+                    Some(_) => "replaces the one there",
+                    None => "new",
+                };
+                step(&format!("{would}install dist/lb.service to {} ({what}, mode {mode:o})", to.display()));
+                if !dry_run && !same {
+                    write_file(&to, &contents, mode)?;
+                }
+            }
+            Install::WriteIfMissing { to, contents, mode } => {
+                if to.exists() {
+                    step(&format!("{} exists: kept as it is", to.display()));
+                } else {
+                    step(&format!("{would}install the example config to {} (mode {mode:o})", to.display()));
+                    if !dry_run {
+                        write_file(&to, &contents, mode)?;
+                    }
+                }
+            }
+            Install::DaemonReload => {
+                if systemd {
+                    step(&format!("{would}run systemctl daemon-reload"));
+                    if !dry_run {
+                        status(Command::new("systemctl").arg("daemon-reload"))?;
+                    }
+                } else {
+                    step(&format!("systemd is not running ({SYSTEMD_RUNNING} is missing): no daemon-reload"));
+                }
+            }
+        }
+    }
+    let bin = prefix.join("bin/lb");
+    println!(
+        "next steps:\n  1. edit {CONFIG_PATH} (interfaces, listeners, targets) and check it: {} check --config {CONFIG_PATH}\n  2. start the agent now and at boot: systemctl enable --now lb\n  3. follow it: journalctl -u lb -f; reload the config: systemctl reload lb",
+        bin.display()
+    );
+    Ok(())
+}
+
+fn create_parent(path: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {} (are you root?)", dir.display()))?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    create_parent(path)?;
+    std::fs::write(path, contents).with_context(|| format!("writing {} (are you root?)", path.display()))?;
+    set_mode(path, mode)
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn install_puts_the_binary_unit_and_config_in_place() {
+        let plan = install_plan(Path::new("/src"), Path::new("/usr/local"), None);
+        assert_eq!(plan[0], Install::Build);
+        assert_eq!(
+            plan[1],
+            Install::Copy {
+                from: PathBuf::from("/src/target/release/lb"),
+                to: PathBuf::from("/usr/local/bin/lb"),
+                mode: 0o755
+            }
+        );
+        assert_eq!(plan[2], Install::Write { to: PathBuf::from(UNIT_PATH), contents: UNIT.to_owned(), mode: 0o644 });
+        assert!(
+            matches!(&plan[3], Install::WriteIfMissing { to, contents, .. } if to == Path::new(CONFIG_PATH) && contents.contains("version = 1"))
+        );
+        assert_eq!(plan[4], Install::DaemonReload);
+    }
+
+    #[test]
+    fn another_prefix_moves_the_units_exec_start_along() {
+        let plan = install_plan(Path::new("/src"), Path::new("/opt/lb"), None);
+        let Install::Write { contents, .. } = &plan[2] else { panic!("{plan:?}") };
+        assert!(contents.contains("\nExecStart=/opt/lb/bin/lb run --config /etc/lb/lb.toml\n"), "{contents}");
+        assert!(!contents.contains("/usr/local/bin/lb"), "{contents}");
+    }
+
+    #[test]
+    fn a_destdir_takes_every_file_and_systemd_is_not_told() {
+        let plan = install_plan(Path::new("/src"), Path::new("/usr/local"), Some(Path::new("/tmp/pkg")));
+        let to: Vec<&Path> = plan
+            .iter()
+            .filter_map(|a| match a {
+                Install::Copy { to, .. } | Install::Write { to, .. } | Install::WriteIfMissing { to, .. } => {
+                    Some(to.as_path())
+                }
+                Install::Build | Install::DaemonReload => None,
+            })
+            .collect();
+        let want = ["/tmp/pkg/usr/local/bin/lb", "/tmp/pkg/etc/systemd/system/lb.service", "/tmp/pkg/etc/lb/lb.toml"];
+        assert_eq!(to, want.map(Path::new));
+        assert!(!plan.contains(&Install::DaemonReload));
+        let Install::Write { contents, .. } = &plan[2] else { panic!("{plan:?}") };
+        assert!(contents.contains("\nExecStart=/usr/local/bin/lb run"), "the unit names the final path");
+    }
 }

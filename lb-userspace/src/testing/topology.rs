@@ -744,11 +744,35 @@ impl AgentProcess {
         config: &std::path::Path,
         pin_dir: &std::path::Path,
     ) -> Result<AgentProcess, TopologyError> {
-        Self::start_args(lb, ns, config, pin_dir, &[])
+        Self::launch(&[], lb, ns, config, pin_dir, &[])
     }
 
     /// [`AgentProcess::start`] with more arguments for `lb run`.
     pub fn start_args(
+        lb: &std::path::Path,
+        ns: &Netns,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+        args: &[&str],
+    ) -> Result<AgentProcess, TopologyError> {
+        Self::launch(&[], lb, ns, config, pin_dir, args)
+    }
+
+    /// [`AgentProcess::start`] through a wrapper command that ends by exec'ing its
+    /// arguments, e.g. `setpriv --bounding-set=... --`: runs `wrapper[0] wrapper[1..] lb
+    /// run --config config`. The wrapper execs, so [`AgentProcess::pid`] is the agent's.
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        lb: &std::path::Path,
+        ns: &Netns,
+        config: &std::path::Path,
+        pin_dir: &std::path::Path,
+    ) -> Result<AgentProcess, TopologyError> {
+        Self::launch(wrapper, lb, ns, config, pin_dir, &[])
+    }
+
+    fn launch(
+        wrapper: &[&str],
         lb: &std::path::Path,
         ns: &Netns,
         config: &std::path::Path,
@@ -761,7 +785,14 @@ impl AgentProcess {
             SEQ.fetch_add(1, Ordering::Relaxed)
         )));
         let stderr = std::fs::File::create(&log.0).map_err(io("creating the agent log"))?;
-        let mut cmd = std::process::Command::new(lb);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(wrapper_args).arg(lb);
+                cmd
+            }
+            None => std::process::Command::new(lb),
+        };
         cmd.arg("run").arg("--config").arg(config).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
         ns.process(&mut cmd)?;
