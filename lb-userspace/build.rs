@@ -1,5 +1,8 @@
-//! Builds the XDP objects with aya-build: lb-ebpf (the load balancer, always) and, with
-//! the `tools` feature, lb-tools-ebpf (generator, sink, pass). The library embeds them.
+//! Builds the XDP objects with aya-build: lb-ebpf (always; one `cargo build --bins` makes
+//! both its bins, `lb-xdp`, the load balancer, and `lb-xdp-next`, the upgrade tests' second
+//! build) and, with the `tools` feature, lb-tools-ebpf (generator, sink, pass). aya-build
+//! copies each bin into OUT_DIR under its bin name; the library embeds them (`lb-xdp-next`
+//! with the `tools` feature only).
 //! Needs the nightly toolchain's rust-src and bpf-linker: `cargo xtask setup`.
 use anyhow::{Context as _, anyhow};
 

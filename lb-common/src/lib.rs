@@ -98,6 +98,11 @@ pub mod maps {
     pub const GEN_SEQ: &str = "LB_GEN_SEQ";
     /// `PerCpuArray<Counter>` (1 entry): what an XDP sink received.
     pub const SINK_STATS: &str = "LB_SINK_STATS";
+
+    /// `PerCpuArray<u64>` (1 entry), test-only: frames seen by `lb-xdp-next`, the LB
+    /// program built again with this one extra counter (the upgrade tests' "build B").
+    /// The product object does not have it.
+    pub const NEXT_SEEN: &str = "LB_NEXT_SEEN";
 }
 
 /// Read-only globals the agent sets at load time (`EbpfLoader::set_global`).

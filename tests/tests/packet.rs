@@ -740,3 +740,129 @@ fn unhealthy_targets_lose_their_flows_healthy_ones_keep_theirs(h: &mut Harness) 
     assert_eq!(h.counters()[C::FailOpen as usize] - before[C::FailOpen as usize], 1);
     h.apply(CONFIG);
 }
+
+/// A directory on the bpffs for a test's pins, removed with its pins on drop.
+struct PinDir(std::path::PathBuf);
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The upgrade tests' "build B" (`lb-xdp-next`), loaded directly with aya on the maps of
+/// a product `Dataplane` (pinned here, then opened by the loader by pin path, as an upgrade
+/// does): a different program (tag) on the very same maps, which gives each frame the
+/// verdict and output bytes the product gives it, whichever of the two sees a flow first,
+/// and counts the frames it runs into `LB_NEXT_SEEN`.
+#[test]
+fn the_next_build_forwards_like_the_product_on_the_same_maps() {
+    if !privileged("the_next_build_forwards_like_the_product_on_the_same_maps") {
+        return;
+    }
+    use aya::{
+        EbpfLoader,
+        maps::{MapData, MapInfo, PerCpuArray},
+        programs::Xdp,
+    };
+    use lb_common::{RINGS_PER_VIP, globals, maps, programs};
+
+    let ns = Netns::create(&format!("lbt{}-next", std::process::id())).expect("netns");
+    ns.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "r1"]).expect("veth");
+    ns.run(|| {
+        let redirect_ifindex = lb_userspace::host::blocking::interface("r0").expect("r0").ifindex;
+        let h = Harness::new(redirect_ifindex, CONFIG);
+        let pins = PinDir(Path::new("/sys/fs/bpf").join(format!("lbt{}-next", std::process::id())));
+        let _ = std::fs::remove_dir_all(&pins.0);
+        std::fs::create_dir_all(&pins.0).expect("pin directory");
+        let paths: Vec<(&'static str, std::path::PathBuf)> = maps::ALL.iter().map(|n| (*n, pins.0.join(n))).collect();
+        for (name, path) in &paths {
+            h.dp.map(name).expect("product map").pin(path).expect("pin product map");
+        }
+
+        // Loaded as `Dataplane::load` loads the product: same ring size, same map sizes.
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(globals::RING_SIZE, &RING, true)
+            .map_max_entries(maps::RINGS, RINGS_PER_VIP * 8 * RING)
+            .map_max_entries(maps::CONNS, 1024);
+        for (name, path) in &paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut next = loader.load(lb_userspace::testing::programs::NEXT_OBJECT).expect("the next object loads");
+        let prog: &mut Xdp = next.program_mut(programs::LB).expect("lb_xdp").try_into().expect("an XDP program");
+        prog.load().expect("the verifier accepts the next build");
+        let next_prog: &Xdp = next.program(programs::LB).expect("lb_xdp").try_into().expect("an XDP program");
+        let product = h.dp.program().expect("product program");
+
+        // Another program, the same kernel maps (names as the kernel keeps them: 15 bytes).
+        let info = |p: &Xdp| p.info().expect("program info");
+        assert_ne!(info(next_prog).tag(), info(product).tag(), "the two builds are different programs");
+        let map_ids = |p: &Xdp| -> HashMap<String, u32> {
+            let ids = info(p).map_ids().expect("map ids").unwrap_or_default();
+            ids.into_iter()
+                .map(|id| (MapInfo::from_id(id).expect("map info").name_as_str().unwrap_or_default().to_string(), id))
+                .collect()
+        };
+        let (product_maps, next_maps) = (map_ids(product), map_ids(next_prog));
+        for name in maps::ALL {
+            let kernel_name = &name[..name.len().min(15)];
+            let id = product_maps.get(kernel_name).unwrap_or_else(|| panic!("the product uses {name}"));
+            assert_eq!(next_maps.get(kernel_name), Some(id), "{name}: the next build uses the product's map");
+        }
+
+        let run = |p: &Xdp, input: &[u8]| -> (u32, Vec<u8>) {
+            let mut out = vec![0u8; input.len() + 256];
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(input);
+            opts.data_out = Some(&mut out);
+            let r = p.test_run(opts).expect("BPF_PROG_RUN");
+            out.truncate(r.data_size_out as usize);
+            (r.return_value, out)
+        };
+        let seen = || -> u64 {
+            let map = next.map(maps::NEXT_SEEN).expect("the next object has LB_NEXT_SEEN");
+            let seen: PerCpuArray<&MapData, u64> = map.try_into().expect("a per-CPU array");
+            seen.get(&0, 0).expect("LB_NEXT_SEEN[0]").iter().sum()
+        };
+
+        let syn = tcp_flags::SYN;
+        let cases = [
+            (
+                "tcp4 new flow, the next build first",
+                frame(Frame::tcp(sa("198.18.0.2:42000"), sa("198.18.1.100:80"), syn)),
+                true,
+            ),
+            (
+                "udp6 new flow, the product first",
+                frame(Frame::udp(sa("[fd00:18::2]:42001"), sa("[fd00:18:1::100]:53"))),
+                false,
+            ),
+            ("tcp4 to the LB host", frame(Frame::tcp(sa("198.18.0.2:42002"), sa("198.18.0.1:22"), syn)), true),
+        ];
+        for (name, (input, f), next_first) in cases {
+            let (before, seen_before) = (h.counters(), seen());
+            let (first, second) = if next_first { (next_prog, product) } else { (product, next_prog) };
+            let (verdict, out) = run(first, &input);
+            assert_eq!(run(second, &input), (verdict, out.clone()), "{name}: same verdict and output bytes");
+            assert_eq!(seen() - seen_before, 1, "{name}: LB_NEXT_SEEN counts the next build's frame only");
+            let after = h.counters();
+            let moved = |c: C| after[c as usize] - before[c as usize];
+            assert_eq!(moved(C::Rx), 2, "{name}: both builds count into the shared LB_GLOBAL_STATS");
+            if name.ends_with("LB host") {
+                assert_eq!((verdict, &out[..]), (xdp_action::PASS, &input[..]), "{name}: passed untouched");
+                assert_eq!(moved(C::PassNotVip), 2, "{name}: pass_not_vip");
+                continue;
+            }
+            // Forwarded to the ring's backend, and the second program found the flow the
+            // first one remembered in the shared connection table.
+            let ((ip, dst_mac), src_mac) = h.expected_backend(&f);
+            let mut expected = input.clone();
+            expected[0..6].copy_from_slice(&dst_mac);
+            expected[6..12].copy_from_slice(&src_mac);
+            assert_eq!((verdict, out), (xdp_action::TX, expected), "{name}: XDP_TX to {ip}, only the MACs changed");
+            assert_eq!((moved(C::ConnMiss), moved(C::ConnHit), moved(C::Tx)), (1, 1, 2), "{name}: miss, then hit");
+        }
+    })
+    .expect("netns");
+}

@@ -1,5 +1,6 @@
 //! The tools' XDP object (lb-tools-ebpf): `lb_gen`, `lb_sink`, `lb_pass`, loaded by the
-//! tools and the test rigs only.
+//! tools and the test rigs only; and the LB's second build (`lb-xdp-next`) for the
+//! upgrade tests.
 
 use aya::{
     Ebpf,
@@ -12,6 +13,12 @@ use crate::datapath::{DataplaneError, load_program, permission_hint, xdp_mut, xd
 
 /// The tools' XDP object, built by build.rs from lb-tools-ebpf.
 pub static TOOLS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-tools"));
+
+/// lb-xdp built again with one extra counter: the "build B" of the upgrade tests. Built
+/// by build.rs from lb-ebpf's `lb-xdp-next` bin: the same program (`lb_xdp`) and maps as
+/// [`EBPF_OBJECT`](crate::datapath::EBPF_OBJECT), plus `LB_NEXT_SEEN`
+/// ([`maps::NEXT_SEEN`]), which counts every frame it sees.
+pub static NEXT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-xdp-next"));
 
 /// One of the tools' programs (`lb_pass`, `lb_sink`), loaded on its own. Attached in native mode if asked; detached on drop.
 pub struct AuxProgram {
