@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DatapathInfo, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, FlowKey, FlowValue, GlobalCounter,
-    MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey, VipMeta,
+    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, DatapathInfo, FlowKey, FlowValue,
+    GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey, VipMeta,
 };
 
 /// VIPs keyed by (address, port, protocol).

@@ -173,8 +173,13 @@ fn the_agent_serves_with_only_the_units_capabilities() {
     let mut topo = Topology::build(2).expect("topology");
     topo.start_http().expect("http servers");
     // Health checks, the control socket and the metrics endpoint run under the same set.
-    let config = |targets: &[(usize, u32)]| topo.config_with(targets, EXTRA);
-    let config = TempFile::write(&format!("{}-caps.toml", topo.id), &config(&[(1, 1), (2, 1)])).expect("config");
+    // The state file goes where the unit's StateDirectory= puts it, the one place under
+    // /var that ProtectSystem=strict leaves writable.
+    let state_dir = format!("/var/lib/lb/{}", topo.id);
+    let _state = StateDir(state_dir.clone());
+    let rig_state = lb_userspace::testing::topology::state_dir_for(&topo.pin_dir).display().to_string();
+    let config_for = |targets: &[(usize, u32)]| topo.config_with(targets, EXTRA).replace(&rig_state, &state_dir);
+    let config = TempFile::write(&format!("{}-caps.toml", topo.id), &config_for(&[(1, 1), (2, 1)])).expect("config");
     let wrapper = unit_wrapper(&caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let agent = AgentProcess::start_wrapped(&wrapper, LB.as_ref(), &topo.lb, &config.0, &topo.pin_dir)
@@ -216,7 +221,7 @@ fn the_agent_serves_with_only_the_units_capabilities() {
     assert_eq!(seen, HashSet::from(["backend=b1".to_owned(), "backend=b2".to_owned()]), "{}", agent.logs());
 
     // `systemctl reload` (SIGHUP) applies a new config with the same capabilities.
-    std::fs::write(&config.0, topo.config_with(&[(2, 1)], EXTRA)).expect("rewrite config");
+    std::fs::write(&config.0, config_for(&[(2, 1)])).expect("rewrite config");
     agent.signal(libc::SIGHUP);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while !agent.logs().contains("reload applied") {
@@ -227,4 +232,13 @@ fn the_agent_serves_with_only_the_units_capabilities() {
         assert_eq!(topo.curl(&format!("http://{VIP4}/")).expect("curl"), format!("backend=b2 client={CLIENT4}"));
     }
     assert!(!agent.logs().contains("ERROR"), "{}", agent.logs());
+}
+
+/// Removes the test's state directory, also when the test fails.
+struct StateDir(String);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }

@@ -215,7 +215,9 @@ fn restart_loses_nothing(sig: libc::c_int, name: &str) {
         .expect("register b3");
     block_on(client.deregister(&DeregisterRequest { group: "web".into(), target: "198.18.0.12".into() }))
         .expect("deregister b2");
-    wait_until("b3 healthy", Duration::from_secs(10), || states(&rig.topo).get(&ip(13)).is_some_and(|s| s == "healthy"));
+    wait_until("b3 healthy", Duration::from_secs(10), || {
+        states(&rig.topo).get(&ip(13)).is_some_and(|s| s == "healthy")
+    });
     let before = states(&rig.topo);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -273,6 +275,72 @@ fn sigterm_and_start_lose_no_datagram_and_move_no_flow() {
         return;
     }
     restart_loses_nothing(libc::SIGTERM, "SIGTERM");
+}
+
+/// Build A (`lb run`) is replaced by build B, whose program differs (one more counter):
+/// the program on the link is swapped in place, the maps and flows stay.
+#[test]
+fn an_upgrade_swaps_the_program_in_place_and_loses_nothing() {
+    if !privileged("an_upgrade_swaps_the_program_in_place_and_loses_nothing") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let rig = Rig::build(2, &[(1, 1), (2, 1)]);
+    let mut agent = rig.start(&[]);
+    rig.wait_healthy(2);
+    let mut conns = rig.connect(8);
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let sender = rig.start_udp(stop.clone(), rounds.clone());
+    rounds_pass(&rounds, 3);
+    let link = lb_userspace::datapath::pins::link_path(&rig.topo.pin_dir, "eth0");
+    let program_a = running_program(&link);
+
+    agent.stop().expect("build A stops");
+    let opts = RunOptions { object: lb_userspace::testing::programs::NEXT_OBJECT, ..RunOptions::new(&rig.config.0) };
+    let b = AgentHandle::start_in(&rig.topo.lb, opts).expect("build B starts");
+    let program_b = running_program(&link);
+    assert_ne!(program_a.0, program_b.0, "the link still runs build A's program");
+    assert_ne!(program_a.1, program_b.1, "build B's program has the same instructions (tag) as A's");
+    rounds_pass(&rounds, 5);
+    Rig::check_connections(&mut conns, "after the upgrade");
+    assert!(next_seen(program_b.0) > 0, "build B's extra counter did not count: B does not forward");
+
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("sender").expect("netns");
+    drop(conns);
+    b.stop_leaving_datapath().expect("build B stops");
+    let (flows, got) = rig.finish(sent);
+    report("upgrade", sent, got, &flows, 0);
+    assert_eq!(got, sent, "datagrams lost during the upgrade");
+    assert!(flows.values().all(|b| b.len() == 1), "flows moved during the upgrade");
+}
+
+/// (program id, tag) of the program on the pinned link at `path`.
+fn running_program(path: &std::path::Path) -> (u32, u64) {
+    let link = aya::programs::links::PinnedLink::from_pin(path).expect("pinned link");
+    let id = aya::programs::links::FdLink::from(link).info().expect("link info").program_id();
+    let prog = aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .expect("the link's program is loaded");
+    (id, prog.tag())
+}
+
+/// Sum over CPUs of build B's extra counter, found through the program's maps.
+fn next_seen(program: u32) -> u64 {
+    let prog = aya::programs::loaded_programs().filter_map(Result::ok).find(|p| p.id() == program).expect("program");
+    let ids = prog.map_ids().expect("map ids").unwrap_or_default();
+    for id in ids {
+        let info = aya::maps::MapInfo::from_id(id).expect("map info");
+        if info.name_as_str() == Some(lb_common::maps::NEXT_SEEN) {
+            let data = aya::maps::MapData::from_id(id).expect("map");
+            let map = aya::maps::Map::PerCpuArray(data);
+            let counts: aya::maps::PerCpuArray<&aya::maps::MapData, u64> = (&map).try_into().expect("typed");
+            return counts.get(&0, 0).expect("entry").iter().sum();
+        }
+    }
+    panic!("build B's program has no {} map", lb_common::maps::NEXT_SEEN)
 }
 
 /// A restart with an edited config applies only the difference: b3 removed, so only

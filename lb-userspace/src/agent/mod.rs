@@ -409,7 +409,10 @@ async fn restore(
     let ago = |ms: u64| now_ms.saturating_sub(ms) / 1000;
     let previous = match saved.stopped_at_unix_ms {
         Some(at) => format!("stopped {} s before this start", ago(at)),
-        None => format!("last saved its state {} s before this start, then was killed or crashed", ago(saved.saved_at_unix_ms)),
+        None => format!(
+            "last saved its state {} s before this start, then was killed or crashed",
+            ago(saved.saved_at_unix_ms)
+        ),
     };
     Ok((registry, ids, Some(previous)))
 }

@@ -169,11 +169,8 @@ impl Agent {
     /// save is logged; the datapath is unaffected, and the next change saves again.
     pub(super) async fn save_state(&self, registry: &Registry, stopped: bool) {
         let wall = std::time::SystemTime::now();
-        let mut state = crate::state_file::SavedState::new(
-            registry.snapshot(Instant::now(), wall),
-            self.ids.snapshot(),
-            wall,
-        );
+        let mut state =
+            crate::state_file::SavedState::new(registry.snapshot(Instant::now(), wall), self.ids.snapshot(), wall);
         if stopped {
             state.stopped_at_unix_ms = Some(state.saved_at_unix_ms);
         }
@@ -181,7 +178,9 @@ impl Agent {
         let saved = tokio::task::spawn_blocking(move || crate::state_file::save(&path, &state)).await;
         match saved {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => error!(error = %chain(&e), "saving the agent state failed; a restart would forget the latest changes"),
+            Ok(Err(e)) => {
+                error!(error = %chain(&e), "saving the agent state failed; a restart would forget the latest changes")
+            }
             Err(e) => error!(error = %e, "saving the agent state failed"),
         }
     }

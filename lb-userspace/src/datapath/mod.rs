@@ -332,12 +332,10 @@ impl Dataplane {
             // Reuses the map pinned there (checked compatible by `pins::check`).
             loader.map_pin_path(*name, path.as_path());
         }
-        let mut ebpf = loader
-            .load(object)
-            .map_err(|source| {
-                let hint = permission_hint(&source);
-                DataplaneError::Load { source: Box::new(source), hint }
-            })?;
+        let mut ebpf = loader.load(object).map_err(|source| {
+            let hint = permission_hint(&source);
+            DataplaneError::Load { source: Box::new(source), hint }
+        })?;
         for name in maps::ALL {
             if ebpf.map(name).is_none() {
                 return Err(DataplaneError::MissingMap { name });
@@ -347,7 +345,10 @@ impl Dataplane {
             let info = ebpf.map_mut(maps::INFO).ok_or(DataplaneError::MissingMap { name: maps::INFO })?;
             pins::write_info(info, &opts)?;
         }
-        let rings = RingMemory::map(ebpf.map(maps::RINGS).ok_or(DataplaneError::MissingMap { name: maps::RINGS })?, ring_entries)?;
+        let rings = RingMemory::map(
+            ebpf.map(maps::RINGS).ok_or(DataplaneError::MissingMap { name: maps::RINGS })?,
+            ring_entries,
+        )?;
         // Takes the program's log ring buffer; it must outlive the program's load.
         let logger = EbpfLogger::init(&mut ebpf).map_err(|source| DataplaneError::Log { source: Box::new(source) })?;
         load_program(&mut ebpf, programs::LB)?;
@@ -375,14 +376,16 @@ impl Dataplane {
             let (key, meta) = entry.map_err(err(maps::VIPS))?;
             applied.vips.insert(key, meta);
         }
-        let backends: Array<&MapData, Backend> = Array::try_from(self.map(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
+        let backends: Array<&MapData, Backend> =
+            Array::try_from(self.map(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
         for id in 1..backends.len() {
             let b = backends.get(&id, 0).map_err(err(maps::BACKENDS))?;
             if b != Backend::default() {
                 applied.backends.insert(id, b);
             }
         }
-        let ports: DevMapHash<&MapData> = DevMapHash::try_from(self.map(maps::TX_PORTS)?).map_err(err(maps::TX_PORTS))?;
+        let ports: DevMapHash<&MapData> =
+            DevMapHash::try_from(self.map(maps::TX_PORTS)?).map_err(err(maps::TX_PORTS))?;
         for key in ports.keys() {
             applied.tx_ports.insert(key.map_err(err(maps::TX_PORTS))?);
         }
@@ -510,9 +513,14 @@ impl Dataplane {
             for name in maps::ALL {
                 let path = dir.join(name);
                 if path.exists() {
-                    std::fs::remove_file(&path).map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
+                    std::fs::remove_file(&path)
+                        .map_err(|source| DataplaneError::PinDir { path: path.clone(), source })?;
                 }
-                self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin { name, path, source: Box::new(source) })?;
+                self.map(name)?.pin(&path).map_err(|source| DataplaneError::Pin {
+                    name,
+                    path,
+                    source: Box::new(source),
+                })?;
             }
         }
         let attached: BTreeSet<PathBuf> = self.links.iter().map(|a| a.path.clone()).collect();
