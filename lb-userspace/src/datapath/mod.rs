@@ -330,7 +330,7 @@ impl Dataplane {
             adopt.map(|dir| maps::ALL.iter().map(|&name| (name, dir.join(name))).collect()).unwrap_or_default();
         for (name, path) in &pin_paths {
             // Reuses the map pinned there (checked compatible by `pins::check`).
-            loader.map_pin_path(*name, path.as_path());
+            loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(object).map_err(|source| {
             let hint = permission_hint(&source);
@@ -428,10 +428,11 @@ impl Dataplane {
             Some((dir, _)) => pins::link_path(dir, &iface.name),
             None => PathBuf::new(),
         };
-        if !path.as_os_str().is_empty() && path.exists() {
-            if let Some(used) = self.replace_on_link(iface, &path)? {
-                return Ok(used);
-            }
+        if !path.as_os_str().is_empty()
+            && path.exists()
+            && let Some(used) = self.replace_on_link(iface, &path)?
+        {
+            return Ok(used);
         }
         if let Some(prog_id) = iface.xdp_prog {
             return Err(DataplaneError::AlreadyAttached { iface: iface.name.clone(), prog_id });

@@ -127,7 +127,7 @@ pub(super) fn check(object: &[u8], opts: &LoadOptions, dir: &Path, found: &Found
         let pinned_type = pinned.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
         let want = (def.map_type(), def.key_size(), def.value_size(), max_entries, def.map_flags());
         // The kernel adds BPF_F_RDONLY_PROG to devmaps itself.
-        let flags = pinned.map_flags() & !(aya_obj::generated::BPF_F_RDONLY_PROG as u32);
+        let flags = pinned.map_flags() & !aya_obj::generated::BPF_F_RDONLY_PROG;
         let have = (pinned_type, pinned.key_size(), pinned.value_size(), pinned.max_entries(), flags);
         if want != have {
             return Err(incompatible(format!(
