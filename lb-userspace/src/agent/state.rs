@@ -86,13 +86,13 @@ impl Agent {
         resolved: &HashMap<IpAddr, Resolved>,
     ) -> Result<ApplyReport, AgentError> {
         let (ids_before, plan_before) = (self.ids.clone(), self.plan.clone());
-        let groups = registry.plan_groups(config);
+        let groups = Arc::new(registry.plan_groups(config));
+        let (config_arc, resolved_arc) = (Arc::new(config.clone()), Arc::new(resolved.clone()));
         let mut total = ApplyReport::default();
         for _ in 0..MAX_PLANS_PER_CHANGE {
-            let mut ids = self.ids.clone();
-            let plan = match plan::build_cached(config, &groups, resolved, &mut ids, &mut self.rings) {
-                Ok(p) => Arc::new(p),
-                Err(e) => return self.roll_back(ids_before, plan_before, AgentError::Plan(e)).await,
+            let (plan, ids) = match self.build_plan(&config_arc, &groups, &resolved_arc).await {
+                Ok(built) => built,
+                Err(e) => return self.roll_back(ids_before, plan_before, e).await,
             };
             match self.write(plan.clone()).await {
                 Ok(report) => total += report,
@@ -108,6 +108,28 @@ impl Agent {
         }
         let e = AgentError::Plan(PlanError::StillDeferred);
         self.roll_back(ids_before, plan_before, e).await
+    }
+
+    /// Builds the plan on a blocking thread: a Maglev build of a large ring takes
+    /// milliseconds, which must not hold up health probes and API answers on the loop.
+    /// Returns it with the ids it assigned (committed by the caller once applied).
+    async fn build_plan(
+        &mut self,
+        config: &Arc<Config>,
+        groups: &Arc<Vec<plan::PlanGroup>>,
+        resolved: &Arc<HashMap<IpAddr, Resolved>>,
+    ) -> Result<(Arc<plan::Plan>, Allocators), AgentError> {
+        let (config, groups, resolved) = (config.clone(), groups.clone(), resolved.clone());
+        let mut ids = self.ids.clone();
+        let mut rings = std::mem::take(&mut self.rings);
+        let (built, ids, rings) = tokio::task::spawn_blocking(move || {
+            let built = plan::build_cached(&config, &groups, &resolved, &mut ids, &mut rings);
+            (built, ids, rings)
+        })
+        .await
+        .map_err(|e| AgentError::Join(e.to_string()))?;
+        self.rings = rings;
+        Ok((Arc::new(built?), ids))
     }
 
     /// Writes `plan` into the maps on the datapath thread.
