@@ -133,8 +133,12 @@ pub struct StartSample {
     pub maps: String,
     /// From just before the spawn to the `control API listening` log line.
     pub ready_ms: f64,
-    /// From just before the spawn to the `maps filled` log line (load, adopt or create,
-    /// resolve the targets, plan, write the maps).
+    /// Adopting starts: from just before the spawn to the `adopted the running
+    /// datapath's maps` log line (process start, config, loading the object, opening
+    /// and checking the pinned maps). Fresh starts log no such line.
+    pub maps_adopted_ms: Option<f64>,
+    /// From just before the spawn to the `maps filled` log line (the above, then
+    /// resolving the targets, planning and writing the maps).
     pub maps_filled_ms: f64,
     /// From just before the spawn to [`AgentProcess::start`] returning (polls the log
     /// every 50 ms).
@@ -240,13 +244,15 @@ impl RestartReport {
         );
         let _ = writeln!(
             s,
-            "\n(a) start to ready, {} starts each\n{:<8} {:>9} {:>9} {:>9} {:>14} {:>14} {:>11} {:>9}",
+            "\n(a) start to ready, {} starts each (ms from the spawn; phases: medians)\n\
+             {:<8} {:>9} {:>9} {:>9} {:>13} {:>12} {:>10} {:>13} {:>9}",
             self.repeats,
             "start",
             "min ms",
             "median",
             "max",
-            "maps filled ms",
+            "maps adopted",
+            "maps filled",
             "ring slots",
             "VIPs switched",
             "backends"
@@ -256,14 +262,18 @@ impl RestartReport {
             ("adopt", &self.startup.adopt, self.startup.adopt_ready_ms),
         ] {
             let filled = Spread::of(samples.iter().map(|x| x.maps_filled_ms));
+            let adopted: Vec<f64> = samples.iter().filter_map(|x| x.maps_adopted_ms).collect();
+            let adopted =
+                if adopted.is_empty() { "-".to_string() } else { format!("{:.1}", Spread::of(adopted).median) };
             let first = samples.first();
             let _ = writeln!(
                 s,
-                "{:<8} {:>9.1} {:>9.1} {:>9.1} {:>14.1} {:>14} {:>11} {:>9}",
+                "{:<8} {:>9.1} {:>9.1} {:>9.1} {:>13} {:>12.1} {:>10} {:>13} {:>9}",
                 name,
                 spread.min,
                 spread.median,
                 spread.max,
+                adopted,
                 filled.median,
                 first.map_or(0, |x| x.ring_slots),
                 first.map_or(0, |x| x.vips_switched),
@@ -458,6 +468,11 @@ fn timed_start(
     };
     let sample = StartSample {
         maps: field(filled, "maps").unwrap_or("?").to_string(),
+        maps_adopted_ms: log
+            .lines()
+            .find(|l| l.contains("adopted the running datapath"))
+            .and_then(log_time_ns)
+            .map(since),
         ready_ms: since(ready_at),
         maps_filled_ms: since(filled_at),
         observed_ms,
