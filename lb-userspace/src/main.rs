@@ -203,9 +203,16 @@ enum Command {
         /// A seconds-long run that exercises every part (numbers are not meaningful).
         #[arg(long)]
         tiny: bool,
-        /// Where to write the JSON results.
-        #[arg(long, default_value = "lb-bench.json")]
-        out: PathBuf,
+        /// Where to write the JSON results [default: lb-bench.json; with --restart:
+        /// target/bench/restart.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Instead: what a restart or an upgrade costs. (a) Time from `lb run` starting
+        /// to ready, adopting a running datapath against starting fresh, 64 VIPs on rings
+        /// of 65,537 slots; (b) datagrams lost and the longest forwarding gap while the
+        /// agent is restarted (SIGTERM, kill -9) or upgraded under a steady UDP stream.
+        #[arg(long, conflicts_with = "health_load")]
+        restart: bool,
         /// Instead: the agent's CPU while it health checks `--targets` targets every
         /// second (`lb run` as a process on a namespace topology, its utime + stime over
         /// a steady window of `--seconds`).
@@ -373,7 +380,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "tools")]
-        Command::Bench { tiny, out, health_load: true, targets, seconds, http } => {
+        Command::Bench { tiny, out, restart: true, .. } => {
+            use lb_userspace::tools::restart_bench::{self, RestartOptions};
+            let opts = if tiny { RestartOptions::tiny() } else { RestartOptions::full() };
+            let lb = std::env::current_exe().context("finding the lb binary")?;
+            let report = restart_bench::run(&opts, &lb).context("restart benchmark")?;
+            print!("{}", report.render());
+            let out = out.unwrap_or_else(|| PathBuf::from("target/bench/restart.json"));
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("JSON results: {}", out.display());
+            Ok(())
+        }
+        #[cfg(feature = "tools")]
+        Command::Bench { tiny, out, health_load: true, targets, seconds, http, .. } => {
             use lb_userspace::tools::health_load::{self, HealthLoadOptions};
             let mut opts = if tiny { HealthLoadOptions::tiny() } else { HealthLoadOptions::full() };
             if !tiny {
@@ -386,6 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lb = std::env::current_exe().context("finding the lb binary")?;
             let report = health_load::run(&opts, &lb).context("health-check load benchmark")?;
             print!("{}", report.render());
+            let out = out.unwrap_or_else(|| PathBuf::from("lb-bench.json"));
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("JSON results: {}", out.display());
@@ -400,6 +424,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = lb_userspace::tools::bench::run(&opts).context("benchmark")?;
             print!("{}", report.render());
+            let out = out.unwrap_or_else(|| PathBuf::from("lb-bench.json"));
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("\nJSON results: {}", out.display());

@@ -34,7 +34,9 @@ enum Cmd {
     /// rate against an nftables baseline, control-plane timings. Writes
     /// target/bench/bench.json. Needs root; a few minutes. With `--health-load`: the
     /// agent's CPU while it health checks 1,000 targets every second, written to
-    /// target/bench/health-load.json (about 30 s).
+    /// target/bench/health-load.json (about 30 s). With `--restart`: start to ready
+    /// adopting against fresh, and forwarding gaps through restarts and an upgrade,
+    /// written to target/bench/restart.json (about 30 s).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -121,8 +123,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = root.join("target/bench");
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             step("building and running `lb bench`");
-            // `cargo xtask bench --health-load` measures the agent under health checks instead.
-            let file = if args.iter().any(|a| a == "--health-load") { "health-load.json" } else { "bench.json" };
+            // `cargo xtask bench --health-load` measures the agent under health checks
+            // instead, `--restart` restarts and upgrades under traffic.
+            let file = if args.iter().any(|a| a == "--health-load") {
+                "health-load.json"
+            } else if args.iter().any(|a| a == "--restart") {
+                "restart.json"
+            } else {
+                "bench.json"
+            };
             status(
                 Command::new(cargo())
                     .current_dir(&root)

@@ -167,7 +167,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     Ok(BenchReport { machine: machine(), datapath, flatness, end_to_end, lb_vs_nftables, control_plane })
 }
 
-fn machine() -> Machine {
+/// The CPU model, CPU count and kernel release of this machine.
+pub fn machine() -> Machine {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let cpu_model = cpuinfo

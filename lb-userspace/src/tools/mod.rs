@@ -7,3 +7,4 @@ pub mod bench;
 pub mod demo;
 pub mod generator;
 pub mod health_load;
+pub mod restart_bench;
