@@ -1,5 +1,6 @@
-//! The thread that owns the [`Dataplane`] once the agent runs: map writes (a whole
-//! 65,537-slot ring is 65,537 syscalls) and the final detach happen there. The agent's
+//! The thread that owns the [`Dataplane`] once the agent runs: map writes (backends and
+//! VIPs are a syscall each; rings are compared and written through memory, up to
+//! milliseconds for many large rings) and the removal on `Control::Detach` happen there. The agent's
 //! loop awaits each write (changes are applied one at a time) without blocking its
 //! runtime: health monitors keep probing and the control API keeps answering reads
 //! from the published snapshot meanwhile.
@@ -18,7 +19,8 @@ type Job = Box<dyn FnOnce(&mut Dataplane) + Send>;
 pub struct DatapathGone;
 
 /// A [`Dataplane`] on its own thread. Jobs run one at a time, in the order sent.
-/// Dropping it stops the thread, which drops the `Dataplane` (detach and unpin).
+/// Dropping it stops the thread, which drops the `Dataplane` (the committed datapath
+/// stays; see `Dataplane::detach`).
 pub struct DatapathThread {
     jobs: Option<mpsc::Sender<Job>>,
     thread: Option<JoinHandle<()>>,
