@@ -1,9 +1,9 @@
 //! The thread that owns the [`Dataplane`] once the agent runs: map writes (backends and
 //! VIPs are a syscall each; rings are compared and written through memory, up to
-//! milliseconds for many large rings) and the removal on `Control::Detach` happen there. The agent's
-//! loop awaits each write (changes are applied one at a time) without blocking its
-//! runtime: health monitors keep probing and the control API keeps answering reads
-//! from the published snapshot meanwhile.
+//! milliseconds for many large rings) and the removal on `Control::Detach` happen
+//! there. The agent's loop awaits each write (changes are applied one at a time)
+//! without blocking its runtime: health monitors keep probing and the control API
+//! keeps answering reads from the published snapshot meanwhile.
 
 use std::{sync::mpsc, thread::JoinHandle};
 
