@@ -186,6 +186,20 @@ const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 /// A dataplane filled with `vips` TCP+UDP VIPs over `backends` targets, all behind
 /// `lo` (ifindex 1, BPF_PROG_RUN's ingress): forwarded frames are XDP_TX.
 fn loaded(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<Dataplane, BenchError> {
+    Ok(loaded_with(backends, vips, ring, conn_table)?.dp)
+}
+
+/// [`loaded`], with what the control-plane figures need: the config, the targets, the
+/// ids, and how long the first apply (all map work of a start) took.
+struct Loaded {
+    dp: Dataplane,
+    config: Config,
+    resolved: HashMap<IpAddr, Resolved>,
+    ids: Allocators,
+    first_apply: Duration,
+}
+
+fn loaded_with(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<Loaded, BenchError> {
     let targets: Vec<Ipv4Addr> =
         (0..backends).map(|i| Ipv4Addr::new(198, 18, 128 + (i / 250) as u8, 1 + (i % 250) as u8)).collect();
     // `vips` TCP VIPs, plus an IPv6 one while there is room.
@@ -224,9 +238,12 @@ fn loaded(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<Datapl
         conn_table_size: conn_table,
     })
     .map_err(setup("load"))?;
-    let p = plan::build(&config, &resolved, &mut Allocators::new(config.dataplane.max_vips)).map_err(setup("plan"))?;
+    let mut ids = Allocators::new(config.dataplane.max_vips);
+    let p = plan::build(&config, &resolved, &mut ids).map_err(setup("plan"))?;
+    let t = Instant::now();
     dp.apply(&p).map_err(setup("apply"))?;
-    Ok(dp)
+    let first_apply = t.elapsed();
+    Ok(Loaded { dp, config, resolved, ids, first_apply })
 }
 
 fn vip_addr(v: u32) -> Ipv4Addr {
@@ -314,9 +331,9 @@ fn datapath(opts: &BenchOptions) -> Result<Vec<CaseResult>, BenchError> {
 fn flatness(opts: &BenchOptions) -> Result<Vec<FlatResult>, BenchError> {
     let mut out = Vec::new();
     let mut shapes: Vec<(u32, u32, u32)> = opts.backend_counts.iter().map(|&b| (b, 1, RING)).collect();
-    // Many VIPs with a smaller ring: the VIP lookup is what scales, and 512 rings of
-    // 65537 slots take a minute of syscalls to fill.
-    shapes.extend(opts.vip_counts.iter().filter(|&&v| v > 1).map(|&v| (10, v, 4093)));
+    // Many VIPs, each with the full ring (written through memory: 512 VIPs fill in
+    // well under a second, see the control-plane figures).
+    shapes.extend(opts.vip_counts.iter().filter(|&&v| v > 1).map(|&v| (10, v, RING)));
     for (backends, vips, ring) in shapes {
         let dp = loaded(backends, vips, ring, (opts.single_runs * 4).max(lb_common::MIN_CONN_TABLE_SIZE))?;
         let prog = dp.program().map_err(setup("lb program"))?;
@@ -445,7 +462,52 @@ fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> 
         })
         .map_err(setup("netns"))??;
     out.push(ControlResult { what: "target removed from 100 -> new table live in the map (plan + apply)".into(), ms });
+
+    // All map work of a start with the most VIPs, and a health change seen by 64 VIPs.
+    let vips = opts.vip_counts.iter().copied().max().unwrap_or(1);
+    let l = loaded_with(10, vips, RING, lb_common::MIN_CONN_TABLE_SIZE)?;
+    out.push(ControlResult {
+        what: format!("start: all map work for {vips} VIPs at M={RING} (both rings each, first apply)"),
+        ms: l.first_apply.as_secs_f64() * 1e3,
+    });
+    drop(l);
+    let vips = 64.min(vips);
+    let ms = health_change_ms(vips)?;
+    out.push(ControlResult {
+        what: format!("health change in a group of 10 used by {vips} VIPs at M={RING}: plan + apply, live"),
+        ms,
+    });
     Ok(out)
+}
+
+/// One target of a 10-target group used by `vips` VIPs turns unhealthy: the agent's
+/// path (cached Maglev, one build for the group) to the new rings live in the maps.
+/// Median of 5 changes (unhealthy, then healthy again).
+fn health_change_ms(vips: u32) -> Result<f64, BenchError> {
+    use crate::control::health_state::TargetState;
+    let Loaded { mut dp, config, resolved, mut ids, .. } = loaded_with(10, vips, RING, lb_common::MIN_CONN_TABLE_SIZE)?;
+    let mut cache = plan::RingCache::default();
+    let healthy = plan::static_groups(&config);
+    let mut one_down = healthy.clone();
+    if let Some(t) = one_down.first_mut().and_then(|g| g.targets.first_mut()) {
+        t.state = TargetState::Unhealthy;
+    }
+    let mut apply = |groups: &[plan::PlanGroup]| -> Result<f64, BenchError> {
+        let t = Instant::now();
+        let p = plan::build_cached(&config, groups, &resolved, &mut ids, &mut cache).map_err(setup("plan"))?;
+        dp.apply(&p).map_err(setup("apply"))?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    // Both rings of every VIP hold the healthy table now; fill the spare ones with the
+    // other state once, so the measured changes write only differences.
+    apply(&one_down)?;
+    apply(&healthy)?;
+    let mut times = Vec::new();
+    for i in 0..5 {
+        times.push(apply(if i % 2 == 0 { &one_down } else { &healthy })?);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
 }
 
 impl BenchReport {
