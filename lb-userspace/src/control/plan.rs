@@ -12,6 +12,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use lb_common::{Backend, BackendFlags, VipFlags, VipKey, addr_from_ip};
@@ -66,7 +67,8 @@ pub struct PlannedVip {
     pub slot: u32,
     pub flags: VipFlags,
     /// Backend ids, `ring_size` of them; 0 where there is no backend.
-    pub ring: Vec<u32>,
+    /// Shared by every VIP of the group (and with the group's `RingCache` entry).
+    pub ring: Arc<[u32]>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -149,7 +151,7 @@ struct RingInputs {
 /// built without. Keep one per agent and pass it to every [`build_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct RingCache {
-    groups: HashMap<String, (RingInputs, Vec<u32>)>,
+    groups: HashMap<String, (RingInputs, Arc<[u32]>)>,
     builds: u64,
     reused: u64,
 }
@@ -182,11 +184,11 @@ impl RingCache {
         let ring = maglev::build(&mb, inputs.ring_size)
             .map_err(|source| PlanError::Maglev { group: group.to_owned(), source })?;
         self.builds += 1;
-        self.groups.insert(group.to_owned(), (inputs, ring));
+        self.groups.insert(group.to_owned(), (inputs, ring.into()));
         Ok(())
     }
 
-    fn ring(&self, group: &str) -> Option<&Vec<u32>> {
+    fn ring(&self, group: &str) -> Option<&Arc<[u32]>> {
         self.groups.get(group).map(|(_, ring)| ring)
     }
 }
@@ -273,7 +275,7 @@ pub fn build_cached(
         let group = l.target_group.as_str();
         let (ring, fail_open) = match (cache.ring(group), fail_open_now.get(group)) {
             (Some(ring), Some(fail_open)) => (ring.clone(), fail_open),
-            _ => (vec![0; ring_size as usize], &false),
+            _ => (Arc::from(vec![0; ring_size as usize]), &false),
         };
         let mut flags = match l.hash {
             HashMode::FiveTuple => VipFlags::empty(),
@@ -517,7 +519,7 @@ mod tests {
             p.backends.values().all(|(_, b)| b.flags == BackendFlags::VALID),
             "fail-open keeps flows where they are"
         );
-        let mut ids: Vec<u32> = p.vips[0].ring.clone();
+        let mut ids: Vec<u32> = p.vips[0].ring.to_vec();
         ids.sort_unstable();
         ids.dedup();
         assert_eq!(ids.len(), 2, "both targets take new flows");

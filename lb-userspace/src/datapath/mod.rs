@@ -175,6 +175,10 @@ pub struct LoadOptions {
 #[derive(Debug, Default)]
 struct Applied {
     vips: HashMap<VipKey, VipMeta>,
+    /// Ring index -> the planned table last stored there. Plans share one table per
+    /// group, so a VIP whose ring is the very table it already runs is unchanged without
+    /// comparing 65,537 slots. A ring not listed is compared through the mapping.
+    sources: HashMap<u32, std::sync::Arc<[u32]>>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
     /// VIP slots and backend ids the last apply took out of the datapath, and when.
@@ -632,7 +636,10 @@ impl Dataplane {
             let current = self.applied.vips.get(&vip.key).copied();
             let target_ring = match current {
                 Some(meta) if meta.id == vip.slot => {
-                    let unchanged = meta.flags == vip.flags && self.rings.holds((meta.ring * m) as usize, &vip.ring);
+                    let same_table =
+                        self.applied.sources.get(&meta.ring).is_some_and(|t| std::sync::Arc::ptr_eq(t, &vip.ring));
+                    let unchanged = meta.flags == vip.flags
+                        && (same_table || self.rings.holds((meta.ring * m) as usize, &vip.ring));
                     if unchanged {
                         continue;
                     }
@@ -724,10 +731,13 @@ impl Dataplane {
     }
 
     /// Writes the slots of ring `ring` that differ from what it holds. Returns how many.
-    fn write_ring(&mut self, ring: u32, table: &[u32], m: u32) -> Result<usize, DataplaneError> {
-        self.rings
+    fn write_ring(&mut self, ring: u32, table: &std::sync::Arc<[u32]>, m: u32) -> Result<usize, DataplaneError> {
+        let written = self
+            .rings
             .store((ring * m) as usize, table)
-            .ok_or(DataplaneError::RingLength { len: table.len(), ring_size: m })
+            .ok_or(DataplaneError::RingLength { len: table.len(), ring_size: m })?;
+        self.applied.sources.insert(ring, table.clone());
+        Ok(written)
     }
 
     /// The contents of ring `ring` (for tests).
