@@ -13,6 +13,7 @@
 //! - `state_file`: the agent's saved state (what a restart resumes), read and written
 //!   atomically.
 //! - `agent`: the event loop that owns the state and ties the layers together.
+//! - `top`: `lb top`, a live view of a running agent (its pins and control API).
 //! - `tools` and `testing` (feature `tools`): `lb gen`, `lb bench`, `lb demo`, and the
 //!   namespaces, topologies and packet builders they and the tests share. The agent
 //!   never uses them.
@@ -33,3 +34,4 @@ mod test_rng;
 pub mod testing;
 #[cfg(feature = "tools")]
 pub mod tools;
+pub mod top;

@@ -164,6 +164,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live view of a running agent, refreshed every --interval: packets/s and bits/s per
+    /// VIP and per target, new flows/s, connection-table hits, misses and fill, drops per
+    /// reason, target health and the last change. `s` cycles the sort column, `q` quits.
+    /// Plain text when stdout is not a terminal; `--json`: one JSON object per sample.
+    Top {
+        /// The agent's pin directory (`dataplane.pin_dir`).
+        #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// The agent's control socket (`control.socket`).
+        #[arg(long, env = "LB_SOCKET", default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// Seconds between samples (0.1..=3600).
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Print one sample (two reads one interval apart) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Print JSON samples (with --once: one JSON object).
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a commented example config.
     ExampleConfig,
     /// Manage the targets of a running agent's target groups (control API on its unix
@@ -320,6 +341,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Top { pin_dir, socket, interval, once, json } => {
+            let interval = Duration::try_from_secs_f64(interval).context("--interval")?;
+            Ok(lb_userspace::top::run(&lb_userspace::top::TopOptions { pin_dir, socket, interval, once, json })?)
         }
         Command::ExampleConfig => {
             print!("{}", config::EXAMPLE);

@@ -104,6 +104,10 @@ impl Agent {
                 .collect(),
             last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
             datapath: self.datapath_status.clone(),
+            last_change: self
+                .last_change
+                .as_ref()
+                .map(|(change, at)| api::LastChange { change: change.clone(), secs_ago: at.elapsed().as_secs_f64() }),
         }
     }
 

@@ -349,6 +349,7 @@ async fn start(
         rings,
         started,
         last_update: None,
+        last_change: None,
         dirty: false,
         log_task,
         api_tx: None,

@@ -19,16 +19,28 @@ pub(super) struct Published {
     /// Every target in registry order (`Agent::view_index` gives a target's place),
     /// with the end of its drain; `drain_remaining_secs` is filled in when answered.
     pub(super) targets: Vec<(TargetInfo, Option<Instant>)>,
+    /// When `status.last_change` happened; its `secs_ago` is filled in when answered.
+    pub(super) last_change_at: Option<Instant>,
 }
 
 impl Published {
     /// Nothing published yet (the agent publishes before it serves).
     pub(super) fn new(started: Instant) -> Published {
-        Published { status: StatusResponse::default(), started, groups: Vec::new(), targets: Vec::new() }
+        Published {
+            status: StatusResponse::default(),
+            started,
+            groups: Vec::new(),
+            targets: Vec::new(),
+            last_change_at: None,
+        }
     }
 
     pub(super) fn status(&self) -> StatusResponse {
-        StatusResponse { uptime_secs: self.started.elapsed().as_secs(), ..self.status.clone() }
+        let mut status = StatusResponse { uptime_secs: self.started.elapsed().as_secs(), ..self.status.clone() };
+        if let (Some(change), Some(at)) = (status.last_change.as_mut(), self.last_change_at) {
+            change.secs_ago = at.elapsed().as_secs_f64();
+        }
+        status
     }
 
     pub(super) fn list(&self, group: Option<&str>, now: Instant) -> Result<TargetList, ApiFailure> {

@@ -28,6 +28,8 @@ pub(super) struct Agent {
     pub(super) started: Instant,
     /// How long the last health/drain-driven datapath update took (decision to maps).
     pub(super) last_update: Option<Duration>,
+    /// The last change of a target's state (health, end of a drain) and when.
+    pub(super) last_change: Option<(String, Instant)>,
     /// The last health/drain-driven update failed: retried on the next tick.
     pub(super) dirty: bool,
     /// The loop's own API channel, for requests that come back after work done off the

@@ -92,6 +92,8 @@ impl Agent {
             }
             ProbeOutcome::Changed((from, to)) => {
                 info!(%group, target = %ip, %from, %to, reason = %event.probe.reason, "target health changed");
+                let change = format!("{group} {ip}: {from} -> {to} ({})", event.probe.reason);
+                self.last_change = Some((change, Instant::now()));
                 true
             }
         }
@@ -105,6 +107,8 @@ impl Agent {
         if !gone.is_empty() {
             for (group, ip) in &gone {
                 info!(%group, target = %ip, "deregistration delay over: target removed");
+                let change = format!("{group} {ip}: deregistration delay over, removed");
+                self.last_change = Some((change, Instant::now()));
             }
             self.replan("deregistration delay over").await;
         }
@@ -191,6 +195,7 @@ impl Agent {
         let groups = self.config.target_groups.iter().map(|g| g.name.clone()).collect();
         if let Ok(mut p) = self.published.lock() {
             p.status = status;
+            p.last_change_at = self.last_change.as_ref().map(|(_, at)| *at);
             p.groups = groups;
             p.targets = targets;
         }

@@ -84,6 +84,7 @@ fn status_answer() -> StatusResponse {
         target_groups: vec![GroupInfo { group: "web".into(), healthy: 1, targets: 2 }],
         last_datapath_update_ms: None,
         datapath: DatapathStatus { maps: "adopted".into(), previous_agent: None },
+        last_change: None,
     }
 }
 
@@ -221,6 +222,7 @@ async fn status_route() {
             "target_groups": [{ "group": "web", "healthy": 1, "targets": 2 }],
             "last_datapath_update_ms": null,
             "datapath": { "maps": "adopted", "previous_agent": null },
+            "last_change": null,
         })
     );
     assert_eq!(server.calls(), ["status", "status"]);

@@ -51,6 +51,20 @@ pub struct StatusResponse {
     /// (`null` before the first one).
     pub last_datapath_update_ms: Option<f64>,
     pub datapath: DatapathStatus,
+    /// The last change of a target's state (health, or the end of a drain); `null`
+    /// before the first one (and from agents without this field).
+    #[serde(default)]
+    pub last_change: Option<LastChange>,
+}
+
+/// `last_change` in [`StatusResponse`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LastChange {
+    /// What changed, e.g. `web 198.18.0.11: healthy -> unhealthy (connection refused)`
+    /// or `web 198.18.0.12: deregistration delay over, removed`.
+    pub change: String,
+    /// Seconds since the change, when answered.
+    pub secs_ago: f64,
 }
 
 /// The datapath in [`StatusResponse`], as this agent found it when it started.

@@ -134,3 +134,40 @@ fn sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
         .iter()
         .fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
 }
+
+/// How full the connection table ([`maps::CONNS`]) is.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ConnFill {
+    /// Entries counted.
+    pub entries: u64,
+    /// The table's size (`conn_table_size`).
+    pub capacity: u32,
+    /// False if the count stopped at its time budget: `entries` is then a lower bound.
+    pub complete: bool,
+}
+
+/// Counts the entries of the pinned connection table under `dir`, one key lookup
+/// (`bpf_map_get_next_key`) per entry, stopping after `budget`. The table changes while
+/// it is walked: the count is close, not exact.
+pub fn conn_fill_pinned(dir: &Path, budget: std::time::Duration) -> Result<ConnFill, DataplaneError> {
+    let name = maps::CONNS;
+    let err = |source| DataplaneError::Map { name, source: Box::new(source) };
+    let map = open_pinned(dir, name)?;
+    let Map::LruHashMap(data) = &map else {
+        return Err(DataplaneError::MissingMap { name });
+    };
+    let capacity = data.info().map_err(err)?.max_entries();
+    let conns: BpfHashMap<&MapData, lb_common::FlowKey, lb_common::FlowValue> =
+        BpfHashMap::try_from(&map).map_err(err)?;
+    let deadline = std::time::Instant::now() + budget;
+    let mut entries = 0u64;
+    for key in conns.keys() {
+        key.map_err(err)?;
+        entries += 1;
+        // Checking the clock every 1024 keys keeps its cost out of the walk.
+        if entries.is_multiple_of(1024) && std::time::Instant::now() >= deadline {
+            return Ok(ConnFill { entries, capacity, complete: false });
+        }
+    }
+    Ok(ConnFill { entries, capacity, complete: true })
+}
