@@ -736,4 +736,69 @@ mod tests {
         let Install::Write { contents, .. } = &plan[2] else { panic!("{plan:?}") };
         assert!(contents.contains("\nExecStart=/usr/local/bin/lb run"), "the unit names the final path");
     }
+
+    #[test]
+    fn the_packages_unit_runs_usr_bin_lb() {
+        let unit = unit_for(Path::new(DEB_BIN));
+        assert!(unit.contains("\nExecStart=/usr/bin/lb run --config /etc/lb/lb.toml\n"), "{unit}");
+        assert!(!unit.contains("/usr/local/bin/lb"), "{unit}");
+    }
+
+    #[test]
+    fn the_control_file_has_the_fields_and_a_folded_description() {
+        let control = deb_control("amd64", "libc6 (>= 2.34)", 1234, DEB_MAINTAINER);
+        let fields: Vec<&str> = control.lines().filter(|l| !l.starts_with(' ')).collect();
+        let want = [
+            "Package: lb".to_owned(),
+            format!("Version: {}", env!("CARGO_PKG_VERSION")),
+            "Architecture: amd64".to_owned(),
+            format!("Maintainer: {DEB_MAINTAINER}"),
+            "Installed-Size: 1234".to_owned(),
+            "Depends: libc6 (>= 2.34)".to_owned(),
+            "Section: net".to_owned(),
+            "Priority: optional".to_owned(),
+            "Description: XDP/eBPF layer-4 load balancer".to_owned(),
+        ];
+        assert_eq!(fields, want);
+        assert!(control.ends_with('\n') && !control.contains("\n\n"), "{control}");
+    }
+
+    /// Runs a maintainer script as dpkg would without chroot: DPKG_ROOT is `root`, whose
+    /// usr/bin/lb is a stub that logs its arguments to `root/calls`.
+    fn script(root: &Path, name: &str, args: &[&str]) {
+        let (_, text) = DEB_SCRIPTS.iter().find(|(n, _)| *n == name).expect("script");
+        let st = Command::new("sh").arg("-c").arg(text).arg(name).args(args).env("DPKG_ROOT", root).status();
+        assert!(st.is_ok_and(|s| s.success()), "{name} {args:?}");
+    }
+
+    #[test]
+    fn the_maintainer_scripts_detach_only_on_removal_and_purge_the_state() {
+        let root = std::env::temp_dir().join(format!("xtask-deb-scripts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let stub = format!("#!/bin/sh\necho \"$*\" >> {}/calls\n", root.display());
+        write_file(&root.join("usr/bin/lb"), &stub, 0o755).expect("stub");
+        write_file(&root.join("etc/lb/lb.toml"), EXAMPLE_CONFIG, 0o644).expect("config");
+        let calls = || std::fs::read_to_string(root.join("calls")).unwrap_or_default();
+        for (name, _) in DEB_SCRIPTS {
+            assert!(
+                Command::new("sh").args(["-n", &format!("../dist/deb/{name}")]).status().is_ok_and(|s| s.success())
+            );
+        }
+
+        script(&root, "postinst", &["configure", ""]);
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(root.join("var/lib/lb")).expect("state dir").permissions().mode() & 0o777
+        };
+        assert_eq!(mode, 0o700);
+        script(&root, "prerm", &["upgrade", "0.2.0"]);
+        assert_eq!(calls(), "", "an upgrade must leave the datapath running");
+        script(&root, "prerm", &["remove"]);
+        assert_eq!(calls(), format!("detach\ndetach --config {}/etc/lb/lb.toml\n", root.display()));
+        script(&root, "postrm", &["remove"]);
+        assert!(root.join("var/lib/lb").exists(), "remove keeps the state");
+        script(&root, "postrm", &["purge"]);
+        assert!(!root.join("var/lib/lb").exists(), "purge removes the state");
+        let _ = std::fs::remove_dir_all(&root);
+    }
 }
