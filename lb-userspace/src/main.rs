@@ -147,6 +147,9 @@ enum Command {
         /// The agent's pin directory (`dataplane.pin_dir`).
         #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
+        /// Take the pin directory from this config file's `dataplane.pin_dir` instead.
+        #[arg(short, long, conflicts_with = "pin_dir")]
+        config: Option<PathBuf>,
     },
     /// Validate a config file and exit: 0 if valid, 1 with the reason if not.
     /// Checks syntax, names, addresses, weights and capacities; does not touch the system.
@@ -187,6 +190,14 @@ enum Command {
     },
     /// Print a commented example config.
     ExampleConfig,
+    /// Print the shell completion script for `shell`, e.g.
+    /// `lb completions bash > /usr/share/bash-completion/completions/lb`.
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages to a directory: lb.1 and one per subcommand (lb-run.1, ...).
+    Man {
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Manage the targets of a running agent's target groups (control API on its unix
     /// socket; root only). Registration takes effect at once; deregistration drains:
     /// no new flows, existing flows continue for the group's deregistration delay.
@@ -326,7 +337,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Detach { pin_dir } => {
+        Command::Detach { pin_dir, config: from } => {
+            let pin_dir = match from {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
+                    Config::parse(&text, &path)?.dataplane.pin_dir
+                }
+                None => pin_dir,
+            };
             let removed = lb_userspace::datapath::pins::detach_pinned(&pin_dir)
                 .with_context(|| format!("removing the datapath pinned under {}", pin_dir.display()))?;
             if removed.links.is_empty() && removed.maps == 0 {
@@ -349,6 +368,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExampleConfig => {
             print!("{}", config::EXAMPLE);
             Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "lb", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man { dir } => {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(<Cli as clap::CommandFactory>::command(), &dir)
+                .with_context(|| format!("writing the man pages to {}", dir.display()))
         }
         #[cfg(feature = "tools")]
         Command::Gen(args) => gen_command(args),

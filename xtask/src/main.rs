@@ -67,6 +67,24 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Build a Debian package of `lb` with dpkg-deb: target/deb/lb_<version>_<arch>.deb
+    /// with /usr/bin/lb, the systemd unit, /etc/lb/lb.toml (a conffile), shell
+    /// completions, man pages, docs and maintainer scripts (dist/deb/). Prints the path
+    /// of the package. See docs/operations.md, "Debian package".
+    Deb {
+        /// Cargo profile to build `lb` with (`dev` is quicker, for trying the package).
+        #[arg(long, default_value = "release")]
+        profile: String,
+        /// Package this `lb` binary instead of building one.
+        #[arg(long, conflicts_with = "profile")]
+        binary: Option<PathBuf>,
+        /// Directory the package is written to [default: target/deb].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The control file's Maintainer field.
+        #[arg(long, default_value = DEB_MAINTAINER)]
+        maintainer: String,
+    },
     /// Set up, build, and run `lb demo` (client, LB and three HTTP backends in network
     /// namespaces, real traffic, counters). Needs root.
     Demo {
@@ -83,6 +101,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("procps", "sysctl"),
     ("nftables", "nft"),
+    // `cargo xtask deb`: the package's Depends (dpkg-deb itself is in dpkg).
+    ("dpkg-dev", "dpkg-shlibdeps"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -154,6 +174,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             status(&mut cmd)
         }
         Cmd::Install { prefix, destdir, dry_run } => install(&root, &prefix, destdir.as_deref(), dry_run),
+        Cmd::Deb { profile, binary, out, maintainer } => {
+            let binary = match binary {
+                Some(binary) => {
+                    packages()?;
+                    binary
+                }
+                None => {
+                    setup()?;
+                    build_lb(&root, &profile)?
+                }
+            };
+            let deb = deb(&root, &binary, &out.unwrap_or_else(|| root.join("target/deb")), &maintainer)?;
+            println!("{}", deb.display());
+            Ok(())
+        }
         Cmd::Demo { args } => {
             setup()?;
             step("building and running `lb demo`");
@@ -348,10 +383,31 @@ enum Install {
     DaemonReload,
 }
 
+/// dist/lb.service with `ExecStart=` naming the binary at `bin`.
+fn unit_for(bin: &Path) -> String {
+    UNIT.replace("ExecStart=/usr/local/bin/lb ", &format!("ExecStart={} ", bin.display()))
+}
+
+/// `cargo build --profile <profile> -p lb-userspace --bin lb`; returns the binary's path.
+fn build_lb(root: &Path, profile: &str) -> anyhow::Result<PathBuf> {
+    status(Command::new(cargo()).current_dir(root).args([
+        "build",
+        "--profile",
+        profile,
+        "-p",
+        "lb-userspace",
+        "--bin",
+        "lb",
+    ]))?;
+    // Cargo names the dev profile's directory `debug`.
+    let dir = if profile == "dev" { "debug" } else { profile };
+    Ok(root.join("target").join(dir).join("lb"))
+}
+
 /// What `cargo xtask install --prefix prefix [--destdir destdir]` does, in order.
 fn install_plan(root: &Path, prefix: &Path, destdir: Option<&Path>) -> Vec<Install> {
     let bin = prefix.join("bin/lb");
-    let unit = UNIT.replace("ExecStart=/usr/local/bin/lb ", &format!("ExecStart={} ", bin.display()));
+    let unit = unit_for(&bin);
     // DESTDIR convention: every installed path is put under destdir, contents unchanged.
     let dest = |path: &Path| match destdir {
         Some(d) => d.join(path.strip_prefix("/").unwrap_or(path)),
@@ -375,16 +431,9 @@ fn install(root: &Path, prefix: &Path, destdir: Option<&Path>, dry_run: bool) ->
     for action in install_plan(root, prefix, destdir) {
         match action {
             Install::Build => {
-                step(&format!("{would}build lb (cargo build --release -p lb-userspace --bin lb)"));
+                step(&format!("{would}build lb (cargo build --profile release -p lb-userspace --bin lb)"));
                 if !dry_run {
-                    status(Command::new(cargo()).current_dir(root).args([
-                        "build",
-                        "--release",
-                        "-p",
-                        "lb-userspace",
-                        "--bin",
-                        "lb",
-                    ]))?;
+                    build_lb(root, "release")?;
                 }
             }
             Install::Copy { from, to, mode } => {
@@ -439,6 +488,183 @@ fn install(root: &Path, prefix: &Path, destdir: Option<&Path>, dry_run: bool) ->
         "next steps:\n  1. edit {CONFIG_PATH} (interfaces, listeners, targets) and check it: {} check --config {CONFIG_PATH}\n  2. start the agent now and at boot: systemctl enable --now lb\n  3. follow it: journalctl -u lb -f; reload the config: systemctl reload lb",
         bin.display()
     );
+    Ok(())
+}
+
+const DEB_MAINTAINER: &str = "lb maintainers <lb-maintainers@localhost>";
+/// The maintainer scripts: they take every path under `$DPKG_ROOT`, so that they also run
+/// right without a chroot (`dpkg --root DIR --force-script-chrootless`).
+const DEB_SCRIPTS: [(&str, &str); 3] = [
+    ("postinst", include_str!("../../dist/deb/postinst")),
+    ("prerm", include_str!("../../dist/deb/prerm")),
+    ("postrm", include_str!("../../dist/deb/postrm")),
+];
+/// Where the package puts its files (besides the docs).
+const DEB_BIN: &str = "/usr/bin/lb";
+const DEB_UNIT: &str = "/lib/systemd/system/lb.service";
+const DEB_COMPLETIONS: [(&str, &str); 3] = [
+    ("bash", "/usr/share/bash-completion/completions/lb"),
+    ("zsh", "/usr/share/zsh/vendor-completions/_lb"),
+    ("fish", "/usr/share/fish/vendor_completions.d/lb.fish"),
+];
+const DEB_MAN: &str = "/usr/share/man/man1";
+const DEB_DOC: &str = "/usr/share/doc/lb";
+const DEB_COPYRIGHT: &str = "lb: an XDP/eBPF layer-4 load balancer.
+
+Copyright: the lb authors.
+License: MIT OR Apache-2.0, at your option.
+
+On Debian systems the Apache License, Version 2.0, is in
+/usr/share/common-licenses/Apache-2.0.
+
+The MIT license:
+
+Permission is hereby granted, free of charge, to any person obtaining a copy of this
+software and associated documentation files (the \"Software\"), to deal in the Software
+without restriction, including without limitation the rights to use, copy, modify, merge,
+publish, distribute, sublicense, and/or sell copies of the Software, and to permit persons
+to whom the Software is furnished to do so, subject to the following conditions:
+
+The above copyright notice and this permission notice shall be included in all copies or
+substantial portions of the Software.
+
+THE SOFTWARE IS PROVIDED \"AS IS\", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED,
+INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY, FITNESS FOR A PARTICULAR
+PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE
+FOR ANY CLAIM, DAMAGES OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR
+OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER
+DEALINGS IN THE SOFTWARE.
+";
+
+/// The package's DEBIAN/control.
+fn deb_control(arch: &str, depends: &str, installed_kib: u64, maintainer: &str) -> String {
+    format!(
+        "Package: lb
+Version: {version}
+Architecture: {arch}
+Maintainer: {maintainer}
+Installed-Size: {installed_kib}
+Depends: {depends}
+Section: net
+Priority: optional
+Description: XDP/eBPF layer-4 load balancer
+ Static VIPs with the client's source address kept (L2 direct server return),
+ Maglev consistent hashing with a connection table so that long-lived flows stay
+ on their target, health checks, draining, a control API and Prometheus metrics.
+ The datapath is an XDP program; the agent and the CLI are one binary, lb.
+ .
+ The package installs the systemd unit lb.service but does not enable or start
+ it: edit /etc/lb/lb.toml, check it with `lb check`, then `systemctl enable --now lb`.
+",
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+/// Builds the package from the `lb` binary at `binary` into `out`; returns its path.
+/// The tree is assembled under `out/build/debian/lb` (where dpkg-shlibdeps expects a
+/// package's files), then `dpkg-deb --build --root-owner-group` packs it.
+fn deb(root: &Path, binary: &Path, out: &Path, maintainer: &str) -> anyhow::Result<PathBuf> {
+    let work = out.join("build");
+    let pkg = work.join("debian/lb");
+    let _ = std::fs::remove_dir_all(&work);
+    let dest = |path: &str| pkg.join(path.trim_start_matches('/'));
+    step(&format!("assembling the package tree in {}", pkg.display()));
+
+    // The binary, stripped of debug info and symbols as Debian packages ship them.
+    let bin = dest(DEB_BIN);
+    create_parent(&bin)?;
+    std::fs::copy(binary, &bin).with_context(|| format!("copying {} to {}", binary.display(), bin.display()))?;
+    status(
+        Command::new("strip")
+            .args(["--strip-unneeded", "--remove-section=.comment", "--remove-section=.note"])
+            .arg(&bin),
+    )?;
+    set_mode(&bin, 0o755)?;
+    write_file(&dest(DEB_UNIT), &unit_for(Path::new(DEB_BIN)), 0o644)?;
+    write_file(&dest(CONFIG_PATH), EXAMPLE_CONFIG, 0o644)?;
+    for (shell, path) in DEB_COMPLETIONS {
+        write_file(&dest(path), &output(Command::new(&bin).args(["completions", shell]))?, 0o644)?;
+    }
+    let man = dest(DEB_MAN);
+    status(Command::new(&bin).arg("man").arg("--dir").arg(&man))?;
+    let mut pages: Vec<PathBuf> = std::fs::read_dir(&man)
+        .with_context(|| format!("reading {}", man.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    pages.sort();
+    for page in &pages {
+        set_mode(page, 0o644)?;
+    }
+    status(Command::new("gzip").arg("-9n").args(&pages))?;
+    let doc = dest(DEB_DOC);
+    let docs = std::fs::read_dir(root.join("docs")).with_context(|| format!("reading {}/docs", root.display()))?;
+    let mut docs: Vec<PathBuf> =
+        docs.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "md")).collect();
+    docs.push(root.join("README.md"));
+    for from in docs {
+        let name = from.file_name().context("a doc without a file name")?;
+        let text = std::fs::read_to_string(&from).with_context(|| format!("reading {}", from.display()))?;
+        write_file(&doc.join(name), &text, 0o644)?;
+    }
+    write_file(&doc.join("copyright"), DEB_COPYRIGHT, 0o644)?;
+
+    // DEBIAN/: maintainer scripts, conffiles and control (Depends from the libraries the
+    // binary links against, Installed-Size from the tree).
+    let debian = pkg.join("DEBIAN");
+    for (name, script) in DEB_SCRIPTS {
+        write_file(&debian.join(name), script, 0o755)?;
+    }
+    write_file(&debian.join("conffiles"), &format!("{CONFIG_PATH}\n"), 0o644)?;
+    let arch = output(Command::new("dpkg").arg("--print-architecture"))?.trim().to_owned();
+    write_file(&work.join("debian/control"), "Source: lb\n\nPackage: lb\nArchitecture: any\n", 0o644)?;
+    let shlibs = output(
+        Command::new("dpkg-shlibdeps")
+            .current_dir(&work)
+            .args(["-O", "-e"])
+            .arg(bin.strip_prefix(&work).unwrap_or(&bin)),
+    )?;
+    let depends = shlibs
+        .lines()
+        .find_map(|l| l.strip_prefix("shlibs:Depends="))
+        .context("dpkg-shlibdeps printed no shlibs:Depends")?
+        .trim()
+        .to_owned();
+    let size = installed_kib(&pkg, &debian)?;
+    write_file(&debian.join("control"), &deb_control(&arch, &depends, size, maintainer), 0o644)?;
+    // The directories dpkg-deb packs: 0755 whatever the umask.
+    set_dir_modes(&pkg)?;
+
+    let deb = out.join(format!("lb_{}_{arch}.deb", env!("CARGO_PKG_VERSION")));
+    step(&format!("building {} (dpkg-deb)", deb.display()));
+    status(Command::new("dpkg-deb").args(["--build", "--root-owner-group"]).arg(&pkg).arg(&deb))?;
+    std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    Ok(deb)
+}
+
+/// The Installed-Size field: the KiB of every file (rounded up) and directory under
+/// `dir`, except `skip` (DEBIAN/).
+fn installed_kib(dir: &Path, skip: &Path) -> anyhow::Result<u64> {
+    let mut kib = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        if path == skip {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(&path).with_context(|| format!("reading {}", path.display()))?;
+        kib += if meta.is_dir() { 1 + installed_kib(&path, skip)? } else { meta.len().div_ceil(1024) };
+    }
+    Ok(kib)
+}
+
+fn set_dir_modes(dir: &Path) -> anyhow::Result<()> {
+    set_mode(dir, 0o755)?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        if path.is_dir() {
+            set_dir_modes(&path)?;
+        }
+    }
     Ok(())
 }
 
@@ -509,5 +735,70 @@ mod tests {
         assert!(!plan.contains(&Install::DaemonReload));
         let Install::Write { contents, .. } = &plan[2] else { panic!("{plan:?}") };
         assert!(contents.contains("\nExecStart=/usr/local/bin/lb run"), "the unit names the final path");
+    }
+
+    #[test]
+    fn the_packages_unit_runs_usr_bin_lb() {
+        let unit = unit_for(Path::new(DEB_BIN));
+        assert!(unit.contains("\nExecStart=/usr/bin/lb run --config /etc/lb/lb.toml\n"), "{unit}");
+        assert!(!unit.contains("/usr/local/bin/lb"), "{unit}");
+    }
+
+    #[test]
+    fn the_control_file_has_the_fields_and_a_folded_description() {
+        let control = deb_control("amd64", "libc6 (>= 2.34)", 1234, DEB_MAINTAINER);
+        let fields: Vec<&str> = control.lines().filter(|l| !l.starts_with(' ')).collect();
+        let want = [
+            "Package: lb".to_owned(),
+            format!("Version: {}", env!("CARGO_PKG_VERSION")),
+            "Architecture: amd64".to_owned(),
+            format!("Maintainer: {DEB_MAINTAINER}"),
+            "Installed-Size: 1234".to_owned(),
+            "Depends: libc6 (>= 2.34)".to_owned(),
+            "Section: net".to_owned(),
+            "Priority: optional".to_owned(),
+            "Description: XDP/eBPF layer-4 load balancer".to_owned(),
+        ];
+        assert_eq!(fields, want);
+        assert!(control.ends_with('\n') && !control.contains("\n\n"), "{control}");
+    }
+
+    /// Runs a maintainer script as dpkg would without chroot: DPKG_ROOT is `root`, whose
+    /// usr/bin/lb is a stub that logs its arguments to `root/calls`.
+    fn script(root: &Path, name: &str, args: &[&str]) {
+        let (_, text) = DEB_SCRIPTS.iter().find(|(n, _)| *n == name).expect("script");
+        let st = Command::new("sh").arg("-c").arg(text).arg(name).args(args).env("DPKG_ROOT", root).status();
+        assert!(st.is_ok_and(|s| s.success()), "{name} {args:?}");
+    }
+
+    #[test]
+    fn the_maintainer_scripts_detach_only_on_removal_and_purge_the_state() {
+        let root = std::env::temp_dir().join(format!("xtask-deb-scripts-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let stub = format!("#!/bin/sh\necho \"$*\" >> {}/calls\n", root.display());
+        write_file(&root.join("usr/bin/lb"), &stub, 0o755).expect("stub");
+        write_file(&root.join("etc/lb/lb.toml"), EXAMPLE_CONFIG, 0o644).expect("config");
+        let calls = || std::fs::read_to_string(root.join("calls")).unwrap_or_default();
+        for (name, _) in DEB_SCRIPTS {
+            assert!(
+                Command::new("sh").args(["-n", &format!("../dist/deb/{name}")]).status().is_ok_and(|s| s.success())
+            );
+        }
+
+        script(&root, "postinst", &["configure", ""]);
+        let mode = {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(root.join("var/lib/lb")).expect("state dir").permissions().mode() & 0o777
+        };
+        assert_eq!(mode, 0o700);
+        script(&root, "prerm", &["upgrade", "0.2.0"]);
+        assert_eq!(calls(), "", "an upgrade must leave the datapath running");
+        script(&root, "prerm", &["remove"]);
+        assert_eq!(calls(), format!("detach\ndetach --config {}/etc/lb/lb.toml\n", root.display()));
+        script(&root, "postrm", &["remove"]);
+        assert!(root.join("var/lib/lb").exists(), "remove keeps the state");
+        script(&root, "postrm", &["purge"]);
+        assert!(!root.join("var/lib/lb").exists(), "purge removes the state");
+        let _ = std::fs::remove_dir_all(&root);
     }
 }
