@@ -9,7 +9,7 @@ use lb_userspace::{
     agent::{self, Control, RunOptions},
     api::{ApiError, Client, DeregisterRequest, RegisterRequest, TargetList},
     config::{self, Config, XdpMode},
-    datapath::stats::Snapshot,
+    datapath::stats::{GroupSource, Snapshot},
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -157,8 +157,10 @@ enum Command {
         #[arg(short, long, env = "LB_CONFIG", default_value = "/etc/lb/lb.toml")]
         config: PathBuf,
     },
-    /// Show the counters of a running agent (summed over CPUs): per VIP, per backend,
-    /// and every verdict and drop reason.
+    /// Show the counters of a running agent (summed over CPUs): per VIP, per target
+    /// group, per backend, and every verdict and drop reason. Read from the pinned maps;
+    /// the backends' groups come from the control API (without an agent answering, the
+    /// backends are shown by id and address only).
     Stats {
         /// The agent's pin directory (`dataplane.pin_dir`).
         #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
@@ -166,6 +168,9 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// The agent's control socket (`control.socket`), asked for the backends' groups.
+        #[arg(long, env = "LB_SOCKET", default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
     },
     /// Live view of a running agent, refreshed every --interval: packets/s and bits/s per
     /// VIP and per target, new flows/s, connection-table hits, misses and fill, drops per
@@ -320,7 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Stats { pin_dir, json } => {
+        Command::Stats { pin_dir, json, socket } => {
             if !pin_dir.join(lb_common::maps::VIPS).exists() {
                 anyhow::bail!(
                     "no running agent pins its maps under {}: start `lb run`, or pass the agent's `dataplane.pin_dir` with --pin-dir",
@@ -330,10 +335,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let snap = Snapshot::read_pinned(&pin_dir).with_context(|| {
                 format!("reading the maps pinned under {} (is `lb run` running with this pin_dir?)", pin_dir.display())
             })?;
+            // Backend id -> group from the agent, if it answers within a second.
+            let client = Client::new(&socket).with_timeout(Duration::from_secs(1));
+            let groups = match block_on(client.targets(None)) {
+                Ok(list) => GroupSource::Agent(
+                    list.targets.into_iter().filter_map(|t| t.backend_id.map(|id| (id, t.group))).collect(),
+                ),
+                Err(e) => GroupSource::Unknown(format!("{e:#}")),
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&snap)?);
+                println!("{}", serde_json::to_string_pretty(&snap.grouped(&groups))?);
             } else {
-                print!("{}", snap.render());
+                print!("{}", snap.render_grouped(&groups));
             }
             Ok(())
         }

@@ -148,9 +148,24 @@ fn an_unhealthy_target_stops_taking_new_flows_and_comes_back() {
     let b2 =
         list["targets"].as_array().and_then(|t| t.iter().find(|t| t["target"] == "198.18.0.12")).expect("b2 listed");
     assert!(b2["reason"].as_str().unwrap_or_default().contains("refused"), "{b2}");
+    assert!(b2["backend_id"].as_u64().is_some_and(|id| id > 0), "{b2}");
 
     let served = new_flows(topo, 30);
     assert!(!served.iter().any(|b| b == "b2"), "a new flow went to the unhealthy target: {served:?}");
+    // Per-group series, after real traffic: nonzero sums, states, new flows, and the
+    // update b2's state change made.
+    let m = metrics(topo);
+    let value = |prefix: &str| -> f64 {
+        let line = m.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix} missing from\n{m}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("bad sample `{line}`"))
+    };
+    assert!(value("lb_target_group_packets_total{group=\"web\"} ") > 0.0, "{m}");
+    assert!(value("lb_target_group_bytes_total{group=\"web\"} ") > 0.0, "{m}");
+    assert_eq!(value("lb_target_group_targets_in_state{group=\"web\",state=\"healthy\"} "), 2.0, "{m}");
+    assert_eq!(value("lb_target_group_targets_in_state{group=\"web\",state=\"unhealthy\"} "), 1.0, "{m}");
+    assert!(value("lb_new_flows_total ") >= 30.0, "{m}");
+    assert!(value("lb_connection_table_capacity ") > 0.0, "{m}");
+    assert!(value("lb_datapath_update_latency_seconds ") > 0.0, "{m}");
     let repicked_before =
         Snapshot::read_pinned(&topo.pin_dir).expect("stats").global(lb_common::GlobalCounter::ConnRepicked);
     let mut on_b2 = 0;

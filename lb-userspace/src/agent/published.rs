@@ -74,6 +74,8 @@ pub(super) fn target_info(key: &TargetKey, e: &Entry) -> (TargetInfo, Option<Ins
         source: e.source,
         drain_remaining_secs: None,
         last_check_latency_ms: e.last_latency.map(|d| d.as_secs_f64() * 1e3),
+        // Filled in by `Agent::publish`, which knows the plan.
+        backend_id: None,
     };
     (info, e.drain_until)
 }
@@ -98,6 +100,7 @@ mod tests {
             source: Source::Config,
             drain_remaining_secs: None,
             last_check_latency_ms: Some(1.5),
+            backend_id: Some(1),
         };
         let mut p = Published::new(t0);
         p.groups = vec!["web".into(), "api".into()];

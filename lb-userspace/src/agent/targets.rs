@@ -185,13 +185,23 @@ impl Agent {
                 })
                 .collect(),
             groups: self.registry.group_counts(&self.config),
+            last_datapath_update: self.last_update,
         };
         self.view_index = self.registry.entries().keys().enumerate().map(|(i, key)| (key.clone(), i)).collect();
         if let Ok(mut v) = self.view.lock() {
             *v = view;
         }
         let status = self.status();
-        let targets = self.registry.entries().iter().map(|(k, e)| published::target_info(k, e)).collect();
+        let targets = self
+            .registry
+            .entries()
+            .iter()
+            .map(|(k, e)| {
+                let (mut info, until) = published::target_info(k, e);
+                info.backend_id = ids.get(&(k.0.as_str(), k.1)).copied();
+                (info, until)
+            })
+            .collect();
         let groups = self.config.target_groups.iter().map(|g| g.name.clone()).collect();
         if let Ok(mut p) = self.published.lock() {
             p.status = status;
@@ -220,7 +230,10 @@ impl Agent {
         let in_snapshot = in_view
             && self.published.lock().is_ok_and(|mut p| match p.targets.get_mut(i) {
                 Some(slot) if slot.0.group == key.0 && slot.0.target == key.1 => {
+                    // A probe changes no backend id: keep the one `publish` set.
+                    let backend_id = slot.0.backend_id;
                     *slot = published::target_info(key, e);
+                    slot.0.backend_id = backend_id;
                     true
                 }
                 _ => false,

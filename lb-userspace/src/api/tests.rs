@@ -99,6 +99,7 @@ fn target_info(group: &str) -> TargetInfo {
         source: Source::Api,
         drain_remaining_secs: Some(1.5),
         last_check_latency_ms: None,
+        backend_id: Some(3),
     }
 }
 
@@ -250,6 +251,7 @@ async fn list_targets_with_and_without_group() {
         json!({ "targets": [{
             "group": "web", "target": "198.18.0.11", "port": 8080, "weight": 2, "state": "draining",
             "reason": "deregistered", "source": "api", "drain_remaining_secs": 1.5, "last_check_latency_ms": null,
+            "backend_id": 3,
         }]})
     );
     server.stop().await;

@@ -122,6 +122,10 @@ pub struct TargetInfo {
     /// Duration of its last health check in ms; `null` before the first one and in
     /// groups without health check.
     pub last_check_latency_ms: Option<f64>,
+    /// Its datapath backend id (the `id` of `lb stats`), `null` while it is not in the
+    /// datapath. Absent from older agents' answers (read as `null`).
+    #[serde(default)]
+    pub backend_id: Option<u32>,
 }
 
 /// Answer of `POST /v1/targets`.

@@ -61,7 +61,8 @@ pub(super) fn look(dir: &Path) -> Result<Found, DataplaneError> {
     Ok(Found { info, maps })
 }
 
-fn read_info(dir: &Path) -> Result<DatapathInfo, DataplaneError> {
+/// Reads the pinned `LB_INFO`: what the maps under `dir` were created with.
+pub fn read_info(dir: &Path) -> Result<DatapathInfo, DataplaneError> {
     let map = super::open_pinned(dir, maps::INFO)?;
     let err = |source| DataplaneError::Map { name: maps::INFO, source: Box::new(source) };
     let info: Array<MapData, DatapathInfo> = Array::try_from(map).map_err(err)?;

@@ -1,8 +1,14 @@
 //! Counters summed over CPUs: global verdicts and drop reasons, per VIP, per backend.
 //! Read from the maps of a loaded [`Dataplane`](crate::datapath::Dataplane) or from the
-//! pins of a running agent; everything needed to label them is in the maps themselves.
+//! pins of a running agent; everything needed to label them is in the maps themselves,
+//! except the target group of a backend, which only the agent knows (see
+//! [`Snapshot::render_grouped`] and [`Grouped`]).
 
-use std::{net::IpAddr, path::Path};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    path::Path,
+};
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
 use lb_common::{Backend, BackendFlags, Counter, GlobalCounter, VipKey, VipMeta, maps};
@@ -31,6 +37,17 @@ pub struct BackendStats {
     pub bytes: u64,
 }
 
+/// Packets and bytes of one target group: the sums over its backends (one per target of
+/// the group in the maps, draining ones included).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GroupStats {
+    pub group: String,
+    /// Its backends in the maps.
+    pub targets: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Snapshot {
     /// Every global counter by name, in index order.
@@ -47,6 +64,30 @@ impl Snapshot {
 
     pub fn backend(&self, ip: IpAddr) -> Option<&BackendStats> {
         self.backends.iter().find(|b| b.ip == ip)
+    }
+
+    /// Per-group sums over the backends, `group_of` naming a backend id's group (backends
+    /// it names none for are left out), plus a zero row for each name in `also` without
+    /// backends. Sorted by group name.
+    pub fn groups<'a>(
+        &self,
+        group_of: impl Fn(u32) -> Option<&'a str>,
+        also: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<GroupStats> {
+        let mut sums: BTreeMap<&str, GroupStats> = BTreeMap::new();
+        let empty = |g: &str| GroupStats { group: g.to_string(), targets: 0, packets: 0, bytes: 0 };
+        for g in also {
+            sums.entry(g).or_insert_with(|| empty(g));
+        }
+        for b in &self.backends {
+            if let Some(g) = group_of(b.id) {
+                let s = sums.entry(g).or_insert_with(|| empty(g));
+                s.targets += 1;
+                s.packets = s.packets.saturating_add(b.packets);
+                s.bytes = s.bytes.saturating_add(b.bytes);
+            }
+        }
+        sums.into_values().collect()
     }
 
     /// Reads the maps through `get` (a loaded object's maps or pinned ones).
@@ -120,6 +161,104 @@ impl Snapshot {
         let _ = writeln!(out, "\n{:<5} {:<28} {:<18} {:>14} {:>16}", "ID", "BACKEND", "MAC", "PACKETS", "BYTES");
         for b in &self.backends {
             let _ = writeln!(out, "{:<5} {:<28} {:<18} {:>14} {:>16}", b.id, b.ip, b.mac, b.packets, b.bytes);
+        }
+        let _ = writeln!(out, "\n{:<24} {:>14}", "COUNTER", "VALUE");
+        for (name, v) in &self.global {
+            let _ = writeln!(out, "{name:<24} {v:>14}");
+        }
+        out
+    }
+}
+
+/// Where `lb stats` learnt the backends' groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupSource {
+    /// Backend id -> group, from the agent's control API (`GET /v1/targets`).
+    Agent(HashMap<u32, String>),
+    /// No agent answered (the reason): backends are shown by id and address only.
+    Unknown(String),
+}
+
+impl GroupSource {
+    fn group_of(&self, id: u32) -> Option<&str> {
+        match self {
+            GroupSource::Agent(groups) => groups.get(&id).map(String::as_str),
+            GroupSource::Unknown(_) => None,
+        }
+    }
+}
+
+/// A backend with its group, as `lb stats --json` prints it.
+#[derive(Debug, Serialize)]
+pub struct GroupedBackend<'a> {
+    #[serde(flatten)]
+    pub backend: &'a BackendStats,
+    /// `null` when the group is unknown (no agent answered, or the agent no longer has
+    /// this backend).
+    pub group: Option<&'a str>,
+}
+
+/// `lb stats --json`: the snapshot's fields, each backend with its `group`, the
+/// per-group sums (`null` without an agent), and `groups_from` (`agent`, or
+/// `unknown (no agent): REASON`).
+#[derive(Debug, Serialize)]
+pub struct Grouped<'a> {
+    pub global: &'a [(String, u64)],
+    pub vips: &'a [VipStats],
+    pub backends: Vec<GroupedBackend<'a>>,
+    pub groups: Option<Vec<GroupStats>>,
+    pub groups_from: String,
+}
+
+impl Snapshot {
+    /// The snapshot with each backend's group from `source`.
+    pub fn grouped<'a>(&'a self, source: &'a GroupSource) -> Grouped<'a> {
+        let (groups, groups_from) = match source {
+            GroupSource::Agent(_) => (Some(self.groups(|id| source.group_of(id), [])), "agent".to_string()),
+            GroupSource::Unknown(why) => (None, format!("unknown (no agent): {why}")),
+        };
+        Grouped {
+            global: &self.global,
+            vips: &self.vips,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| GroupedBackend { backend: b, group: source.group_of(b.id) })
+                .collect(),
+            groups,
+            groups_from,
+        }
+    }
+
+    /// A table for terminals, with per-group sums and each backend's group when the
+    /// agent answered; otherwise the backends by id and address, and a note.
+    pub fn render_grouped(&self, source: &GroupSource) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let _ = writeln!(out, "{:<32} {:>14} {:>16}", "VIP", "PACKETS", "BYTES");
+        for v in &self.vips {
+            let _ = writeln!(out, "{:<32} {:>14} {:>16}", v.vip, v.packets, v.bytes);
+        }
+        match source {
+            GroupSource::Agent(_) => {
+                let _ = writeln!(out, "\n{:<24} {:>7} {:>14} {:>16}", "GROUP", "TARGETS", "PACKETS", "BYTES");
+                for g in self.groups(|id| source.group_of(id), []) {
+                    let _ = writeln!(out, "{:<24} {:>7} {:>14} {:>16}", g.group, g.targets, g.packets, g.bytes);
+                }
+            }
+            GroupSource::Unknown(why) => {
+                let _ = writeln!(out, "\ngroup unknown (no agent): {why}");
+            }
+        }
+        let _ = writeln!(
+            out,
+            "\n{:<5} {:<16} {:<28} {:<18} {:>14} {:>16}",
+            "ID", "GROUP", "BACKEND", "MAC", "PACKETS", "BYTES"
+        );
+        for b in &self.backends {
+            let group = source.group_of(b.id).unwrap_or("-");
+            let _ =
+                writeln!(out, "{:<5} {:<16} {:<28} {:<18} {:>14} {:>16}", b.id, group, b.ip, b.mac, b.packets, b.bytes);
         }
         let _ = writeln!(out, "\n{:<24} {:>14}", "COUNTER", "VALUE");
         for (name, v) in &self.global {

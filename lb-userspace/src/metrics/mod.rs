@@ -30,7 +30,7 @@ use tracing::debug;
 
 use crate::{
     control::health_state::TargetState,
-    datapath::stats::Snapshot,
+    datapath::{pins, stats::Snapshot},
     http::{self, Limits},
 };
 
@@ -55,6 +55,8 @@ pub struct View {
     pub targets: Vec<TargetView>,
     /// (group, healthy targets, targets).
     pub groups: Vec<(String, usize, usize)>,
+    /// How long the last health/drain-driven datapath update took (decision to maps).
+    pub last_datapath_update: Option<Duration>,
 }
 
 const STATES: [TargetState; 5] =
@@ -68,10 +70,11 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 const METRICS_LIMITS: Limits =
     Limits { max_connections: 16, head_timeout: Duration::from_secs(10), connection_timeout: Duration::from_secs(60) };
 
-/// A registry holding one scrape: `view` and, if the maps could be read, `snap`.
-pub fn registry(view: View, snap: Option<Snapshot>) -> Registry {
+/// A registry holding one scrape: `view` and, if the maps could be read, `snap` and the
+/// connection table's capacity (`LB_INFO`).
+pub fn registry(view: View, snap: Option<Snapshot>, conn_table_size: Option<u32>) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(Scrape { view, snap }));
+    registry.register_collector(Box::new(Scrape { view, snap, conn_table_size }));
     registry
 }
 
@@ -101,19 +104,24 @@ impl Source {
     /// view into a registry. Maps that cannot be read leave the datapath metrics out.
     pub async fn scrape(&self) -> Registry {
         let pin_dir = self.pin_dir.clone();
-        let snap = match tokio::task::spawn_blocking(move || Snapshot::read_pinned(&pin_dir)).await {
-            Ok(Ok(snap)) => Some(snap),
+        let read = tokio::task::spawn_blocking(move || {
+            // One lookup in a one-entry array: the capacity the maps were created with.
+            let size = pins::read_info(&pin_dir).map(|info| info.conn_table_size).ok();
+            Snapshot::read_pinned(&pin_dir).map(|snap| (snap, size))
+        });
+        let (snap, size) = match read.await {
+            Ok(Ok((snap, size))) => (Some(snap), size),
             Ok(Err(e)) => {
                 debug!(error = %e, "metrics: the pinned maps cannot be read; serving target metrics only");
-                None
+                (None, None)
             }
             Err(e) => {
                 debug!(error = %e, "metrics: reading the pinned maps failed");
-                None
+                (None, None)
             }
         };
         let view = self.view.lock().map(|v| v.clone()).unwrap_or_default();
-        registry(view, snap)
+        registry(view, snap, size)
     }
 }
 
@@ -159,6 +167,7 @@ async fn metrics(State(source): State<Arc<Source>>, headers: HeaderMap) -> Respo
 struct Scrape {
     view: View,
     snap: Option<Snapshot>,
+    conn_table_size: Option<u32>,
 }
 
 /// Labels of one sample, in this order.
@@ -232,6 +241,21 @@ impl Collector for Scrape {
                 "Bytes (whole frames) forwarded to a target.",
                 backends().map(|(b, ip)| ([("group", group_of(b.id)), ("target", ip.as_str())], b.bytes)),
             )?;
+            // Per group: the sums of its targets' series above. A target leaving the
+            // group takes its share out of the sum (see docs/metrics.md).
+            let group_sums = s.groups(|id| groups.get(&id).copied(), view.groups.iter().map(|(g, ..)| g.as_str()));
+            counters(
+                &mut enc,
+                "lb_target_group_packets",
+                "Frames forwarded to the targets of a target group.",
+                group_sums.iter().map(|g| ([("group", g.group.as_str())], g.packets)),
+            )?;
+            counters(
+                &mut enc,
+                "lb_target_group_bytes",
+                "Bytes (whole frames) forwarded to the targets of a target group.",
+                group_sums.iter().map(|g| ([("group", g.group.as_str())], g.bytes)),
+            )?;
             counter(&mut enc, "lb_frames_received", "Frames the XDP program saw.", s.global(GlobalCounter::Rx))?;
             counters(
                 &mut enc,
@@ -275,9 +299,21 @@ impl Collector for Scrape {
                     GlobalCounter::FailOpen,
                     "Frames forwarded while every target of their group was unhealthy (fail-open).",
                 ),
+                (
+                    "lb_new_flows",
+                    GlobalCounter::ConnMiss,
+                    "Flows given a target from the Maglev table, all VIPs (the datapath's conn_miss counter).",
+                ),
             ] {
                 counter(&mut enc, name, help, s.global(c))?;
             }
+            gauges(
+                &mut enc,
+                "lb_connection_table_capacity",
+                "Flows the connection table holds before it evicts the least recently used.",
+                None,
+                self.conn_table_size.map(|n| ([], u64::from(n))),
+            )?;
         }
 
         let ips: Vec<String> = view.targets.iter().map(|t| t.target.to_string()).collect();
@@ -310,6 +346,28 @@ impl Collector for Scrape {
             "Targets of a target group, in any state.",
             None,
             view.groups.iter().map(|(g, _, total)| ([("group", g.as_str())], *total as u64)),
+        )?;
+        // (group, index in STATES) -> targets; every state of every group, 0 included.
+        let mut in_state: std::collections::BTreeMap<(&str, usize), u64> =
+            view.groups.iter().flat_map(|(g, ..)| (0..STATES.len()).map(move |i| ((g.as_str(), i), 0))).collect();
+        for t in &view.targets {
+            if let Some(i) = STATES.iter().position(|s| *s == t.state) {
+                *in_state.entry((t.group.as_str(), i)).or_default() += 1;
+            }
+        }
+        gauges(
+            &mut enc,
+            "lb_target_group_targets_in_state",
+            "Targets of a target group in each health state.",
+            None,
+            in_state.iter().map(|((g, i), n)| ([("group", *g), ("state", state_names[*i].as_str())], *n)),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_datapath_update_latency",
+            "Duration of the last health- or drain-driven datapath update, from the decision to the maps written.",
+            Some(&Unit::Seconds),
+            view.last_datapath_update.map(|d| ([], d.as_secs_f64())),
         )?;
         let checked = || targets().filter(|(t, _)| t.checked);
         gauges(

@@ -131,10 +131,12 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     println!("   sent {sent}, received {total} in {:.2} s", started.elapsed().as_secs_f64());
     check_interrupt()?;
 
-    println!("\n== `lb stats --pin-dir {}`", topo.pin_dir.display());
+    println!("\n== `lb stats --pin-dir {} --socket {}`", topo.pin_dir.display(), topo.socket().display());
     let out = std::process::Command::new(&lb)
         .args(["stats", "--pin-dir"])
         .arg(&topo.pin_dir)
+        .arg("--socket")
+        .arg(topo.socket())
         .output()
         .context("running lb stats")?;
     for line in String::from_utf8_lossy(&out.stdout).lines() {
