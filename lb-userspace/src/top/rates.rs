@@ -103,9 +103,10 @@ pub struct ApiView {
 }
 
 /// The sample from `prev` to `cur`, read `secs` apart. A VIP or backend missing from
-/// `prev` counts from 0. Targets are the control API's, with the rates of the
-/// datapath's backends at their address; backends at an address the API did not list
-/// (or all, if it did not answer) get rows of their own without a state.
+/// `prev` counts from 0. Targets are the control API's, with the rates of their
+/// datapath backend (by the backend id the API gives; by address from an agent that
+/// gives none); backends at an address the API did not list (or all, if it did not
+/// answer) get rows of their own without a state.
 pub fn sample(prev: &Snapshot, cur: &Snapshot, secs: f64, api: &ApiView, conn_table: Option<ConnTable>) -> Sample {
     let global = |c: GlobalCounter| per_sec(prev.global(c), cur.global(c), secs);
     let listeners: HashMap<&str, &str> =
@@ -129,20 +130,28 @@ pub fn sample(prev: &Snapshot, cur: &Snapshot, secs: f64, api: &ApiView, conn_ta
 
     // Rates per backend address (a target in two groups has one backend per group).
     let mut by_ip: HashMap<IpAddr, (f64, f64)> = HashMap::new();
+    let mut by_id: HashMap<u32, (f64, f64)> = HashMap::new();
     let mut ips: Vec<IpAddr> = Vec::new();
     for b in &cur.backends {
         let before = prev.backends.iter().find(|p| p.id == b.id && p.ip == b.ip);
         let (packets, bytes) = before.map(|p| (p.packets, p.bytes)).unwrap_or((0, 0));
+        let rate = (per_sec(packets, b.packets, secs), per_sec(bytes, b.bytes, secs) * 8.0);
+        by_id.insert(b.id, rate);
         let e = by_ip.entry(b.ip).or_insert_with(|| {
             ips.push(b.ip);
             (0.0, 0.0)
         });
-        e.0 += per_sec(packets, b.packets, secs);
-        e.1 += per_sec(bytes, b.bytes, secs) * 8.0;
+        e.0 += rate.0;
+        e.1 += rate.1;
     }
     let mut targets: Vec<TargetRate> = Vec::new();
     for t in api.targets.iter().flatten() {
-        let (pps, bps) = by_ip.get(&t.target).copied().unwrap_or((0.0, 0.0));
+        let (pps, bps) = match t.backend_id {
+            Some(id) => by_id.get(&id),
+            None => by_ip.get(&t.target),
+        }
+        .copied()
+        .unwrap_or((0.0, 0.0));
         targets.push(TargetRate {
             group: Some(t.group.clone()),
             target: t.target,
@@ -294,6 +303,7 @@ mod tests {
             source: Source::Config,
             drain_remaining_secs: None,
             last_check_latency_ms: None,
+            backend_id: None,
         }
     }
 
