@@ -376,7 +376,7 @@ fn the_benchmark_harness_runs() {
         assert!(e.delivered <= e.generated, "sinks count only what was generated: {e:?}");
     }
     assert_eq!(report.lb_vs_nftables.len(), 2);
-    assert_eq!(report.control_plane.len(), 4);
+    assert_eq!(report.control_plane.len(), 6);
     assert!(report.render().contains("lb-xdp / nftables at 64 B"));
 }
 
