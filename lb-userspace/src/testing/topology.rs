@@ -723,8 +723,9 @@ pub fn wire(
     Ok(())
 }
 
-/// `lb run` as a separate process inside a namespace: what an operator runs. On drop it
-/// gets SIGTERM and the datapath it leaves is removed (as `lb detach` does).
+/// `lb run` as a separate process inside a namespace: what an operator runs. Dropped
+/// while it runs, it gets SIGTERM and the datapath it leaves is removed (as `lb detach`
+/// does).
 pub struct AgentProcess {
     child: Option<std::process::Child>,
     pub pin_dir: PathBuf,
@@ -861,6 +862,11 @@ const READY_LOG: &str = "control API listening";
 
 impl Drop for AgentProcess {
     fn drop(&mut self) {
+        // An agent the caller already stopped or killed leaves its datapath to the
+        // caller (a next agent may have adopted it).
+        if self.child.is_none() {
+            return;
+        }
         let _ = self.stop();
         if self.detach_on_drop {
             let _ = crate::datapath::pins::detach_pinned(&self.pin_dir);

@@ -157,6 +157,23 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         }
     }
 
+    println!("\n== `kill -9` of the agent: the datapath keeps forwarding without it");
+    agent.kill().context("killing the agent")?;
+    for _ in 0..3 {
+        let body = topo.curl(&format!("http://{VIP4}/")).context("curl with no agent running")?;
+        println!("   curl http://{VIP4}/ -> {body}");
+    }
+    println!("\n== `lb run` again: it adopts the running datapath (nothing rewritten, flows kept)");
+    let mut agent = AgentProcess::start(&lb, &topo.lb, &config.0, &topo.pin_dir).context("restarting the agent")?;
+    for line in agent
+        .logs()
+        .lines()
+        .filter(|l| l.contains("adopted") || l.contains("maps filled") || l.contains("replaced in place"))
+    {
+        println!("   | {line}");
+    }
+    check_interrupt()?;
+
     if !opts.linger.is_zero() {
         println!(
             "\n== Lingering {:?} (Ctrl-C ends it): try `ip netns exec {}-cl curl http://{VIP4}/`",
