@@ -103,6 +103,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     // `cargo xtask deb`: the package's Depends (dpkg-deb itself is in dpkg).
     ("dpkg-dev", "dpkg-shlibdeps"),
+    // The pseudo-terminal `lb top` runs under in its test.
+    ("tmux", "tmux"),
+    // `strip` for the package's binary.
+    ("binutils", "strip"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
