@@ -133,7 +133,12 @@ fn fill_full_cycles(perms: &[Perm], m: u32) -> Option<Vec<u32>> {
 /// [`fill_full_cycles`] storing `labels[i]` instead of `i` for `perms[i]` (`labels` has
 /// one entry per permutation), so that [`build`] writes ids without a second pass.
 fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<Vec<u32>> {
-    if labels.len() != perms.len() || m >= 1 << 31 || !is_prime(m) || perms.iter().any(|p| p.skip % m == 0) || perms.len() >= FREE as usize {
+    if labels.len() != perms.len()
+        || m >= 1 << 31
+        || !is_prime(m)
+        || perms.iter().any(|p| p.skip % m == 0)
+        || perms.len() >= FREE as usize
+    {
         return None;
     }
     let max_weight = perms.iter().map(|p| p.weight).max().unwrap_or(0);
@@ -614,7 +619,13 @@ mod tests {
                 0 => 1,
                 1 => same,
                 2 => rng.below(5) as u32,
-                3 => if i == 0 { 1000 } else { 1 + rng.below(3) as u32 },
+                3 => {
+                    if i == 0 {
+                        1000
+                    } else {
+                        1 + rng.below(3) as u32
+                    }
+                }
                 _ => rng.below(u64::from(u32::MAX) + 1) as u32,
             })
             .collect();
@@ -658,7 +669,7 @@ mod tests {
                 .map(|_| {
                     let skip = loop {
                         let s = rng.below(1 << 32) as u32;
-                        if s % m != 0 {
+                        if !s.is_multiple_of(m) {
                             break s;
                         }
                     };
