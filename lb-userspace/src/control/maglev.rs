@@ -113,59 +113,264 @@ pub fn populate(perms: &[Perm], m: u32) -> Vec<Option<usize>> {
 }
 
 /// [`fill`] when every permutation is a full cycle (`m` prime, every `skip % m != 0`:
-/// what [`build`] always gives) and `m < 2^31`, so that `pos + skip` fits a `u32`: no
-/// preference counter, no fallback, one backend's state in 8 bytes (`pos`, `skip`), and
-/// the weight bookkeeping skipped when all weights are equal. `None` if it does not apply.
+/// what [`build`] always gives) and `m < 2^31`, so that `pos + skip` fits a `u32`.
+/// `None` if it does not apply. Gives the same table as [`fill_any`] (the turns are the
+/// same; only how a backend finds its next free preferred slot differs):
+///
+/// - Walking: a backend tests its preferences in chunks of `K` at once (`K` independent
+///   bit tests and one branch per chunk), `K` growing from 1 to 16 as the table fills and
+///   walks get longer. The free slots are a bitset kept twice (`slot` and `slot + m`), so
+///   that `pos + k * skip % m`, below `2m`, is tested without reducing it.
+/// - Tail: when at most about `sqrt(m) / 2` slots are free, walking costs about
+///   `m / free` probes per turn; instead the backend's next free preferred slot is found
+///   by computing, for each free slot, how many steps of its permutation away it is, and
+///   taking the nearest.
 fn fill_full_cycles(perms: &[Perm], m: u32) -> Option<Vec<u32>> {
-    if m >= 1 << 31 || !is_prime(m) || perms.iter().any(|p| p.skip % m == 0) || perms.len() >= FREE as usize {
+    let indices: Vec<u32> = (0..perms.len()).map(|i| i as u32).collect();
+    fill_full_cycles_labelled(perms, m, &indices)
+}
+
+/// [`fill_full_cycles`] storing `labels[i]` instead of `i` for `perms[i]` (`labels` has
+/// one entry per permutation), so that [`build`] writes ids without a second pass.
+fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<Vec<u32>> {
+    if labels.len() != perms.len()
+        || m >= 1 << 31
+        || !is_prime(m)
+        || perms.iter().any(|p| p.skip % m == 0)
+        || perms.len() >= FREE as usize
+    {
         return None;
     }
-    let size = m as usize;
-    let mut table = vec![FREE; size];
-    let max_weight = u64::from(perms.iter().map(|p| p.weight).max().unwrap_or(0));
+    let max_weight = perms.iter().map(|p| p.weight).max().unwrap_or(0);
     if max_weight == 0 {
-        return Some(table);
+        return Some(vec![FREE; m as usize]);
     }
-    let equal = perms.iter().all(|p| u64::from(p.weight) == max_weight);
-    let mut pos: Vec<u32> = perms.iter().map(|p| p.offset % m).collect();
-    let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
-    let mut credit = vec![0u64; perms.len()];
-    let mut taken = vec![0u64; size.div_ceil(64)];
-    let mut filled = 0;
-    // Terminates as `fill` does: every round the max-weight backends take a slot, and a
-    // full cycle always reaches a free slot.
-    loop {
-        for i in 0..perms.len() {
-            if !equal {
-                credit[i] += u64::from(perms[i].weight);
-                if credit[i] < max_weight {
-                    continue;
+    let mut fill = FullCycles::new(perms, labels, m, max_weight);
+    let equal = perms.iter().all(|p| p.weight == max_weight);
+    let size = m as usize;
+    let tail = ((f64::from(m).sqrt() / 2.0) as usize).min(size);
+    // (chunk size, walk while more than this many slots are free), chosen by measurement.
+    let schedule = [(1, size / 10 * 9), (2, size / 8 * 5), (4, size / 4), (8, size / 16), (16, tail)];
+    for (k, until) in schedule {
+        let until = until.max(tail);
+        match (k, equal) {
+            (1, true) => fill.walk::<1, true>(until),
+            (2, true) => fill.walk::<2, true>(until),
+            (4, true) => fill.walk::<4, true>(until),
+            (8, true) => fill.walk::<8, true>(until),
+            (_, true) => fill.walk::<16, true>(until),
+            (1, false) => fill.walk::<1, false>(until),
+            (2, false) => fill.walk::<2, false>(until),
+            (4, false) => fill.walk::<4, false>(until),
+            (8, false) => fill.walk::<8, false>(until),
+            (_, false) => fill.walk::<16, false>(until),
+        }
+    }
+    fill.finish_nearest();
+    Some(fill.table)
+}
+
+/// The largest chunk [`FullCycles::walk`] tests at once.
+const MAX_CHUNK: usize = 16;
+
+/// State of [`fill_full_cycles`].
+struct FullCycles<'a> {
+    perms: &'a [Perm],
+    /// What the table stores for each backend.
+    labels: &'a [u32],
+    m: u32,
+    max_weight: u64,
+    /// Per slot the label of the backend that took it, or [`FREE`].
+    table: Vec<u32>,
+    /// Bit `s` and bit `s + m` are set while slot `s` is free. The length is a power of
+    /// two, so that masking an index keeps it in bounds without a check.
+    free: Vec<u64>,
+    /// Free slots left.
+    left: usize,
+    /// Per backend: the slot its next preference is (`< m`).
+    pos: Vec<u32>,
+    /// Per backend: its `skip`, reduced below `m`.
+    skip: Vec<u32>,
+    /// Per backend `k * skip % m` for `k` in `0..=MAX_CHUNK`: preference `j + k` is
+    /// `pos + strides[k]` (below `2m`) when `pos` is preference `j`.
+    strides: Vec<[u32; MAX_CHUNK + 1]>,
+    /// Per backend: weight accumulated but not yet spent on a slot.
+    credit: Vec<u64>,
+    /// The backend whose turn is next.
+    next: usize,
+}
+
+impl<'a> FullCycles<'a> {
+    fn new(perms: &'a [Perm], labels: &'a [u32], m: u32, max_weight: u32) -> FullCycles<'a> {
+        let size = m as usize;
+        let words = (2 * size).div_ceil(64).next_power_of_two();
+        // Bits at and above 2m are never tested.
+        let free = vec![u64::MAX; words];
+        let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
+        let strides = skip
+            .iter()
+            .map(|&skip| {
+                let mut st = [0u32; MAX_CHUNK + 1];
+                for k in 1..=MAX_CHUNK {
+                    st[k] = reduce_once(st[k - 1] + skip, m);
                 }
-                credit[i] -= max_weight;
+                st
+            })
+            .collect();
+        FullCycles {
+            perms,
+            labels,
+            m,
+            max_weight: u64::from(max_weight),
+            table: vec![FREE; size],
+            free,
+            left: size,
+            pos: perms.iter().map(|p| p.offset % m).collect(),
+            skip,
+            strides,
+            credit: vec![0; perms.len()],
+            next: 0,
+        }
+    }
+
+    /// Whether backend `b` takes a slot this turn (Katran-style weights, as in
+    /// [`fill_any`]); always with equal weights.
+    #[inline(always)]
+    fn turn<const EQUAL: bool>(credit: &mut [u64], perms: &[Perm], max_weight: u64, b: usize) -> bool {
+        if EQUAL {
+            return true;
+        }
+        // credit < 2 * max_weight <= 2^33: no overflow.
+        credit[b] += u64::from(perms[b].weight);
+        if credit[b] < max_weight {
+            return false;
+        }
+        credit[b] -= max_weight;
+        true
+    }
+
+    /// Gives turns until at most `until` slots are free; each taking backend tests `K`
+    /// (`<= MAX_CHUNK`) preferences per step. Returns at once if `left <= until`.
+    fn walk<const K: usize, const EQUAL: bool>(&mut self, until: usize) {
+        let m = self.m;
+        let n = self.perms.len();
+        let wmask = self.free.len() - 1;
+        let (free, table) = (&mut self.free[..], &mut self.table[..]);
+        let (pos, credit, perms) = (&mut self.pos[..n], &mut self.credit[..n], &self.perms[..n]);
+        let labels = &self.labels[..n];
+        let is_free = |free: &[u64], q: u32| (free[(q >> 6) as usize & wmask] >> (q & 63)) as u32 & 1;
+        let strides = &self.strides[..n];
+        let (mut b, mut left) = (self.next, self.left);
+        while left > until {
+            if Self::turn::<EQUAL>(credit, perms, self.max_weight, b) {
+                let st = &strides[b];
+                let mut p = pos[b];
+                // Terminates: the permutation is a full cycle and a slot is free.
+                let slot = loop {
+                    // Bit k: preference `p + k * skip` is free (all offsets `< 2m`).
+                    let mut mask = 0;
+                    for (k, &stride) in st[..K].iter().enumerate() {
+                        mask |= is_free(free, p + stride) << k;
+                    }
+                    if mask != 0 {
+                        break reduce_once(p + st[mask.trailing_zeros() as usize % K], m);
+                    }
+                    p = reduce_once(p + st[K], m);
+                };
+                free[(slot >> 6) as usize & wmask] &= !(1 << (slot & 63));
+                let mirror = slot + m;
+                free[(mirror >> 6) as usize & wmask] &= !(1 << (mirror & 63));
+                table[slot as usize] = labels[b];
+                pos[b] = reduce_once(slot + st[1], m);
+                left -= 1;
             }
-            let (step, mut p) = (skip[i], pos[i]);
-            let next = |p: u32| {
-                let q = p + step; // < 2m < 2^32
-                if q >= m { q - m } else { q }
-            };
-            while taken[(p >> 6) as usize] & (1 << (p & 63)) != 0 {
-                p = next(p);
-            }
-            taken[(p >> 6) as usize] |= 1 << (p & 63);
-            table[p as usize] = i as u32;
-            pos[i] = next(p);
-            filled += 1;
-            if filled == size {
-                return Some(table);
+            b += 1;
+            if b == n {
+                b = 0;
             }
         }
+        self.next = b;
+        self.left = left;
+    }
+
+    /// Gives the remaining turns: the taking backend takes, among the free slots, the one
+    /// the fewest steps of its permutation ahead of `pos` (the one a walk would reach
+    /// first), steps being `(slot - pos) * skip^-1 % m`.
+    fn finish_nearest(&mut self) {
+        let m = self.m;
+        let mut free: Vec<u32> = Vec::with_capacity(self.left);
+        for (w, &word) in self.free[..(m as usize).div_ceil(64)].iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                let slot = (w as u32) * 64 + bits.trailing_zeros();
+                if slot < m {
+                    free.push(slot);
+                }
+                bits &= bits - 1;
+            }
+        }
+        let m64 = u64::from(m);
+        // Barrett reduction: for a < 2^64, a - ((a * r) >> 64) * m is in 0..2m.
+        let r = u64::MAX / m64;
+        let reduce = |a: u64| {
+            let q = ((u128::from(a) * u128::from(r)) >> 64) as u64;
+            let x = a - q * m64;
+            if x >= m64 { x - m64 } else { x }
+        };
+        let n = self.perms.len();
+        // Per backend its skip's inverse modulo m, computed on its first turn here (0: not yet).
+        let mut inverses = vec![0u32; n];
+        let mut b = self.next;
+        while !free.is_empty() {
+            if Self::turn::<false>(&mut self.credit, self.perms, self.max_weight, b) {
+                if inverses[b] == 0 {
+                    inverses[b] = inverse_mod(self.skip[b], m);
+                }
+                let (inv, p) = (u64::from(inverses[b]), self.pos[b]);
+                let mut nearest = (u64::MAX, 0);
+                for (k, &slot) in free.iter().enumerate() {
+                    // Both factors < m < 2^31.
+                    let steps = reduce(u64::from(reduce_once(slot + m - p, m)) * inv);
+                    if steps < nearest.0 {
+                        nearest = (steps, k);
+                    }
+                }
+                let slot = free.swap_remove(nearest.1);
+                self.table[slot as usize] = self.labels[b];
+                self.pos[b] = reduce_once(slot + self.skip[b], m);
+            }
+            b += 1;
+            if b == n {
+                b = 0;
+            }
+        }
+        self.left = 0;
     }
 }
 
+/// `x % m` for `x < 2m`.
+#[inline(always)]
+fn reduce_once(x: u32, m: u32) -> u32 {
+    if x >= m { x - m } else { x }
+}
+
+/// The inverse of `a` modulo the prime `m`, for `a` in `1..m` (extended Euclid).
+fn inverse_mod(a: u32, m: u32) -> u32 {
+    let (mut r0, mut r1) = (i64::from(m), i64::from(a));
+    let (mut t0, mut t1) = (0i64, 1i64);
+    while r1 != 0 {
+        let q = r0 / r1;
+        (r0, r1) = (r1, r0 - q * r1);
+        (t0, t1) = (t1, t0 - q * t1);
+    }
+    // t0 * a == 1 (mod m) and |t0| < m.
+    (if t0 < 0 { t0 + i64::from(m) } else { t0 }) as u32
+}
+
 /// [`populate`] on a compact table: per slot the index into `perms` as `u32`, or
-/// [`FREE`]. Which slots are taken is a bitset (8 KiB for m = 65,537, so the probes,
-/// most of the work, stay in the L1 cache); a probe is an addition, a compare and a bit
-/// test, never a division.
+/// [`FREE`]. Which slots are taken is a bitset (16 KiB for m = 65,537 in
+/// [`fill_full_cycles`], so the probes, most of the work, stay in the L1 cache); a probe
+/// is an addition and a bit test, never a division.
 fn fill(perms: &[Perm], m: u32) -> Vec<u32> {
     fill_full_cycles(perms, m).unwrap_or_else(|| fill_any(perms, m))
 }
@@ -275,7 +480,73 @@ pub fn build(backends: &[Backend<'_>], m: u32) -> Result<Vec<u32>, MaglevError> 
     }
     let perms: Vec<Perm> = sorted.iter().map(|b| perm_for(b, m)).collect();
     let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
-    Ok(fill(&perms, m).into_iter().map(|i| ids.get(i as usize).copied().unwrap_or(EMPTY_SLOT)).collect())
+    if perms.iter().all(|p| p.weight == 0) {
+        return Ok(vec![EMPTY_SLOT; m as usize]);
+    }
+    if let Some(table) = fill_full_cycles_labelled(&perms, m, &ids) {
+        return Ok(table);
+    }
+    Ok(fill_any(&perms, m).into_iter().map(|i| ids.get(i as usize).copied().unwrap_or(EMPTY_SLOT)).collect())
+}
+
+#[cfg(test)]
+/// The previous [`fill_full_cycles`], kept as the reference the tests compare with: one
+/// probe at a time, the same turns. `None` if it does not apply.
+fn fill_full_cycles_reference(perms: &[Perm], m: u32) -> Option<Vec<u32>> {
+    if m >= 1 << 31 || !is_prime(m) || perms.iter().any(|p| p.skip % m == 0) || perms.len() >= FREE as usize {
+        return None;
+    }
+    let size = m as usize;
+    let mut table = vec![FREE; size];
+    let max_weight = u64::from(perms.iter().map(|p| p.weight).max().unwrap_or(0));
+    if max_weight == 0 {
+        return Some(table);
+    }
+    let equal = perms.iter().all(|p| u64::from(p.weight) == max_weight);
+    let mut pos: Vec<u32> = perms.iter().map(|p| p.offset % m).collect();
+    let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
+    let mut credit = vec![0u64; perms.len()];
+    let mut taken = vec![0u64; size.div_ceil(64)];
+    let mut filled = 0;
+    // Terminates as `fill` does: every round the max-weight backends take a slot, and a
+    // full cycle always reaches a free slot.
+    loop {
+        for i in 0..perms.len() {
+            if !equal {
+                credit[i] += u64::from(perms[i].weight);
+                if credit[i] < max_weight {
+                    continue;
+                }
+                credit[i] -= max_weight;
+            }
+            let (step, mut p) = (skip[i], pos[i]);
+            let next = |p: u32| {
+                let q = p + step; // < 2m < 2^32
+                if q >= m { q - m } else { q }
+            };
+            while taken[(p >> 6) as usize] & (1 << (p & 63)) != 0 {
+                p = next(p);
+            }
+            taken[(p >> 6) as usize] |= 1 << (p & 63);
+            table[p as usize] = i as u32;
+            pos[i] = next(p);
+            filled += 1;
+            if filled == size {
+                return Some(table);
+            }
+        }
+    }
+}
+
+/// The previous [`build`] for valid input: the reference the tests compare with.
+#[cfg(test)]
+fn build_reference(backends: &[Backend<'_>], m: u32) -> Vec<u32> {
+    let mut sorted: Vec<&Backend<'_>> = backends.iter().collect();
+    sorted.sort_unstable_by_key(|b| b.key);
+    let perms: Vec<Perm> = sorted.iter().map(|b| perm_for(b, m)).collect();
+    let ids: Vec<u32> = sorted.iter().map(|b| b.id).collect();
+    let table = fill_full_cycles_reference(&perms, m).unwrap_or_else(|| fill_any(&perms, m));
+    table.into_iter().map(|i| ids.get(i as usize).copied().unwrap_or(EMPTY_SLOT)).collect()
 }
 
 /// Fraction of slots whose id differs between two tables (0.0 for two empty tables).
@@ -335,6 +606,116 @@ mod tests {
         // Not a full cycle: the fast path declines.
         assert!(fill_full_cycles(&[Perm { offset: 1, skip: 7, weight: 1 }], 7).is_none());
         assert!(fill_full_cycles(&[Perm { offset: 1, skip: 2, weight: 1 }], 8).is_none());
+    }
+
+    /// Random backend sets: `n` backends with distinct keys, weights by `mode` (0: all 1,
+    /// 1: all the same random weight, 2: 0..4 (zeros included), 3: one heavy backend, 4:
+    /// any u32).
+    fn random_set(rng: &mut crate::test_rng::Rng, n: usize, mode: u64) -> (Vec<String>, Vec<u32>) {
+        let keys: Vec<String> = (0..n).map(|i| format!("10.{}.{}/{i}", rng.below(256), rng.below(256))).collect();
+        let same = 1 + rng.below(1000) as u32;
+        let weights = (0..n)
+            .map(|i| match mode {
+                0 => 1,
+                1 => same,
+                2 => rng.below(5) as u32,
+                3 => {
+                    if i == 0 {
+                        1000
+                    } else {
+                        1 + rng.below(3) as u32
+                    }
+                }
+                _ => rng.below(u64::from(u32::MAX) + 1) as u32,
+            })
+            .collect();
+        (keys, weights)
+    }
+
+    /// The table is bit-for-bit the one the previous implementation built, over random
+    /// backend sets, weights (zero, equal, unequal) and table sizes.
+    #[test]
+    fn build_equals_the_reference_implementation() {
+        let mut rng = crate::test_rng::Rng::new(0x9e37_79b9_7f4a_7c15);
+        let mut cases = 0;
+        for &m in &[3u32, 5, 7, 11, 13, 31, 101, 257, 1009, 4099, 65_537] {
+            let rounds = if m == 65_537 { 12 } else { 40 };
+            for round in 0..rounds {
+                let most = (m as usize).min(if m == 65_537 { 1200 } else { 300 });
+                let n = match round % 4 {
+                    0 => (1 + rng.below(4) as usize).min(most),
+                    1 => most,
+                    _ => 1 + rng.below(most as u64) as usize,
+                };
+                let mode = rng.below(5);
+                let (keys, weights) = random_set(&mut rng, n, mode);
+                let list: Vec<Backend<'_>> = keys
+                    .iter()
+                    .zip(&weights)
+                    .enumerate()
+                    .map(|(i, (key, &weight))| Backend { id: i as u32 + 1, key, weight })
+                    .collect();
+                let table = build(&list, m).expect("valid backends");
+                assert!(table == build_reference(&list, m), "m={m} n={n} weights={weights:?}");
+                cases += 1;
+            }
+        }
+        // The population itself on raw permutations, including offsets and skips >= m.
+        for _ in 0..300 {
+            let m = [3u32, 7, 13, 101, 1009][rng.below(5) as usize];
+            let n = 1 + rng.below(u64::from(m)) as usize;
+            let mode = rng.below(5);
+            let perms: Vec<Perm> = (0..n)
+                .map(|_| {
+                    let skip = loop {
+                        let s = rng.below(1 << 32) as u32;
+                        if !s.is_multiple_of(m) {
+                            break s;
+                        }
+                    };
+                    let weight = match mode {
+                        0 => 1,
+                        1 => rng.below(3) as u32,
+                        _ => rng.below(1 << 32) as u32,
+                    };
+                    Perm { offset: rng.below(1 << 32) as u32, skip, weight }
+                })
+                .collect();
+            let reference = fill_full_cycles_reference(&perms, m).expect("full cycles");
+            assert_eq!(fill_full_cycles(&perms, m).expect("full cycles"), reference, "m={m} {perms:?}");
+            cases += 1;
+        }
+        assert!(cases > 700);
+    }
+
+    /// `cargo test --release -p lb-userspace --lib maglev::tests::build_time -- --ignored
+    /// --nocapture`: build time against the reference implementation, in the same run.
+    #[test]
+    #[ignore = "timing; run in a release build"]
+    fn build_time_against_reference() {
+        for n in [10u32, 100, 1000] {
+            let keys: Vec<String> = (0..n).map(|i| format!("198.18.{}.{}", 128 + i / 250, 1 + i % 250)).collect();
+            let list = backends(&keys, |_| 1);
+            let time = |f: &dyn Fn() -> Vec<u32>| {
+                let mut ms: Vec<f64> = (0..41)
+                    .map(|_| {
+                        let start = Instant::now();
+                        std::hint::black_box(f());
+                        start.elapsed().as_secs_f64() * 1e3
+                    })
+                    .collect();
+                ms.sort_by(f64::total_cmp);
+                (ms[0], ms[ms.len() / 2])
+            };
+            assert_eq!(build(&list, M).expect("valid"), build_reference(&list, M));
+            let (old_min, old_median) = time(&|| build_reference(&list, M));
+            let (new_min, new_median) = time(&|| build(&list, M).expect("valid"));
+            eprintln!(
+                "maglev build M={M}, {n} backends: reference min {old_min:.3} median {old_median:.3} ms; \
+                 new min {new_min:.3} median {new_median:.3} ms; median ratio {:.2}x",
+                old_median / new_median
+            );
+        }
     }
 
     #[test]
