@@ -1,7 +1,7 @@
-//! The agent stays responsive while it works on the datapath: reloads that add a VIP
-//! (a Maglev ring of 1,048,573 slots built, both of its rings written, every other
-//! VIP's ring compared) run again and again
-//! while the control API is asked for its status and targets and health checks go on.
+//! The agent stays responsive while it works on the datapath: reloads that add two VIPs
+//! on target groups of their own (for each, a Maglev ring of 1,048,573 slots built and
+//! both of its rings written), and remove them again, run again and again while the
+//! control API is asked for its status and targets and health checks go on.
 //! Every answer comes within 50 ms, and every health probe's latency stays under 50 ms.
 //! A registration waiting for ARP does not hold up other changes either.
 
@@ -23,7 +23,23 @@ use lb_userspace::{
 const LIMIT: Duration = Duration::from_millis(50);
 const RELOADS: usize = 8;
 const CHECKS: &str = "health_check = { protocol = \"http\", port = 80, interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }\n";
-const EXTRA: &str = "[[listeners]]\nname = \"extra\"\naddress = \"198.18.1.100\"\nport = 8080\nprotocol = \"tcp\"\ntarget_group = \"web\"\n";
+/// Listeners each reload adds or removes, each on a target group of its own: every one
+/// is a Maglev build of the largest ring and two whole rings written.
+const EXTRA_GROUPS: u16 = 2;
+
+/// The listeners and groups a reload adds (the same three targets in each group).
+fn extra() -> String {
+    let targets = "targets = [{ ip = \"198.18.0.11\" }, { ip = \"198.18.0.12\" }, { ip = \"198.18.0.13\" }]";
+    (0..EXTRA_GROUPS)
+        .map(|i| {
+            format!(
+                "[[listeners]]\nname = \"extra{i}\"\naddress = \"198.18.1.100\"\nport = {}\nprotocol = \"tcp\"\ntarget_group = \"extra{i}\"\n\
+                 [[target_groups]]\nname = \"extra{i}\"\n{targets}\n",
+                8080 + i
+            )
+        })
+        .collect()
+}
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
@@ -43,7 +59,7 @@ fn api_answers_and_health_probes_stay_under_50_ms_while_whole_rings_are_written(
     let without = topo
         .config_with(&targets, CHECKS)
         .replace("max_vips = 8\n", &format!("max_vips = 8\nring_size = {}\n", lb_common::MAX_RING_SIZE));
-    let with = format!("{without}{EXTRA}");
+    let with = format!("{without}{}", extra());
     let cfg = TempFile::write(&format!("{}.toml", topo.id), &without).expect("config");
     let _agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent");
     let client = Client::new(topo.socket());
