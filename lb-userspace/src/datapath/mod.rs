@@ -739,11 +739,6 @@ impl Dataplane {
         self.applied.sources.insert(ring, table.clone());
         Ok(written)
     }
-
-    /// The contents of ring `ring` (for tests).
-    pub fn ring(&self, ring: u32) -> Vec<u32> {
-        self.rings.read((ring * self.opts.ring_size) as usize, self.opts.ring_size as usize)
-    }
 }
 
 impl Drop for Dataplane {

@@ -74,11 +74,6 @@ impl RingMemory {
         std::sync::atomic::fence(Ordering::SeqCst);
         Some(written)
     }
-
-    /// The `len` slots from `first` (for tests and status).
-    pub(super) fn read(&self, first: usize, len: usize) -> Vec<u32> {
-        (first..first + len).map(|i| self.slot(i).map_or(0, |s| s.load(Ordering::Relaxed))).collect()
-    }
 }
 
 impl Drop for RingMemory {
