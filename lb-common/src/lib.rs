@@ -37,7 +37,13 @@ pub const RING_SLOT_STRIDE: usize = 8;
 /// Version of the maps' layout: their set, types, key and value layouts and meaning.
 /// A starting agent adopts pinned maps only with this exact version (and sizes); bump
 /// it with any change a running datapath's maps would not match.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// Default `dataplane.new_flow_cap_per_cpu`: new flows per second per CPU that may enter
+/// the connection table (0 = no cap). Generous: normal traffic never reaches it.
+pub const DEFAULT_NEW_FLOW_CAP_PER_CPU: u32 = 100_000;
+/// Length of one admission window of [`maps::NEW_FLOWS`] (ns): the cap is per second.
+pub const NEW_FLOW_WINDOW_NS: u64 = 1_000_000_000;
 
 /// Whether `n` is prime (deterministic trial division; fine for any `u32`). Maglev
 /// ring sizes must be prime.
@@ -88,9 +94,12 @@ pub mod maps {
     /// created with, written once by the agent that created them (see
     /// [`LAYOUT_VERSION`](super::LAYOUT_VERSION)).
     pub const INFO: &str = "LB_INFO";
+    /// `PerCpuArray<AdmissionWindow>` (1 entry): each CPU's current one-second window of
+    /// new flows admitted into [`CONNS`] (see [`LB_NEW_FLOW_CAP`](super::globals::NEW_FLOW_CAP)).
+    pub const NEW_FLOWS: &str = "LB_NEW_FLOWS";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 10] =
-        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT, INFO];
+    pub const ALL: [&str; 11] =
+        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT, INFO, NEW_FLOWS];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
     pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";
@@ -109,6 +118,9 @@ pub mod maps {
 pub mod globals {
     /// `u32`: the Maglev ring size M (prime). Ring `r` occupies `[r*M, (r+1)*M)`.
     pub const RING_SIZE: &str = "LB_RING_SIZE";
+    /// `u32`: new flows per second per CPU that may enter the connection table; past it,
+    /// new flows are still forwarded by the ring but not remembered. 0 = no cap.
+    pub const NEW_FLOW_CAP: &str = "LB_NEW_FLOW_CAP";
 }
 
 /// Program names in the object.
@@ -366,6 +378,16 @@ pub struct FlowValue {
     pub generation: u32,
 }
 
+/// Value of [`maps::NEW_FLOWS`]: one CPU's admission window.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct AdmissionWindow {
+    /// When the window began (ns since boot, `bpf_ktime_get_ns`); 0 = never.
+    pub start_ns: u64,
+    /// New flows inserted into the connection table in this window.
+    pub admitted: u64,
+}
+
 /// A packets/bytes pair: value of [`maps::VIP_STATS`] and [`maps::BACKEND_STATS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -418,6 +440,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::GenTemplate {}
     unsafe impl aya::Pod for super::DatapathInfo {}
+    unsafe impl aya::Pod for super::AdmissionWindow {}
 }
 
 // ---------------------------------------------------------------------------------------
@@ -518,6 +541,10 @@ global_counters! {
     ConnRepicked = "conn_repicked", observation;
     /// Frames forwarded for a VIP whose targets are all unhealthy (fail-open).
     FailOpen = "fail_open", observation;
+    /// New flows (connection-table misses) over this CPU's `new_flow_cap_per_cpu` for
+    /// the current second: forwarded by the ring but not inserted into the table (the
+    /// frame also counts `conn_miss` and its verdict).
+    ConnAdmissionSkipped = "conn_admission_skipped", observation;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, DatapathInfo, FlowKey, FlowValue,
-    GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS, RINGS_PER_VIP, VipKey, VipMeta,
+    AdmissionWindow, Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NEW_FLOW_CAP_PER_CPU,
+    DEFAULT_RING_SIZE, DatapathInfo, FlowKey, FlowValue, GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
+    NEW_FLOW_WINDOW_NS, RINGS_PER_VIP, VipKey, VipMeta,
 };
 
 /// VIPs keyed by (address, port, protocol).
@@ -58,6 +60,43 @@ pub fn ring_size() -> u32 {
     // SAFETY: a plain read of a global the loader initialised; volatile so that the
     // compiler does not fold in the default value.
     unsafe { core::ptr::read_volatile(&LB_RING_SIZE) }
+}
+
+/// Per CPU: the current one-second window of new flows admitted into `LB_CONNS`.
+#[map(name = "LB_NEW_FLOWS")]
+static NEW_FLOWS: PerCpuArray<AdmissionWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// New flows per second per CPU that may enter the connection table (0 = no cap), set by
+/// the agent at load time.
+#[unsafe(no_mangle)]
+static LB_NEW_FLOW_CAP: u32 = DEFAULT_NEW_FLOW_CAP_PER_CPU;
+
+/// Whether a new flow may be inserted into the connection table now: fewer than
+/// `LB_NEW_FLOW_CAP` new flows were admitted on this CPU in the current window (fixed
+/// one-second windows, opened by the first new flow after the previous one ended).
+#[inline(always)]
+pub fn admit_new_flow() -> bool {
+    // SAFETY: as in `ring_size`.
+    let cap = unsafe { core::ptr::read_volatile(&LB_NEW_FLOW_CAP) } as u64;
+    if cap == 0 {
+        return true;
+    }
+    let Some(w) = NEW_FLOWS.get_ptr_mut(0) else { return true };
+    // SAFETY: no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: per-CPU value from a successful lookup; only this CPU touches it (XDP runs
+    // with preemption disabled).
+    unsafe {
+        if (*w).start_ns == 0 || now.wrapping_sub((*w).start_ns) >= NEW_FLOW_WINDOW_NS {
+            (*w).start_ns = now;
+            (*w).admitted = 0;
+        }
+        if (*w).admitted >= cap {
+            return false;
+        }
+        (*w).admitted += 1;
+    }
+    true
 }
 
 /// Bumps a global counter. Per-CPU values: no atomics needed.

@@ -85,10 +85,14 @@ fn backend(id: u32) -> Option<Backend> {
 }
 
 /// Known flow: its remembered backend (if that backend is still configured).
-/// New flow: the VIP's Maglev ring at hash % M, remembered in the connection table.
+/// New flow: the VIP's Maglev ring at hash % M, remembered in the connection table if
+/// this CPU's new-flow admission cap allows (else counted `conn_admission_skipped`).
+/// A known flow re-picked from the ring overwrites its own entry: no cap, no eviction.
 #[inline(always)]
 fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
+    let mut known = false;
     if let Some(v) = CONNS.get_ptr(key) {
+        known = true;
         // SAFETY: the pointer comes from a successful map lookup.
         let remembered = unsafe { *v };
         if let Some(b) = backend(remembered.backend) {
@@ -112,6 +116,10 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
     let slot = vip.ring.wrapping_mul(m).wrapping_add(hash % m);
     let id = *RINGS.get(slot)?;
     let b = backend(id)?;
+    if !known && !maps::admit_new_flow() {
+        count(C::ConnAdmissionSkipped);
+        return Some((id, b));
+    }
     if CONNS.insert(key, FlowValue { backend: id, generation: b.generation }, 0).is_err() {
         count(C::ConnInsertFailed);
     }

@@ -349,7 +349,7 @@ fn the_agent_refuses_bad_setups_with_the_cause_and_changes_nothing() {
         "refused agent left its socket"
     );
     // Nor may a second agent take over the first one's pin directory.
-    let opts = LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024 };
+    let opts = LoadOptions { ring_size: 7, max_vips: 1, conn_table_size: 1024, new_flow_cap_per_cpu: 0 };
     let busy = Dataplane::open(EBPF_OBJECT, opts, &topo.pin_dir, false).err().expect("pin dir is in use");
     assert!(matches!(busy, DataplaneError::PinDirBusy { .. }), "{busy}");
     assert!(busy.to_string().contains("--pin-dir"), "{busy}");

@@ -247,7 +247,7 @@ fn random_and_mutated_frames_keep_every_datapath_invariant() {
         let target_macs: HashSet<[u8; 6]> = (0..TARGETS.len()).map(mac_of).collect();
         let vips = vips(&config);
         let mut dp =
-            Dataplane::load(LoadOptions { ring_size: 1009, max_vips: 8, conn_table_size: 65536 }).expect("load");
+            Dataplane::load(LoadOptions { ring_size: 1009, max_vips: 8, conn_table_size: 65536, new_flow_cap_per_cpu: 0 }).expect("load");
         dp.apply(&plan::build(&config, &resolved, &mut Allocators::new(8)).expect("plan")).expect("apply");
         let prog = dp.program().expect("program");
         let seeds = seeds();

@@ -56,7 +56,7 @@ fn a_vip_without_usable_targets_is_logged_once_per_cpu_per_second() {
                     [[listeners]]\nname = \"empty\"\naddress = \"198.18.1.100\"\nport = 80\nprotocol = \"tcp\"\ntarget_group = \"none\"\n\
                     [[target_groups]]\nname = \"none\"\ntargets = []\n";
         let c = Config::parse(text, Path::new("logs.toml")).expect("config");
-        let mut dp = Dataplane::load(LoadOptions { ring_size: 251, max_vips: 2, conn_table_size: 1024 }).expect("load");
+        let mut dp = Dataplane::load(LoadOptions { ring_size: 251, max_vips: 2, conn_table_size: 1024, new_flow_cap_per_cpu: 0 }).expect("load");
         dp.apply(&plan::build(&c, &Default::default(), &mut Allocators::new(2)).expect("plan")).expect("apply");
         let mut logger = dp.take_logger().expect("the program logs");
         const FRAMES: u16 = 200;

@@ -138,6 +138,11 @@ impl Harness {
     /// interface of BPF_PROG_RUN) stands for the receiving interface; `redirect_ifindex`
     /// for another interface of the LB host.
     fn new(redirect_ifindex: u32, config: &str) -> Harness {
+        Harness::with_cap(redirect_ifindex, config, 0)
+    }
+
+    /// Like `new`, with `LB_NEW_FLOW_CAP` set to `cap` (new flows per second per CPU).
+    fn with_cap(redirect_ifindex: u32, config: &str, cap: u32) -> Harness {
         let local = Interface { name: "lo".into(), ifindex: 1, mac: LB_MAC, xdp_prog: None };
         let other = Interface {
             name: "r0".into(),
@@ -152,7 +157,13 @@ impl Harness {
                 (ip, Resolved { ip, dev: dev.clone(), mac: mac_of(&ip.to_string()) })
             })
             .collect();
-        let dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 8, conn_table_size: 1024 }).expect("load");
+        let dp = Dataplane::load(LoadOptions {
+            ring_size: RING,
+            max_vips: 8,
+            conn_table_size: 1024,
+            new_flow_cap_per_cpu: cap,
+        })
+        .expect("load");
         let mut h = Harness { dp, plan: Plan::default(), ids: Allocators::new(8), resolved };
         h.apply(config);
         h
@@ -645,7 +656,7 @@ fn ring_switches_are_atomic_under_traffic() {
         let set_of_mac: HashMap<[u8; 6], usize> =
             SETS.iter().enumerate().flat_map(|(i, s)| s.iter().map(move |ip| (mac_of(ip), i))).collect();
         let mut dp =
-            Dataplane::load(LoadOptions { ring_size: 4093, max_vips: 1, conn_table_size: 65536 }).expect("load");
+            Dataplane::load(LoadOptions { ring_size: 4093, max_vips: 1, conn_table_size: 65536, new_flow_cap_per_cpu: 0 }).expect("load");
         let mut ids = Allocators::new(1);
         let apply = |dp: &mut Dataplane, ids: &mut Allocators, set: usize| {
             let c = Config::parse(&config(set), Path::new("atomic.toml")).expect("config");
@@ -866,4 +877,220 @@ fn the_next_build_forwards_like_the_product_on_the_same_maps() {
         }
     })
     .expect("netns");
+}
+
+/// One VIP, one group of two targets (both behind the receiving interface): the
+/// admission tests' datapath.
+const FLOOD_CONFIG: &str = r#"
+[dataplane]
+interfaces = ["eth0"]
+ring_size = 251
+max_vips = 8
+conn_table_size = 1024
+
+[[listeners]]
+name = "tcp4"
+address = "198.18.1.100"
+port = 80
+protocol = "tcp"
+target_group = "web"
+
+[[target_groups]]
+name = "web"
+targets = [{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }]
+"#;
+
+/// Keeps the calling thread on CPU 0: the admission windows and the connection table's
+/// LRU lists are per CPU, and BPF_PROG_RUN runs the program on the caller's CPU.
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and sched_setaffinity
+    // only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set), 0, "pin to CPU 0");
+    }
+}
+
+impl Harness {
+    /// Runs one frame without the per-case checks (fast, for floods): the verdict and
+    /// the backend its rewritten destination MAC belongs to.
+    fn run_raw(&self, input: &[u8]) -> (u32, Option<IpAddr>) {
+        let mut out = vec![0u8; input.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(input);
+        opts.data_out = Some(&mut out);
+        let r = self.dp.program().expect("program").test_run(opts).expect("BPF_PROG_RUN");
+        let ip = self.plan.backends.values().find(|(_, b)| out[0..6] == b.dst_mac).map(|(ip, _)| *ip);
+        (r.return_value, ip)
+    }
+
+    fn counter(&self, c: C) -> u64 {
+        self.counters()[c as usize]
+    }
+}
+
+fn tcp_from(src: &str, port: u16, flags: u8) -> Frame {
+    Frame::tcp(SocketAddr::new(src.parse().expect("ip"), port), sa("198.18.1.100:80"), flags)
+        .with_macs(LB_MAC, CLIENT_MAC)
+}
+
+/// With a cap of 3 new flows per second per CPU: the first 3 new flows are inserted
+/// (their next packet hits the table), later ones in the same second are forwarded by
+/// the ring but not inserted (their next packet misses again) and counted.
+#[test]
+fn new_flows_over_the_cap_are_forwarded_but_not_remembered() {
+    if !privileged("new_flows_over_the_cap_are_forwarded_but_not_remembered") {
+        return;
+    }
+    pin_to_cpu0();
+    // The window is one second from the first new flow: if the machine is so slow that
+    // the sequence outlasts it, run it again on a fresh datapath.
+    for attempt in 0..3 {
+        let h = Harness::with_cap(1, FLOOD_CONFIG, 3);
+        let start = std::time::Instant::now();
+        let flows: Vec<Frame> = (0..6).map(|i| tcp_from("198.18.0.20", 50000 + i, tcp_flags::SYN)).collect();
+        let mut skipped = Vec::new();
+        for f in &flows {
+            let before = h.counters();
+            h.check("new flow", &f.build().expect("frame"), Some(f), Expect::Tx);
+            let after = h.counters();
+            assert_eq!(after[C::ConnMiss as usize] - before[C::ConnMiss as usize], 1, "a new flow misses");
+            skipped.push(after[C::ConnAdmissionSkipped as usize] - before[C::ConnAdmissionSkipped as usize]);
+        }
+        let mut hits = Vec::new();
+        for i in 0..flows.len() as u16 {
+            let ack = tcp_from("198.18.0.20", 50000 + i, tcp_flags::ACK);
+            let before = h.counters();
+            h.check("second packet", &ack.build().expect("frame"), Some(&ack), Expect::Tx);
+            let after = h.counters();
+            hits.push(after[C::ConnHit as usize] - before[C::ConnHit as usize]);
+            if hits.len() > 3 {
+                assert_eq!(
+                    after[C::ConnMiss as usize] - before[C::ConnMiss as usize],
+                    1,
+                    "not remembered: misses again"
+                );
+            }
+        }
+        if start.elapsed() >= std::time::Duration::from_millis(900) {
+            eprintln!("attempt {attempt} took {:?}, longer than the window: again", start.elapsed());
+            continue;
+        }
+        assert_eq!(skipped, [0, 0, 0, 1, 1, 1], "flows 4-6 are over the cap");
+        assert_eq!(hits, [1, 1, 1, 0, 0, 0], "only the first 3 flows were remembered");
+        assert_eq!(h.counter(C::ConnAdmissionSkipped), 6, "3 first packets and 3 second ones skipped");
+        assert_eq!(h.counter(C::ConnInsertFailed), 0);
+        return;
+    }
+    panic!("three attempts outlasted the one-second window");
+}
+
+/// What one flood run measured.
+struct FloodResult {
+    /// Established flows (quiet, then active) whose next packet went to their first target.
+    kept_quiet: usize,
+    kept_active: usize,
+    /// Established flows whose next packet missed the table.
+    lost_quiet: usize,
+    lost_active: usize,
+    skipped: u64,
+    /// Flood frames not forwarded with XDP_TX.
+    not_forwarded: usize,
+}
+
+const ESTABLISHED: usize = 200;
+
+/// The issue's flood figure: `ESTABLISHED` flows (half of them quiet, half sending during
+/// the flood), a ring change (a target added), then random-source SYNs amounting to 4x the
+/// connection table (1024), all on one CPU.
+fn flood(cap: u32) -> FloodResult {
+    let mut h = Harness::with_cap(1, FLOOD_CONFIG, cap);
+    let established: Vec<Frame> =
+        (0..ESTABLISHED as u16).map(|i| tcp_from("198.18.0.30", 40000 + i, tcp_flags::ACK)).collect();
+    let first: Vec<IpAddr> = established
+        .iter()
+        .map(|f| {
+            let (action, ip) = h.run_raw(&f.build().expect("frame"));
+            assert_eq!(action, xdp_action::TX);
+            ip.expect("a backend")
+        })
+        .collect();
+    assert_eq!(h.counter(C::ConnAdmissionSkipped), 0, "the established flows were all admitted");
+    // A target added: about a third of the ring slots move to it.
+    h.apply(&FLOOD_CONFIG.replace(r#"{ ip = "198.18.0.12" }]"#, r#"{ ip = "198.18.0.12" }, { ip = "198.18.0.13" }]"#));
+    let moved = established.iter().zip(&first).filter(|(f, b)| h.ring_backend(f) != **b).count();
+    assert!(moved > ESTABLISHED / 10, "the ring change moves the slots of some flows ({moved})");
+    // The flood starts in a fresh admission window.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let skipped_before = h.counter(C::ConnAdmissionSkipped);
+    let (quiet, active) = established.split_at(ESTABLISHED / 2);
+    let mut rng: u64 = 0x5eed_f100_d000_0001;
+    let mut not_forwarded = 0;
+    for i in 0..4 * 1024 {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let src = format!("198.19.{}.{}", (rng >> 8) as u8, rng as u8);
+        let syn = tcp_from(&src, 1024 + (rng >> 16) as u16 % 60000, tcp_flags::SYN);
+        let (action, ip) = h.run_raw(&syn.build().expect("frame"));
+        if action != xdp_action::TX || ip != Some(h.ring_backend(&syn)) {
+            not_forwarded += 1;
+        }
+        if i % 41 == 0 {
+            let f = &active[(i / 41) % active.len()];
+            assert_eq!(h.run_raw(&f.build().expect("frame")).0, xdp_action::TX);
+        }
+    }
+    let skipped = h.counter(C::ConnAdmissionSkipped) - skipped_before;
+    let mut r = FloodResult { kept_quiet: 0, kept_active: 0, lost_quiet: 0, lost_active: 0, skipped, not_forwarded };
+    for (i, (f, b)) in established.iter().zip(&first).enumerate() {
+        let hits = h.counter(C::ConnHit);
+        let (_, ip) = h.run_raw(&f.build().expect("frame"));
+        let (kept, lost) = if i < quiet.len() {
+            (&mut r.kept_quiet, &mut r.lost_quiet)
+        } else {
+            (&mut r.kept_active, &mut r.lost_active)
+        };
+        *kept += usize::from(ip == Some(*b));
+        *lost += usize::from(h.counter(C::ConnHit) == hits);
+    }
+    // New legitimate flows are still forwarded to the target the (new) ring gives them.
+    for port in 0..20 {
+        let f = tcp_from("198.18.0.40", 30000 + port, tcp_flags::SYN);
+        h.check("legitimate new flow after the flood", &f.build().expect("frame"), Some(&f), Expect::Tx);
+    }
+    r
+}
+
+#[test]
+fn a_syn_flood_over_the_cap_keeps_every_established_flow() {
+    if !privileged("a_syn_flood_over_the_cap_keeps_every_established_flow") {
+        return;
+    }
+    pin_to_cpu0();
+    let capped = flood(ESTABLISHED as u32);
+    let open = flood(0);
+    let half = ESTABLISHED / 2;
+    eprintln!(
+        "flood of 4096 random-source SYNs, conn table 1024, {ESTABLISHED} established flows ({half} quiet), a target added:"
+    );
+    eprintln!(
+        "  cap {ESTABLISHED}/s/CPU: kept target quiet {}/{half}, active {}/{half}; entries lost quiet {}, active {}; {} SYNs not inserted, {} not forwarded",
+        capped.kept_quiet,
+        capped.kept_active,
+        capped.lost_quiet,
+        capped.lost_active,
+        capped.skipped,
+        capped.not_forwarded
+    );
+    eprintln!(
+        "  no cap:          kept target quiet {}/{half}, active {}/{half}; entries lost quiet {}, active {}; {} SYNs not inserted, {} not forwarded",
+        open.kept_quiet, open.kept_active, open.lost_quiet, open.lost_active, open.skipped, open.not_forwarded
+    );
+    assert_eq!((capped.kept_quiet, capped.kept_active), (half, half), "every established flow keeps its target");
+    assert_eq!((capped.lost_quiet, capped.lost_active), (0, 0), "no established entry evicted");
+    assert_eq!(capped.not_forwarded, 0, "flood frames over the cap are still forwarded by the ring");
+    assert!(capped.skipped >= 4096 - 2 * ESTABLISHED as u64, "the flood is over the cap: {} skipped", capped.skipped);
+    assert_eq!((open.skipped, open.not_forwarded), (0, 0));
 }

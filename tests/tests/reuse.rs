@@ -99,8 +99,13 @@ fn swapping_a_listener_with_every_vip_slot_in_use_never_misroutes() {
         let res = resolved();
         let group_of_mac: HashMap<[u8; 6], &str> =
             GROUPS.iter().flat_map(|(g, ips)| ips.iter().map(move |ip| (mac_of(ip), *g))).collect();
-        let mut dp =
-            Dataplane::load(LoadOptions { ring_size: 1009, max_vips: 2, conn_table_size: 65536 }).expect("load");
+        let mut dp = Dataplane::load(LoadOptions {
+            ring_size: 1009,
+            max_vips: 2,
+            conn_table_size: 65536,
+            new_flow_cap_per_cpu: 0,
+        })
+        .expect("load");
         let mut ids = Allocators::new(2);
         assert_eq!(apply_change(&mut dp, &mut ids, &config("b"), &res), 1);
         let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/lbt{}-reuse-prog", std::process::id()));
@@ -166,8 +171,13 @@ fn the_datapath_refuses_a_slot_or_id_still_in_use() {
     let ns = Netns::create(&format!("lbt{}-refuse", std::process::id())).expect("netns");
     ns.run(|| {
         let res = resolved();
-        let mut dp =
-            Dataplane::load(LoadOptions { ring_size: 1009, max_vips: 2, conn_table_size: 1024 }).expect("load");
+        let mut dp = Dataplane::load(LoadOptions {
+            ring_size: 1009,
+            max_vips: 2,
+            conn_table_size: 1024,
+            new_flow_cap_per_cpu: 0,
+        })
+        .expect("load");
         let mut ids = Allocators::new(2);
         let p1 = plan::build(&config("b"), &res, &mut ids).expect("plan");
         dp.apply(&p1).expect("apply");

@@ -295,7 +295,12 @@ async fn start(
     }
     // Loading first surfaces permission, verifier and adoption problems before slow
     // resolution. A running datapath's maps are adopted here; nothing is written yet.
-    let load = LoadOptions { ring_size: dpc.ring_size, max_vips: dpc.max_vips, conn_table_size: dpc.conn_table_size };
+    let load = LoadOptions {
+        ring_size: dpc.ring_size,
+        max_vips: dpc.max_vips,
+        conn_table_size: dpc.conn_table_size,
+        new_flow_cap_per_cpu: dpc.new_flow_cap_per_cpu,
+    };
     let mut dp = Dataplane::open(opts.object, load, &dpc.pin_dir, opts.fresh_maps)?;
     let origin = dp.origin();
     let state_path = crate::state_file::path_in(&dpc.state_dir);
@@ -435,6 +440,8 @@ fn restart_field(old: &Config, new: &Config) -> Option<&'static str> {
         Some("dataplane.max_vips")
     } else if o.conn_table_size != n.conn_table_size {
         Some("dataplane.conn_table_size")
+    } else if o.new_flow_cap_per_cpu != n.new_flow_cap_per_cpu {
+        Some("dataplane.new_flow_cap_per_cpu")
     } else if old.control != new.control {
         Some("control.socket")
     } else if old.metrics != new.metrics {

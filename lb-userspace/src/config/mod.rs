@@ -14,9 +14,13 @@ use std::{
 pub mod health_check;
 
 use lb_common::{
-    DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_RING_SIZE, MAX_BACKENDS, MAX_CONN_TABLE_SIZE, MAX_RING_SIZE,
-    MAX_VIPS, MIN_CONN_TABLE_SIZE, is_prime,
+    DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NEW_FLOW_CAP_PER_CPU, DEFAULT_RING_SIZE, MAX_BACKENDS,
+    MAX_CONN_TABLE_SIZE, MAX_RING_SIZE, MAX_VIPS, MIN_CONN_TABLE_SIZE, is_prime,
 };
+
+/// Largest `dataplane.new_flow_cap_per_cpu`: far above what one CPU can forward, so a
+/// larger value is a typo (0 turns the cap off).
+pub const MAX_NEW_FLOW_CAP_PER_CPU: u32 = 100_000_000;
 use serde::{Deserialize, Serialize};
 
 pub use self::health_check::{HealthCheck, HealthConfigError};
@@ -62,6 +66,10 @@ pub enum ConfigError {
     MaxVips { max_vips: u32 },
     #[error("conn_table_size {size} is out of range: use {MIN_CONN_TABLE_SIZE}..={MAX_CONN_TABLE_SIZE}")]
     ConnTableSize { size: u32 },
+    #[error(
+        "new_flow_cap_per_cpu {cap} is out of range: use 1..={MAX_NEW_FLOW_CAP_PER_CPU} new flows per second per CPU, or 0 for no cap"
+    )]
+    NewFlowCap { cap: u32 },
     #[error(
         "{count} listeners exceed max_vips = {max}: raise `dataplane.max_vips` (up to {MAX_VIPS}) or remove listeners"
     )]
@@ -281,6 +289,10 @@ pub struct Dataplane {
     pub max_vips: u32,
     /// Flows the connection table remembers (LRU).
     pub conn_table_size: u32,
+    /// New flows per second per CPU that may enter the connection table; past it, new
+    /// flows are forwarded by the ring without being remembered (`conn_admission_skipped`),
+    /// so a flood of new flows cannot evict established ones. 0 = no cap.
+    pub new_flow_cap_per_cpu: u32,
 }
 
 impl Default for Dataplane {
@@ -293,6 +305,7 @@ impl Default for Dataplane {
             ring_size: DEFAULT_RING_SIZE,
             max_vips: DEFAULT_MAX_VIPS,
             conn_table_size: DEFAULT_CONN_TABLE_SIZE,
+            new_flow_cap_per_cpu: DEFAULT_NEW_FLOW_CAP_PER_CPU,
         }
     }
 }
@@ -426,6 +439,9 @@ impl Config {
         }
         if !(MIN_CONN_TABLE_SIZE..=MAX_CONN_TABLE_SIZE).contains(&dp.conn_table_size) {
             return Err(ConfigError::ConnTableSize { size: dp.conn_table_size });
+        }
+        if dp.new_flow_cap_per_cpu > MAX_NEW_FLOW_CAP_PER_CPU {
+            return Err(ConfigError::NewFlowCap { cap: dp.new_flow_cap_per_cpu });
         }
         if self.listeners.len() > dp.max_vips as usize {
             return Err(ConfigError::TooManyListeners { count: self.listeners.len(), max: dp.max_vips });
@@ -627,6 +643,7 @@ mod tests {
         let c = parse(MINIMAL).expect("valid");
         assert_eq!(c.version, 1);
         assert_eq!(c.dataplane.ring_size, DEFAULT_RING_SIZE);
+        assert_eq!(c.dataplane.new_flow_cap_per_cpu, DEFAULT_NEW_FLOW_CAP_PER_CPU);
         assert_eq!(c.dataplane.xdp_mode, XdpMode::Native);
         assert_eq!(c.dataplane.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert_eq!(c.dataplane.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
@@ -654,6 +671,7 @@ mod tests {
             ("unknown key", "[dataplane]", "[dataplane]\nfoo = 1"),
             ("multicast vip", "198.18.1.100", "224.0.0.1"),
             ("relative state_dir", "interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nstate_dir = \"var/lib/lb\""),
+            ("new flow cap", "interfaces = [\"eth0\"]", "interfaces = [\"eth0\"]\nnew_flow_cap_per_cpu = 100000001"),
         ];
         for (what, from, to) in cases {
             let text = MINIMAL.replacen(from, to, 1);
@@ -670,6 +688,7 @@ mod tests {
                 "unknown key" => "unknown field `foo`",
                 "multicast vip" => "multicast",
                 "relative state_dir" => "dataplane.state_dir `var/lib/lb` is not an absolute path",
+                "new flow cap" => "new_flow_cap_per_cpu 100000001 is out of range",
                 _ => unreachable!(),
             };
             assert!(err.contains(expect), "{what}: {err}");

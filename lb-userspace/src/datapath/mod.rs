@@ -168,6 +168,10 @@ pub struct LoadOptions {
     pub ring_size: u32,
     pub max_vips: u32,
     pub conn_table_size: u32,
+    /// `LB_NEW_FLOW_CAP`: new flows per second per CPU that may enter the connection
+    /// table (0 = no cap). A global of the program, not of the maps: an adopting agent
+    /// may change it.
+    pub new_flow_cap_per_cpu: u32,
 }
 
 /// What is in the maps now, so that the next apply writes only differences. The rings'
@@ -328,6 +332,7 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .override_global(globals::RING_SIZE, &opts.ring_size, true)
+            .override_global(globals::NEW_FLOW_CAP, &opts.new_flow_cap_per_cpu, true)
             .map_max_entries(maps::RINGS, ring_entries)
             .map_max_entries(maps::CONNS, opts.conn_table_size);
         let pin_paths: Vec<(&'static str, PathBuf)> =

@@ -295,6 +295,11 @@ impl Collector for Scrape {
                     "Failed connection-table inserts.",
                 ),
                 (
+                    "lb_connection_table_admission_skips",
+                    GlobalCounter::ConnAdmissionSkipped,
+                    "New flows over new_flow_cap_per_cpu: forwarded by the Maglev table, not remembered.",
+                ),
+                (
                     "lb_fail_open_frames",
                     GlobalCounter::FailOpen,
                     "Frames forwarded while every target of their group was unhealthy (fail-open).",

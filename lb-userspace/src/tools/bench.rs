@@ -236,6 +236,7 @@ fn loaded_with(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<L
         ring_size: ring,
         max_vips: config.dataplane.max_vips,
         conn_table_size: conn_table,
+        new_flow_cap_per_cpu: 0,
     })
     .map_err(setup("load"))?;
     let mut ids = Allocators::new(config.dataplane.max_vips);
@@ -450,7 +451,7 @@ fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> 
             let mut ids = Allocators::new(2);
             let full = Config::parse(&text(&targets), Path::new("b.toml")).map_err(setup("config"))?;
             let less = Config::parse(&text(&targets[1..]), Path::new("b.toml")).map_err(setup("config"))?;
-            let mut dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 2, conn_table_size: 1024 }).map_err(setup("load"))?;
+            let mut dp = Dataplane::load(LoadOptions { ring_size: RING, max_vips: 2, conn_table_size: 1024, new_flow_cap_per_cpu: 0 }).map_err(setup("load"))?;
             dp.apply(&plan::build(&full, &resolved, &mut ids).map_err(setup("plan"))?).map_err(setup("apply"))?;
             // Fill the spare ring once so the measured change writes only differences.
             dp.apply(&plan::build(&less, &resolved, &mut ids).map_err(setup("plan"))?).map_err(setup("apply"))?;
