@@ -416,8 +416,8 @@ pub struct VipFilter {
     pub epoch: u32,
     pub _pad: u32,
     /// Bit [`vip_filter_bit`] of each VIP address is set. A clear bit means "no VIP has
-    /// this address"; a set bit may be a collision. Only the order of the lookups
-    /// depends on it, never a verdict.
+    /// this address" (the frame goes to the kernel without a VIP lookup); a set bit may
+    /// be a collision (the VIP lookup decides).
     pub words: [u64; VIP_FILTER_WORDS],
 }
 

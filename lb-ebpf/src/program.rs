@@ -39,11 +39,15 @@ fn process(ctx: &XdpContext) -> Verdict {
     let filter = maps::vip_filter();
     let epoch = filter.map_or(0, |f| f.epoch);
 
-    // Known flows first: a segment other than a SYN, to an address that may be a VIP's,
-    // is looked up in the connection table before the VIP; an entry whose VIP facts are
-    // of the current epoch needs no VIP lookup at all.
+    // No VIP has this address (host traffic): to the kernel without a lookup.
+    if filter.is_some_and(|f| !f.may_contain(&flow.key.dst)) {
+        return (xdp_action::PASS, C::PassNotVip);
+    }
+    // Known flows first: a segment other than a SYN is looked up in the connection table
+    // before the VIP; an entry whose VIP facts are of the current epoch needs no VIP
+    // lookup at all.
     let mut prior = None;
-    if !flow.syn && filter.is_some_and(|f| f.may_contain(&flow.key.dst)) {
+    if !flow.syn && filter.is_some() {
         let entry = CONNS.get_ptr_mut(&flow.key);
         if let Some(p) = entry {
             // SAFETY: the pointer comes from a successful map lookup.
