@@ -279,7 +279,8 @@ impl<'a> FullCycles<'a> {
         let m = self.m;
         let n = self.perms.len();
         let fmask = self.fmask;
-        let (free, table) = (&mut self.free[..], &mut self.table[..]);
+        // Exactly `fmask + 1` long, so that masked indices need no check.
+        let (free, table) = (&mut self.free[..=fmask], &mut self.table[..]);
         let (pos, credit, perms) = (&mut self.pos[..n], &mut self.credit[..n], &self.perms[..n]);
         let labels = &self.labels[..n];
         // Probes are most of the work: no bounds check, not even a mask.
