@@ -74,7 +74,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full run (a few minutes on 2 cores).
+    /// The full run (about a minute on 2 cores).
     pub fn full() -> Self {
         BenchOptions {
             repeat: 2_000_000,
