@@ -31,8 +31,8 @@ enum Cmd {
         args: Vec<String>,
     },
     /// Set up, build (release), and run `lb bench`: datapath cost, flatness, end-to-end
-    /// rate against an nftables baseline and the ceiling (no forwarder), control-plane timings. Writes
-    /// target/bench/bench.json. Needs root; about a minute. With `--health-load`: the
+    /// rate against an nftables baseline, control-plane timings. Writes
+    /// target/bench/bench.json. Needs root; a few minutes. With `--health-load`: the
     /// agent's CPU while it health checks 1,000 targets every second, written to
     /// target/bench/health-load.json (about 30 s). With `--restart`: start to ready
     /// adopting against fresh, and forwarding gaps through restarts and an upgrade,
