@@ -37,7 +37,7 @@ pub const RING_SLOT_STRIDE: usize = 8;
 /// Version of the maps' layout: their set, types, key and value layouts and meaning.
 /// A starting agent adopts pinned maps only with this exact version (and sizes); bump
 /// it with any change a running datapath's maps would not match.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default `dataplane.new_flow_cap_per_cpu`: new flows per second per CPU that may enter
 /// the connection table (0 = no cap). Generous: normal traffic never reaches it.
@@ -231,8 +231,12 @@ flag_set! {
 /// packet builders and the tests.
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
+/// IPv4 encapsulated in IP (IPIP, RFC 2003; also 4-in-6).
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 encapsulated in IP (IP6IP6 / 6-in-4, RFC 2473 / RFC 4213).
+pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_DSTOPTS: u8 = 60;
@@ -311,15 +315,36 @@ pub struct VipMeta {
     pub _pad: u32,
 }
 
-/// Value of [`maps::BACKENDS`]: how to reach one backend by L2 direct server return.
+/// How a backend's frames leave the LB ([`Backend::encap`]).
+pub mod encap {
+    /// L2 direct server return: only the Ethernet addresses change.
+    pub const NONE: u8 = 0;
+    /// The IP packet inside an outer IP header: IPIP (proto 4) for an IPv4 inner packet,
+    /// IPv6-in-IP (proto 41) for an IPv6 one; the outer family is the backend's.
+    pub const IPIP: u8 = 1;
+    /// The IP packet inside UDP (GUE variant 1: the UDP payload is the IP packet).
+    pub const GUE: u8 = 2;
+}
+
+/// Default UDP destination port of GUE-encapsulated frames (Katran's).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// TTL / hop limit of the outer header of encapsulated frames.
+pub const ENCAP_TTL: u8 = 64;
+/// GUE source ports: `GUE_SPORT_BASE | (flow hash & GUE_SPORT_MASK)` (49152..65535).
+pub const GUE_SPORT_BASE: u16 = 0xc000;
+pub const GUE_SPORT_MASK: u16 = 0x3fff;
+
+/// Value of [`maps::BACKENDS`]: how to reach one backend, by L2 direct server return or
+/// through a tunnel (IPIP / IP6IP6 / GUE) to the next hop the host's routing table gives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    /// The backend's address (for stats and tunnelling; L2 DSR does not read it).
+    /// The backend's address: the outer destination of encapsulated frames (L2 DSR does
+    /// not read it).
     pub addr: Addr,
-    /// Destination MAC: the backend's.
+    /// Destination MAC: the backend's (L2 DSR) or the next hop's towards it (tunnels).
     pub dst_mac: [u8; 6],
-    /// Source MAC: the LB interface the backend sits behind.
+    /// Source MAC: the LB interface the backend (or its next hop) sits behind.
     pub src_mac: [u8; 6],
     /// Interface the backend sits behind: XDP_TX if it is the receiving interface,
     /// else a redirect through [`maps::TX_PORTS`].
@@ -329,6 +354,45 @@ pub struct Backend {
     /// remembers it, so flows of a removed backend never follow its slot to the next
     /// backend that gets it.
     pub generation: u32,
+    /// Outer source address of encapsulated frames (same family as `addr`); with
+    /// `outer_src_mask`, the base of a per-flow pick.
+    pub outer_src: Addr,
+    /// Bits of the last 32 of `outer_src` (host order) replaced by the flow hash: the
+    /// host bits of a configured prefix (0: every flow uses `outer_src` as is).
+    pub outer_src_mask: u32,
+    /// UDP destination port of GUE frames, network byte order.
+    pub gue_port: u16,
+    /// MTU of the path to the backend (egress interface or route): an encapsulated
+    /// frame's IP packet may not exceed it. 0 = not checked.
+    pub mtu: u16,
+    /// One of [`encap`].
+    pub encap: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Backend {
+    /// Whether the backend's (outer) address is IPv4.
+    #[inline(always)]
+    pub const fn is_v4(&self) -> bool {
+        is_v4_mapped(&self.addr)
+    }
+}
+
+/// Whether `a` is an IPv4-mapped address (the map form of an IPv4 address).
+#[inline(always)]
+pub const fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 // The flag types are plain `u32`s in the maps: the layouts the XDP program and the agent
@@ -340,10 +404,13 @@ const _: () = {
     assert!(size_of::<VipMeta>() == 16 && align_of::<VipMeta>() == 4);
     assert!(offset_of!(VipMeta, id) == 0 && offset_of!(VipMeta, ring) == 4);
     assert!(offset_of!(VipMeta, flags) == 8 && offset_of!(VipMeta, _pad) == 12);
-    assert!(size_of::<Backend>() == 40 && align_of::<Backend>() == 4);
+    assert!(size_of::<Backend>() == 68 && align_of::<Backend>() == 4);
     assert!(offset_of!(Backend, addr) == 0 && offset_of!(Backend, dst_mac) == 16);
     assert!(offset_of!(Backend, src_mac) == 22 && offset_of!(Backend, ifindex) == 28);
     assert!(offset_of!(Backend, flags) == 32 && offset_of!(Backend, generation) == 36);
+    assert!(offset_of!(Backend, outer_src) == 40 && offset_of!(Backend, outer_src_mask) == 56);
+    assert!(offset_of!(Backend, gue_port) == 60 && offset_of!(Backend, mtu) == 62);
+    assert!(offset_of!(Backend, encap) == 64 && offset_of!(Backend, _pad) == 65);
 };
 
 /// Value of [`maps::INFO`]: what the maps were created with.
@@ -545,6 +612,14 @@ global_counters! {
     /// the current second: forwarded by the ring but not inserted into the table (the
     /// frame also counts `conn_miss` and its verdict).
     ConnAdmissionSkipped = "conn_admission_skipped", observation;
+    /// Frames sent through an IPIP / IP6IP6 tunnel (forwarding = "ipip"); the frame also
+    /// counts `tx` or `redirect`.
+    EncapIpip = "encap_ipip", observation;
+    /// Frames sent in GUE (forwarding = "gue"); the frame also counts `tx` or `redirect`.
+    EncapGue = "encap_gue", observation;
+    /// The outer header could not be made room for (`bpf_xdp_adjust_head` failed, or the
+    /// headers were not where they were after it): dropped.
+    DropEncapFailed = "drop_encap_failed", verdict;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -610,7 +685,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4 + 16 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(size_of::<Counter>(), 16);
@@ -641,7 +716,7 @@ mod tests {
             ..Default::default()
         };
         // SAFETY: Backend is #[repr(C)] with no implicit padding (asserted above).
-        let bytes: [u8; 40] = unsafe { core::mem::transmute(b) };
+        let bytes: [u8; 68] = unsafe { core::mem::transmute(b) };
         assert_eq!(bytes[28..32], 7u32.to_ne_bytes());
         assert_eq!(bytes[32..36], 3u32.to_ne_bytes());
         assert_eq!(bytes[36..40], 9u32.to_ne_bytes());

@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod encap;
 mod log;
 mod maps;
 mod parse;

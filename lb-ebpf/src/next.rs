@@ -7,6 +7,7 @@
 #![no_std]
 #![no_main]
 
+mod encap;
 mod log;
 mod maps;
 mod parse;

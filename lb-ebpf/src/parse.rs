@@ -29,6 +29,12 @@ pub enum Parsed {
 
 pub struct Flow {
     pub key: FlowKey,
+    /// Where the IP header starts (after Ethernet and an optional tag).
+    pub l3: usize,
+    /// The IP packet's length by its header (IPv4 total length, IPv6 40 + payload).
+    pub ip_len: usize,
+    /// IPv4 TOS / IPv6 traffic class byte: DSCP (6 bits) and ECN (2 bits).
+    pub tos: u8,
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
@@ -61,6 +67,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
     let mut key = FlowKey::default();
     let l4;
+    let tos;
     // Where the IP packet ends according to its header (frames may carry padding).
     let ip_end;
     if ether_type == ETH_P_IP {
@@ -89,9 +96,11 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             return Parsed::Drop(C::DropTruncIpv4);
         }
         ip_end = l3 + tot_len;
-        if u16::from_be_bytes(unsafe { (*ip).frags }) & IPV4_MF_OFFSET != 0 {
+        let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+        if frags & IPV4_MF_OFFSET != 0 {
             return Parsed::Pass(C::PassFragment);
         }
+        tos = unsafe { (*ip).tos };
         key.proto = unsafe { (*ip).proto };
         key.src = v4_mapped(unsafe { (*ip).src_addr });
         key.dst = v4_mapped(unsafe { (*ip).dst_addr });
@@ -100,9 +109,11 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
             return Parsed::Drop(C::DropTruncIpv6);
         };
-        if unsafe { (*ip).vcf[0] } >> 4 != 6 {
+        let vcf = unsafe { (*ip).vcf };
+        if vcf[0] >> 4 != 6 {
             return Parsed::Drop(C::DropBadIpv6);
         }
+        tos = (vcf[0] << 4) | (vcf[1] >> 4);
         key.proto = unsafe { (*ip).next_hdr };
         match key.proto {
             IPPROTO_FRAGMENT => return Parsed::Pass(C::PassFragment),
@@ -151,5 +162,5 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     // Ports stay in network byte order, as in the map keys.
     key.sport = u16::from_ne_bytes(ports.0);
     key.dport = u16::from_ne_bytes(ports.1);
-    Parsed::Flow(Flow { key })
+    Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos })
 }

@@ -1,7 +1,7 @@
 // The LB program's code, shared by both crate roots: `main.rs` (the product, `lb-xdp`)
 // and `next.rs` (`lb-xdp-next`, the same program with one extra counter, the "build B"
 // of the upgrade tests). Included with `include!`, so it has no inner attributes; each
-// root declares the modules (`log`, `maps`, `parse`) and defines `on_frame`, which
+// root declares the modules (`encap`, `log`, `maps`, `parse`) and defines `on_frame`, which
 // `lb_xdp` calls once per frame after counting it as received.
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
@@ -46,7 +46,7 @@ fn process(ctx: &XdpContext) -> Verdict {
         }
         return (xdp_action::DROP, C::DropNoBackend);
     };
-    let verdict = forward(ctx, &backend);
+    let verdict = forward(ctx, &flow, id, &backend);
     if verdict.1 == C::DropRedirectFailed && log::allowed() {
         warn!(
             ctx,
@@ -127,16 +127,23 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
 }
 
 /// L2 direct server return: only the MACs change; the IP header (client source address
-/// included) is left exactly as received.
+/// included) is left exactly as received. Tunnels (`encap.rs`): the packet goes inside
+/// an outer header to the next hop.
 #[inline(always)]
-fn forward(ctx: &XdpContext, b: &Backend) -> Verdict {
-    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (xdp_action::DROP, C::DropTruncEth);
-    };
-    // SAFETY: ptr_at checked that a whole EthHdr lies inside the frame.
-    unsafe {
-        (*eth).dst_addr = b.dst_mac;
-        (*eth).src_addr = b.src_mac;
+fn forward(ctx: &XdpContext, flow: &parse::Flow, id: u32, b: &Backend) -> Verdict {
+    if b.encap != lb_common::encap::NONE {
+        if !encap::encapsulate(ctx.ctx, id, encap::pack(flow)) {
+            return (xdp_action::DROP, C::DropEncapFailed);
+        }
+    } else {
+        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return (xdp_action::DROP, C::DropTruncEth);
+        };
+        // SAFETY: ptr_at checked that a whole EthHdr lies inside the frame.
+        unsafe {
+            (*eth).dst_addr = b.dst_mac;
+            (*eth).src_addr = b.src_mac;
+        }
     }
     if b.ifindex as usize == ctx.ingress_ifindex() {
         return (xdp_action::TX, C::Tx);
