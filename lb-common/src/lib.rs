@@ -108,6 +108,13 @@ pub mod maps {
     /// `PerCpuArray<Counter>` (1 entry): what an XDP sink received.
     pub const SINK_STATS: &str = "LB_SINK_STATS";
 
+    /// `HashMap<Addr, u32>` of the decap program (`lb decap`): the host's addresses whose
+    /// tunnelled packets it strips (value unused, 0).
+    pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+    /// `PerCpuArray<u64>` of the decap program, indexed by
+    /// [`DecapCounter`](super::DecapCounter).
+    pub const DECAP_STATS: &str = "LB_DECAP_STATS";
+
     /// `PerCpuArray<u64>` (1 entry), test-only: frames seen by `lb-xdp-next`, the LB
     /// program built again with this one extra counter (the upgrade tests' "build B").
     /// The product object does not have it.
@@ -121,6 +128,8 @@ pub mod globals {
     /// `u32`: new flows per second per CPU that may enter the connection table; past it,
     /// new flows are still forwarded by the ring but not remembered. 0 = no cap.
     pub const NEW_FLOW_CAP: &str = "LB_NEW_FLOW_CAP";
+    /// `u16`, network byte order: the UDP port the decap program takes as GUE.
+    pub const DECAP_GUE_PORT: &str = "LB_DECAP_GUE_PORT";
 }
 
 /// Program names in the object.
@@ -135,6 +144,10 @@ pub mod programs {
     pub const GEN: &str = "lb_gen";
     /// Counts IP frames into `LB_SINK_STATS` and drops them (benchmark backends).
     pub const SINK: &str = "lb_sink";
+    /// The target side of `forwarding = "ipip" | "gue"` (`lb decap`, its own object):
+    /// strips the outer header of tunnelled packets to this host and passes the inner
+    /// packet to the stack.
+    pub const DECAP: &str = "lb_decap";
 }
 
 // ---------------------------------------------------------------------------------------
@@ -620,6 +633,55 @@ global_counters! {
     /// The outer header could not be made room for (`bpf_xdp_adjust_head` failed, or the
     /// headers were not where they were after it): dropped.
     DropEncapFailed = "drop_encap_failed", verdict;
+}
+
+/// Index into [`maps::DECAP_STATS`]. Every frame the decap program sees counts `rx` and
+/// exactly one of the others.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Every frame the decap program saw.
+    Rx,
+    /// IPv4 or IPv6 inside IP (protocol 4 or 41) to a decap address: stripped, passed.
+    Ipip,
+    /// GUE (UDP to the decap port, variant 1) to a decap address: stripped, passed.
+    Gue,
+    /// Not a tunnelled packet (or not to a decap address, or a fragment or an outer
+    /// header with IPv4 options or IPv6 extension headers): passed untouched.
+    PassNotTunnel,
+    /// A tunnelled packet whose inner packet is cut short or not IP: dropped.
+    DropMalformed,
+    /// Stripped packets whose outer header carried a congestion mark (ECN CE) copied
+    /// into the ECN-capable inner packet (RFC 6040); they also count `ipip` or `gue`.
+    EcnCe,
+}
+
+impl DecapCounter {
+    /// All counters in index order.
+    pub const ALL: [DecapCounter; 6] = [
+        DecapCounter::Rx,
+        DecapCounter::Ipip,
+        DecapCounter::Gue,
+        DecapCounter::PassNotTunnel,
+        DecapCounter::DropMalformed,
+        DecapCounter::EcnCe,
+    ];
+    /// Number of counters (size of [`maps::DECAP_STATS`]).
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+    /// Capacity of [`maps::DECAP_ADDRS`].
+    pub const MAX_ADDRS: u32 = 64;
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::Rx => "rx",
+            DecapCounter::Ipip => "ipip",
+            DecapCounter::Gue => "gue",
+            DecapCounter::PassNotTunnel => "pass_not_tunnel",
+            DecapCounter::DropMalformed => "drop_malformed",
+            DecapCounter::EcnCe => "ecn_ce",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, ENCAP_TTL, ETH_P_IP, ETH_P_IPV6, GUE_SPORT_BASE, GUE_SPORT_MASK, GlobalCounter as C, IPPROTO_IPIP,
-    IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, encap, flow_hash, is_v4_mapped,
+    IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, encap, flow_hash,
 };
 use network_types::{
     eth::EthHdr,

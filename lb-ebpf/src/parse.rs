@@ -37,16 +37,7 @@ pub struct Flow {
     pub tos: u8,
 }
 
-/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *mut T)
-}
+pub use crate::ptr::ptr_at;
 
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {

@@ -18,6 +18,7 @@ use std::{
 };
 
 use aya::programs::{TestRun, TestRunOptions};
+use lb_common::DecapCounter as D;
 use lb_common::{
     DEFAULT_GUE_PORT, ENCAP_TTL, FlowKey, GUE_SPORT_BASE, GUE_SPORT_MASK, GlobalCounter as C, IPPROTO_IPIP,
     IPPROTO_IPV6, IPPROTO_UDP, flow_hash, xdp_action,
@@ -26,6 +27,7 @@ use lb_tests::privileged;
 use lb_userspace::{
     config::Config,
     control::plan::{self, Allocators, Plan},
+    datapath::decap::Decap,
     datapath::stats::Snapshot,
     datapath::{Dataplane, LoadOptions},
     host::{Interface, Resolved},
@@ -207,6 +209,8 @@ fn sa(s: &str) -> SocketAddr {
 struct Harness {
     dp: Dataplane,
     plan: Plan,
+    /// Every tunnelled frame sent: (case, input, output, mode), for the decap round trip.
+    sent: std::cell::RefCell<Vec<(String, Vec<u8>, Vec<u8>, Mode)>>,
 }
 
 /// A tunnel as a case expects it.
@@ -243,7 +247,7 @@ impl Harness {
         .expect("load");
         let plan = plan::build(&config, &resolved, &mut Allocators::new(16)).expect("plan");
         dp.apply(&plan).expect("apply");
-        Harness { dp, plan }
+        Harness { dp, plan, sent: Default::default() }
     }
 
     fn counters(&self) -> Vec<u64> {
@@ -302,7 +306,8 @@ impl Harness {
             Mode::Ipip => C::EncapIpip,
             Mode::Gue(_) => C::EncapGue,
         };
-        self.run(name, input, verdict, &[C::Rx, sent, observed], &expected);
+        let out = self.run(name, input, verdict, &[C::Rx, sent, observed], &expected);
+        self.sent.borrow_mut().push((name.to_string(), input.to_vec(), out, mode));
         (target, src)
     }
 }
@@ -452,6 +457,7 @@ fn tunnelled_frames_exact_bytes() {
         let h = Harness::new(redirect_ifindex);
         cases(&h);
         per_flow_sources(&h);
+        decap_round_trip(&h.sent.borrow());
     })
     .expect("netns");
 }
@@ -569,4 +575,114 @@ fn per_flow_sources(h: &Harness) {
         sources6.insert(src);
     }
     assert!(sources6.len() > 20, "32 flows use many sources of the /120: {}", sources6.len());
+}
+
+/// The decap program's addresses: every tunnelled target of `CONFIG`.
+const DECAP_ADDRS: [&str; 8] = [
+    "198.18.5.11",
+    "fd00:18:5::11",
+    "198.18.5.13",
+    "fd00:18:5::13",
+    "198.18.5.14",
+    "198.18.5.15",
+    "fd00:18:5::14",
+    "198.18.6.11",
+];
+
+/// Runs `input` through the decap program; asserts verdict, counters and output.
+fn decap_run(d: &Decap, name: &str, input: &[u8], verdict: u32, counters: &[D], expected: &[u8]) {
+    let before = d.counters().expect("counters");
+    let mut out = vec![0u8; input.len() + 64];
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(input);
+    opts.data_out = Some(&mut out);
+    let r = d.program().expect("program").test_run(opts).unwrap_or_else(|e| panic!("{name}: BPF_PROG_RUN: {e}"));
+    out.truncate(r.data_size_out as usize);
+    let after = d.counters().expect("counters");
+    let moved = |c: D| after[c as usize].1 - before[c as usize].1;
+    assert_eq!(r.return_value, verdict, "{name}: verdict");
+    assert_eq!(moved(D::Rx), 1, "{name}: rx");
+    for c in counters {
+        assert_eq!(moved(*c), 1, "{name}: counter {}", c.name());
+    }
+    let verdicts: u64 = [D::Ipip, D::Gue, D::PassNotTunnel, D::DropMalformed].iter().map(|c| moved(*c)).sum();
+    assert_eq!(verdicts, 1, "{name}: one verdict per frame");
+    if verdict != xdp_action::DROP {
+        assert_eq!(hex(&out), hex(expected), "{name}: output bytes");
+    }
+}
+
+/// What the decap program must make of a tunnelled frame whose client frame was
+/// `input` (IP packet at `l3`): the tunnelled frame's MACs, the inner family's EtherType,
+/// then the client's IP packet (and its Ethernet padding) byte for byte.
+fn stripped(tunnelled: &[u8], input: &[u8], l3: usize) -> Vec<u8> {
+    let mut out = tunnelled[..12].to_vec();
+    let v4 = input[l3] >> 4 == 4;
+    out.extend_from_slice(&if v4 { 0x0800u16 } else { 0x86dd }.to_be_bytes());
+    out.extend_from_slice(&input[l3..]);
+    out
+}
+
+/// Every frame the LB tunnelled, through the targets' decap program: the client's
+/// packet comes out exactly (GUE on another port than the program's passes untouched);
+/// then the frames the program must leave alone or drop, and RFC 6040's CE copy.
+fn decap_round_trip(sent: &[(String, Vec<u8>, Vec<u8>, Mode)]) {
+    let addrs: Vec<IpAddr> = DECAP_ADDRS.iter().map(|a| ip(a)).collect();
+    let d = Decap::load(&addrs, GUE_PORT).expect("decap loads");
+    assert!(sent.len() > 100, "the LB cases ran first: {}", sent.len());
+    for (name, input, tunnelled, mode) in sent {
+        let l3 = if u16::from_be_bytes([input[12], input[13]]) == 0x8100 { 18 } else { 14 };
+        let name = format!("decap of: {name}");
+        match mode {
+            Mode::Ipip => {
+                decap_run(&d, &name, tunnelled, xdp_action::PASS, &[D::Ipip], &stripped(tunnelled, input, l3))
+            }
+            Mode::Gue(GUE_PORT) => {
+                decap_run(&d, &name, tunnelled, xdp_action::PASS, &[D::Gue], &stripped(tunnelled, input, l3))
+            }
+            Mode::Gue(_) => decap_run(&d, &name, tunnelled, xdp_action::PASS, &[D::PassNotTunnel], tunnelled),
+        }
+    }
+
+    // Left alone: the host's own traffic, tunnels to another host, fragments.
+    let (plain, _) = frame(Frame::tcp(sa("198.18.0.2:40100"), sa("198.18.5.11:80"), tcp_flags::SYN));
+    decap_run(&d, "plain TCP to a decap address", &plain, xdp_action::PASS, &[D::PassNotTunnel], &plain);
+    // The first case: IPIP v4 with an IPv4 inner packet.
+    let (_, _, ipip, _) = &sent[0];
+    let mut other = ipip.clone();
+    other[14 + 16..14 + 20].copy_from_slice(&[198, 18, 9, 9]);
+    fix_ipv4_checksum(&mut other, 14);
+    decap_run(&d, "IPIP to another address", &other, xdp_action::PASS, &[D::PassNotTunnel], &other);
+    let mut frag = ipip.clone();
+    frag[14 + 6] |= 0x20; // more fragments
+    fix_ipv4_checksum(&mut frag, 14);
+    decap_run(&d, "IPIP outer fragment", &frag, xdp_action::PASS, &[D::PassNotTunnel], &frag);
+
+    // Dropped: the outer header announces more than there is, or a non-IP inner packet.
+    let cut = &ipip[..ipip.len() - 4];
+    decap_run(&d, "IPIP cut short", cut, xdp_action::DROP, &[D::DropMalformed], &[]);
+    let mut not_ip = ipip.clone();
+    not_ip[14 + 20] = 0x15;
+    decap_run(&d, "IPIP whose inner packet is not IPv4", &not_ip, xdp_action::DROP, &[D::DropMalformed], &[]);
+
+    // RFC 6040: CE on the outer header, ECT(0) inside: the inner packet leaves with CE
+    // and a header checksum still right.
+    let mut ce = ipip.clone();
+    ce[14 + 1] = (ce[14 + 1] & !3) | 3;
+    fix_ipv4_checksum(&mut ce, 14);
+    ce[14 + 20 + 1] = (ce[14 + 20 + 1] & !3) | 2;
+    fix_ipv4_checksum(&mut ce, 14 + 20);
+    let mut expected = ce[..12].to_vec();
+    expected.extend_from_slice(&0x0800u16.to_be_bytes());
+    expected.extend_from_slice(&ce[14 + 20..]);
+    expected[14 + 1] |= 3;
+    fix_ipv4_checksum(&mut expected, 14);
+    decap_run(&d, "outer CE copied into an ECT inner packet", &ce, xdp_action::PASS, &[D::Ipip, D::EcnCe], &expected);
+    assert_eq!(ipv4_header_checksum(&expected[14..34]), 0, "the inner header checksum verifies");
+}
+
+fn fix_ipv4_checksum(bytes: &mut [u8], at: usize) {
+    bytes[at + 10..at + 12].copy_from_slice(&[0, 0]);
+    let csum = ipv4_header_checksum(&bytes[at..at + 20]);
+    bytes[at + 10..at + 12].copy_from_slice(&csum.to_be_bytes());
 }

@@ -1,6 +1,7 @@
 //! What each embedded BPF object holds: the agent's object the load balancer only, the
 //! tools' object the generator, sink and pass programs (and none of the LB's maps), the
-//! next object (the upgrade tests' second build) the load balancer with one extra counter.
+//! next object (the upgrade tests' second build) the load balancer with one extra counter,
+//! the decap object (`lb decap`, shipped with the product) the decap program only.
 
 use std::collections::BTreeSet;
 
@@ -18,6 +19,16 @@ fn the_agents_object_holds_the_load_balancer_only() {
     let mut expected: BTreeSet<String> = maps::ALL.iter().map(|m| m.to_string()).collect();
     expected.insert("AYA_LOGS".into()); // aya-log's ring buffer (rare-event logs)
     assert_eq!(object_maps, expected);
+}
+
+#[test]
+fn the_decap_object_holds_the_decap_program_only() {
+    let (progs, object_maps) = contents(lb_userspace::datapath::decap::DECAP_OBJECT);
+    assert_eq!(progs, BTreeSet::from([programs::DECAP.to_string()]));
+    assert_eq!(object_maps, BTreeSet::from([maps::DECAP_ADDRS.to_string(), maps::DECAP_STATS.to_string()]));
+    // And the LB's object carries none of it.
+    let (lb_progs, lb_maps) = contents(lb_userspace::datapath::EBPF_OBJECT);
+    assert!(!lb_progs.contains(programs::DECAP) && !lb_maps.contains(maps::DECAP_STATS));
 }
 
 #[test]

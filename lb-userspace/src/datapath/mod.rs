@@ -26,6 +26,7 @@ use aya_log::EbpfLogger;
 use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
+pub mod decap;
 pub mod pins;
 mod rings;
 pub mod stats;
@@ -70,6 +71,8 @@ pub enum DataplaneError {
         source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
+    #[error("{count} decap addresses are more than the decap program holds ({max}): give fewer `--address`es")]
+    TooManyDecapAddrs { count: usize, max: u32 },
     #[error("map `{name}`")]
     Map {
         name: &'static str,
