@@ -1,0 +1,272 @@
+//! End to end through tunnels: targets behind a router (not on the LB's segment), each
+//! running the decap program and a real HTTP server, the LB's agent in native XDP mode
+//! with `ipip` and `gue` groups next to an `l2-dsr` one (see
+//! lb_userspace::testing::routed). Real curl, real UDP sockets; namespaces are deleted on
+//! drop, also on failure.
+
+use std::{
+    collections::{HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use lb_common::{DEFAULT_GUE_PORT, DecapCounter, GlobalCounter};
+use lb_tests::{privileged, traffic_lock};
+use lb_userspace::{
+    agent::RunOptions,
+    api::{Client, RegisterRequest},
+    datapath::stats::Snapshot,
+    testing::agent::AgentHandle,
+    testing::routed::{ROUTER4, RoutedTopology},
+    testing::topology::{self, CLIENT4, CLIENT6, StopOnDrop, TempFile, UDP_PORT, VIP4, VIP6},
+};
+
+/// A second IPv4 VIP, served by an IPv6 target (4-in-6), and a third, by an L2 target.
+const VIP4_46: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 102);
+const VIP4_L2: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 101);
+
+fn listeners_and_groups(r: &RoutedTopology) -> String {
+    let (t1, t2, t3) = (&r.targets[0], &r.targets[1], &r.targets[2]);
+    format!(
+        r#"
+[[listeners]]
+name = "http"
+address = "{VIP4}"
+port = 80
+protocol = "tcp"
+target_group = "ipip"
+
+[[listeners]]
+name = "http6"
+address = "{VIP6}"
+port = 80
+protocol = "tcp"
+target_group = "gue6"
+
+[[listeners]]
+name = "http-4in6"
+address = "{VIP4_46}"
+port = 80
+protocol = "tcp"
+target_group = "v6-target"
+
+[[listeners]]
+name = "udp"
+address = "{VIP4}"
+port = {UDP_PORT}
+protocol = "udp"
+target_group = "weighted"
+
+[[listeners]]
+name = "local"
+address = "{VIP4_L2}"
+port = 80
+protocol = "tcp"
+target_group = "local"
+
+[[target_groups]]
+name = "ipip"
+forwarding = "ipip"
+outer_source = ["198.18.200.0/24"]
+targets = [{{ ip = "{t1}" }}, {{ ip = "{t2}" }}]
+
+[[target_groups]]
+name = "gue6"
+forwarding = "gue"
+targets = [{{ ip = "{t1v6}" }}, {{ ip = "{t3v6}" }}]
+
+[[target_groups]]
+name = "v6-target"
+forwarding = "ipip"
+targets = [{{ ip = "{t3v6}" }}]
+
+[[target_groups]]
+name = "weighted"
+forwarding = "ipip"
+targets = [{{ ip = "{t1}", weight = 1 }}, {{ ip = "{t2}", weight = 3 }}]
+
+[[target_groups]]
+name = "local"
+targets = [{{ ip = "198.18.0.11" }}]
+"#,
+        t1 = t1.ip4,
+        t2 = t2.ip4,
+        t1v6 = t1.ip6,
+        t3v6 = t3.ip6,
+    )
+}
+
+/// The routed topology with three targets (decap attached, HTTP served) and one L2
+/// backend, and its agent.
+fn setup() -> (RoutedTopology, AgentHandle, TempFile) {
+    let mut r = RoutedTopology::build(1, 3).expect("topology");
+    r.targets[2].ns.ip(&["addr", "add", &format!("{VIP4_46}/32"), "dev", "lo"]).expect("VIP on t3");
+    r.topo.backends[0].ns.ip(&["addr", "add", &format!("{VIP4_L2}/32"), "dev", "lo"]).expect("VIP on b1");
+    r.topo.start_http().expect("http on b1");
+    r.start_http().expect("http on targets");
+    for i in 1..=3 {
+        r.start_decap(i, DEFAULT_GUE_PORT).expect("decap");
+    }
+    let config =
+        TempFile::write(&format!("{}.toml", r.topo.id), &r.config(&listeners_and_groups(&r))).expect("write config");
+    let agent = AgentHandle::start_in(&r.topo.lb, RunOptions::new(&config.0)).expect("agent starts");
+    (r, agent, config)
+}
+
+/// (backend, client) from the HTTP servers' `backend=NAME client=ADDR` body.
+fn curl(r: &RoutedTopology, url: &str) -> (String, String) {
+    let body = r.topo.curl(url).expect("curl");
+    let (backend, client) = body.split_once(' ').unwrap_or_else(|| panic!("{url}: unexpected body `{body}`"));
+    (backend.trim_start_matches("backend=").to_string(), client.trim_start_matches("client=").to_string())
+}
+
+fn decap_count(r: &RoutedTopology, index: usize, c: DecapCounter) -> u64 {
+    r.targets[index - 1].decap_counters().expect("decap attached")[c as usize].1
+}
+
+#[test]
+fn routed_targets_answer_clients_through_tunnels() {
+    if !privileged("routed_targets_answer_clients_through_tunnels") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let (r, agent, _cfg) = setup();
+
+    // IPIP over IPv4, GUE over IPv6, 4-in-6, and the L2 group beside them: every target
+    // sees the client's own address.
+    let cases = [
+        (format!("http://{VIP4}/"), CLIENT4.to_string(), vec!["t1", "t2"]),
+        (format!("http://[{VIP6}]/"), CLIENT6.to_string(), vec!["t1", "t3"]),
+        (format!("http://{VIP4_46}/"), CLIENT4.to_string(), vec!["t3"]),
+        (format!("http://{VIP4_L2}/"), CLIENT4.to_string(), vec!["b1"]),
+    ];
+    for (url, client, backends) in &cases {
+        let mut seen = HashSet::new();
+        for _ in 0..12 {
+            let (backend, saw) = curl(&r, url);
+            assert_eq!(&saw, client, "{url}: the target must see the client's own address");
+            assert!(backends.contains(&backend.as_str()), "{url}: answered by {backend}, expected one of {backends:?}");
+            seen.insert(backend);
+        }
+        assert_eq!(seen.len(), backends.len(), "{url}: 12 connections reach every target of the group: {seen:?}");
+    }
+    let s = Snapshot::read_pinned(&r.topo.pin_dir).expect("stats");
+    let (ipip, gue) = (s.global(GlobalCounter::EncapIpip), s.global(GlobalCounter::EncapGue));
+    assert!(ipip > 0 && gue > 0, "both kinds of tunnel used: ipip {ipip}, gue {gue}");
+    assert_eq!(s.global(GlobalCounter::DropEncapFailed), 0);
+    let decapped: u64 =
+        (1..=3).map(|i| decap_count(&r, i, DecapCounter::Ipip) + decap_count(&r, i, DecapCounter::Gue)).sum();
+    assert_eq!(decapped, ipip + gue, "every tunnelled frame was stripped by a target");
+    // t1: IPIP (http) and GUE (http6); t2: IPIP only; t3: GUE (http6) and 4-in-6.
+    let count = |i, c| decap_count(&r, i, c);
+    assert!(count(1, DecapCounter::Ipip) > 0 && count(1, DecapCounter::Gue) > 0);
+    assert!(count(2, DecapCounter::Ipip) > 0 && count(2, DecapCounter::Gue) == 0);
+    assert!(count(3, DecapCounter::Ipip) > 0 && count(3, DecapCounter::Gue) > 0);
+    for i in 1..=3 {
+        assert_eq!(decap_count(&r, i, DecapCounter::DropMalformed), 0);
+    }
+    agent.stop().expect("clean stop");
+}
+
+#[test]
+fn udp_flows_through_tunnels_spread_by_weight() {
+    if !privileged("udp_flows_through_tunnels_spread_by_weight") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let (r, agent, _cfg) = setup();
+    const FLOWS: u16 = 1_200;
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let received = Arc::new(AtomicU64::new(0));
+    let sinks: Vec<_> = r.targets[..2]
+        .iter()
+        .map(|t| topology::udp_sink(&t.ns, UDP_PORT, stop.0.clone(), received.clone(), Duration::from_secs(60)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let dst = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
+    let sent = topology::send_udp_flows(&r.topo.client, dst, FLOWS, 30_000, 2).expect("netns").expect("send");
+    topology::wait_for(&received, sent, Duration::from_secs(10));
+    stop.0.store(true, Ordering::Relaxed);
+
+    let mut flow_target: HashMap<u16, usize> = HashMap::new();
+    let mut flows_per = Vec::new();
+    let mut total = 0;
+    for (i, sink) in sinks.into_iter().enumerate() {
+        let got = sink.join().expect("sink").expect("netns").expect("recv");
+        let mut flows = HashSet::new();
+        for (from, _) in &got {
+            assert_eq!(from.ip(), IpAddr::V4(CLIENT4), "the client's address arrives: {from}");
+            let prev = flow_target.insert(from.port(), i);
+            assert!(prev.is_none() || prev == Some(i), "flow {} reached two targets", from.port());
+            flows.insert(from.port());
+        }
+        total += got.len() as u64;
+        flows_per.push(flows.len());
+    }
+    assert_eq!(total, sent, "every datagram arrived once");
+    assert_eq!(flow_target.len(), FLOWS as usize, "every flow arrived");
+    // Weights 1:3; 1,200 flows over Maglev shares land within a few percent.
+    let share = flows_per[1] as f64 / FLOWS as f64;
+    assert!((0.70..0.80).contains(&share), "t2 (weight 3 of 4) got {share:.3} of the flows: {flows_per:?}");
+    eprintln!("flows per target (weights 1:3): {flows_per:?}");
+    agent.stop().expect("clean stop");
+}
+
+/// A target registered at runtime into a tunnelled group is resolved through its
+/// router and serves; when the LB's next hop changes (here: the router's neighbour entry
+/// replaced by a wrong MAC, then put back), the agent follows it without a reload.
+#[test]
+fn runtime_registration_and_next_hop_changes_reach_tunnelled_targets() {
+    if !privileged("runtime_registration_and_next_hop_changes_reach_tunnelled_targets") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let (r, agent, _cfg) = setup();
+    let url = format!("http://{VIP4_46}/");
+    assert_eq!(curl(&r, &url).0, "t3");
+
+    // t2's IPv6 address joins the 4-in-6 group at runtime.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = Client::new(r.topo.socket());
+    let req = RegisterRequest { group: "v6-target".into(), target: r.targets[1].ip6.to_string(), weight: Some(1) };
+    r.topo.lb.run(|| rt.block_on(client.register(&req))).expect("netns").expect("registered");
+    r.targets[1].ns.ip(&["addr", "add", &format!("{VIP4_46}/32"), "dev", "lo"]).expect("VIP on t2");
+    let mut seen = HashSet::new();
+    for _ in 0..16 {
+        seen.insert(curl(&r, &url).0);
+    }
+    assert_eq!(seen, HashSet::from(["t2".to_string(), "t3".to_string()]), "the registered target serves too");
+
+    // The router's MAC, as the LB's neighbour table has it, turns wrong: frames to it are
+    // lost until the agent's next hop follows the table back.
+    let router_mac = "02:00:00:00:00:fe";
+    let set_neigh = |mac: &str| {
+        r.topo
+            .lb
+            .ip(&["neigh", "replace", &ROUTER4.to_string(), "lladdr", mac, "dev", "eth0", "nud", "permanent"])
+            .expect("neigh replace");
+    };
+    set_neigh("02:00:00:00:00:99");
+    let v4_url = format!("http://{VIP4}/");
+    let broken = wait_until(Duration::from_secs(10), || r.topo.curl_quick(&v4_url).is_err());
+    assert!(broken, "with the wrong next-hop MAC, IPIP traffic no longer arrives");
+    set_neigh(router_mac);
+    let back = wait_until(Duration::from_secs(10), || r.topo.curl_quick(&v4_url).is_ok());
+    assert!(back, "the agent follows the neighbour table back to the router's MAC");
+    agent.stop().expect("clean stop");
+}
+
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
