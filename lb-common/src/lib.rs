@@ -21,6 +21,7 @@ pub const DEFAULT_MAX_VIPS: u32 = 64;
 pub const MAX_VIPS: u32 = 512;
 /// Backend (target) slots. Id 0 is reserved: it means "no backend" in a ring slot.
 pub const MAX_BACKENDS: u32 = 4_096;
+const _: () = assert!(MAX_BACKENDS <= !PROBE_MARK_MASK + 1, "a backend id fits a probe mark's low bits");
 /// Default size of the connection table (flows remembered, LRU evicted).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Bounds of the configurable connection-table size.
@@ -144,6 +145,10 @@ pub mod programs {
     pub const GEN: &str = "lb_gen";
     /// Counts IP frames into `LB_SINK_STATS` and drops them (benchmark backends).
     pub const SINK: &str = "lb_sink";
+    /// tc egress classifier on the interfaces toward tunnelled targets: puts the agent's
+    /// health probes (sockets marked [`PROBE_MARK`](super::PROBE_MARK) | backend id)
+    /// into that backend's tunnel, so they travel the way its traffic does.
+    pub const PROBE_ENCAP: &str = "lb_probe_encap";
     /// The target side of `forwarding = "ipip" | "gue"` (`lb decap`, its own object):
     /// strips the outer header of tunnelled packets to this host and passes the inner
     /// packet to the stack.
@@ -338,6 +343,12 @@ pub mod encap {
     /// The IP packet inside UDP (GUE variant 1: the UDP payload is the IP packet).
     pub const GUE: u8 = 2;
 }
+
+/// `SO_MARK` of the agent's health-probe sockets toward tunnelled targets: the high 16
+/// bits [`PROBE_MARK`], the low 16 the backend id whose tunnel the probe takes
+/// (`programs::PROBE_ENCAP`).
+pub const PROBE_MARK: u32 = 0x4c42_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
 
 /// Default UDP destination port of GUE-encapsulated frames (Katran's).
 pub const DEFAULT_GUE_PORT: u16 = 6080;

@@ -16,6 +16,7 @@ mod encap;
 mod log;
 mod maps;
 mod parse;
+mod probe;
 mod ptr;
 
 include!("program.rs");

@@ -11,6 +11,7 @@ mod encap;
 mod log;
 mod maps;
 mod parse;
+mod probe;
 mod ptr;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};

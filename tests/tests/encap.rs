@@ -210,8 +210,11 @@ struct Harness {
     dp: Dataplane,
     plan: Plan,
     /// Every tunnelled frame sent: (case, input, output, mode), for the decap round trip.
-    sent: std::cell::RefCell<Vec<(String, Vec<u8>, Vec<u8>, Mode)>>,
+    sent: std::cell::RefCell<Vec<Sent>>,
 }
+
+/// A tunnelled case: (name, input, output, mode).
+type Sent = (String, Vec<u8>, Vec<u8>, Mode);
 
 /// A tunnel as a case expects it.
 #[derive(Debug, Clone, Copy)]
@@ -626,7 +629,7 @@ fn stripped(tunnelled: &[u8], input: &[u8], l3: usize) -> Vec<u8> {
 /// Every frame the LB tunnelled, through the targets' decap program: the client's
 /// packet comes out exactly (GUE on another port than the program's passes untouched);
 /// then the frames the program must leave alone or drop, and RFC 6040's CE copy.
-fn decap_round_trip(sent: &[(String, Vec<u8>, Vec<u8>, Mode)]) {
+fn decap_round_trip(sent: &[Sent]) {
     let addrs: Vec<IpAddr> = DECAP_ADDRS.iter().map(|a| ip(a)).collect();
     let d = Decap::load(&addrs, GUE_PORT).expect("decap loads");
     assert!(sent.len() > 100, "the LB cases ran first: {}", sent.len());

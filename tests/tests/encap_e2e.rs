@@ -103,6 +103,11 @@ targets = [{{ ip = "198.18.0.11" }}]
 /// The routed topology with three targets (decap attached, HTTP served) and one L2
 /// backend, and its agent.
 fn setup() -> (RoutedTopology, AgentHandle, TempFile) {
+    setup_with(|text| text)
+}
+
+/// [`setup`] with the listeners-and-groups text edited by `edit` first.
+fn setup_with(edit: impl FnOnce(String) -> String) -> (RoutedTopology, AgentHandle, TempFile) {
     let mut r = RoutedTopology::build(1, 3).expect("topology");
     r.targets[2].ns.ip(&["addr", "add", &format!("{VIP4_46}/32"), "dev", "lo"]).expect("VIP on t3");
     r.topo.backends[0].ns.ip(&["addr", "add", &format!("{VIP4_L2}/32"), "dev", "lo"]).expect("VIP on b1");
@@ -111,8 +116,8 @@ fn setup() -> (RoutedTopology, AgentHandle, TempFile) {
     for i in 1..=3 {
         r.start_decap(i, DEFAULT_GUE_PORT).expect("decap");
     }
-    let config =
-        TempFile::write(&format!("{}.toml", r.topo.id), &r.config(&listeners_and_groups(&r))).expect("write config");
+    let config = TempFile::write(&format!("{}.toml", r.topo.id), &r.config(&edit(listeners_and_groups(&r))))
+        .expect("write config");
     let agent = AgentHandle::start_in(&r.topo.lb, RunOptions::new(&config.0)).expect("agent starts");
     (r, agent, config)
 }
@@ -257,6 +262,59 @@ fn runtime_registration_and_next_hop_changes_reach_tunnelled_targets() {
     set_neigh(router_mac);
     let back = wait_until(Duration::from_secs(10), || r.topo.curl_quick(&v4_url).is_ok());
     assert!(back, "the agent follows the neighbour table back to the router's MAC");
+    agent.stop().expect("clean stop");
+}
+
+/// Health checks of tunnelled targets travel their tunnels (the probes are put into them
+/// by the LB's tc program, to the target's own address): a target whose decap program is
+/// detached fails its probes and leaves its groups (IPIP over IPv4 and GUE over IPv6),
+/// and comes back once the tunnel works again.
+#[test]
+fn a_broken_tunnel_marks_the_target_unhealthy() {
+    if !privileged("a_broken_tunnel_marks_the_target_unhealthy") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let check = "health_check = { protocol = \"http\", interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }";
+    let (mut r, agent, _cfg) = setup_with(|text| {
+        text.replace("name = \"ipip\"\n", &format!("name = \"ipip\"\n{check}\n"))
+            .replace("name = \"gue6\"\n", &format!("name = \"gue6\"\n{check}\n"))
+    });
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = Client::new(r.topo.socket());
+    let states = |r: &RoutedTopology| -> HashMap<(String, IpAddr), String> {
+        let list = r.topo.lb.run(|| rt.block_on(client.targets(None))).expect("netns").expect("targets");
+        list.targets.into_iter().map(|t| ((t.group, t.target), t.state.to_string())).collect()
+    };
+    let (t1v4, t1v6) = (IpAddr::V4(r.targets[0].ip4), IpAddr::V6(r.targets[0].ip6));
+    let t1_in = |r: &RoutedTopology, want: &str| {
+        let s = states(r);
+        s.get(&("ipip".into(), t1v4)).is_some_and(|st| st == want)
+            && s.get(&("gue6".into(), t1v6)).is_some_and(|st| st == want)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || t1_in(&r, "healthy")),
+        "t1 healthy through its tunnels: {:?}",
+        states(&r)
+    );
+    // Only probes have reached t1 so far, and they came through both tunnels.
+    assert!(decap_count(&r, 1, DecapCounter::Ipip) > 0, "IPv4 probes arrived over IPIP");
+    assert!(decap_count(&r, 1, DecapCounter::Gue) > 0, "IPv6 probes arrived over GUE");
+
+    r.stop_decap(1);
+    let started = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(20), || t1_in(&r, "unhealthy")),
+        "t1 unhealthy once its tunnel broke: {:?}",
+        states(&r)
+    );
+    eprintln!("tunnel broken -> unhealthy in {:.1} s", started.elapsed().as_secs_f64());
+    for _ in 0..12 {
+        assert_eq!(curl(&r, &format!("http://{VIP4}/")).0, "t2", "new connections avoid the broken tunnel");
+        assert_eq!(curl(&r, &format!("http://[{VIP6}]/")).0, "t3");
+    }
+    r.start_decap(1, DEFAULT_GUE_PORT).expect("decap again");
+    assert!(wait_until(Duration::from_secs(20), || t1_in(&r, "healthy")), "t1 healthy again: {:?}", states(&r));
     agent.stop().expect("clean stop");
 }
 

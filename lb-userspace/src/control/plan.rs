@@ -97,6 +97,9 @@ pub struct Plan {
     pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
+    /// Interfaces toward tunnelled targets (names, sorted): health probes of those
+    /// targets are put into their tunnels there.
+    pub tunnel_ifaces: Vec<String>,
     /// Some listeners or targets are left out: the only free ids are ones this plan
     /// frees (see [`Ids`]). Apply it, then build again to add them.
     pub deferred: bool,
@@ -252,6 +255,7 @@ pub fn build_cached(
 
     let mut backends = BTreeMap::new();
     let mut backend_groups = BTreeMap::new();
+    let mut tunnel_ifaces = std::collections::BTreeSet::new();
     // Group -> whether it fails open now; its ring is in `cache`.
     let mut fail_open_now: HashMap<&str, bool> = HashMap::new();
     for g in groups {
@@ -275,6 +279,9 @@ pub fn build_cached(
             };
             if let Some(group) = config.target_group(&g.name) {
                 tunnel(&mut b, group, r)?;
+                if group.forwarding.is_tunnel() {
+                    tunnel_ifaces.insert(r.dev.name.clone());
+                }
             }
             backends.insert(id, (t.ip, b));
             backend_groups.insert(id, g.name.clone());
@@ -311,7 +318,8 @@ pub fn build_cached(
     }
     next_ids.prune_generations();
     *ids = next_ids;
-    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred })
+    let tunnel_ifaces = tunnel_ifaces.into_iter().collect();
+    Ok(Plan { vips, backends, backend_groups, tx_ports, tunnel_ifaces, deferred })
 }
 
 /// Fills in how `b` reaches its target through `group`'s tunnel, if it has one: the

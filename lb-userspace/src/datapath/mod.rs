@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        Xdp, XdpMode as AyaXdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
@@ -255,6 +255,9 @@ pub struct Dataplane {
     /// Maps and links are pinned: the datapath now outlives this value.
     committed: bool,
     logger: Option<DatapathLogger>,
+    /// Interfaces the health-probe encapsulation (`lb_probe_encap`, tc egress) is
+    /// attached to. Not pinned: it ends with this value (probes end with the agent).
+    probe_ifaces: BTreeSet<String>,
 }
 
 /// Reads the program's aya-log records into the `log` crate (bridged to tracing).
@@ -372,6 +375,7 @@ impl Dataplane {
             links: Vec::new(),
             pin_dir: None,
             origin: Origin::Fresh,
+            probe_ifaces: BTreeSet::new(),
             committed: false,
             logger: Some(logger),
         })
@@ -722,7 +726,49 @@ impl Dataplane {
         }
         self.applied.freed = (!freed_slots.is_empty() || !freed_ids.is_empty())
             .then(|| (std::time::Instant::now(), freed_slots, freed_ids));
+        // 6. Health probes of tunnelled targets take their tunnels: the probe
+        // encapsulation on every interface toward one. A failure is logged, not fatal:
+        // the datapath is complete, and probes that do not reach their target fail.
+        for iface in &plan.tunnel_ifaces {
+            if !self.probe_ifaces.contains(iface)
+                && let Err(e) = self.attach_probe_encap(iface)
+            {
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                tracing::error!(interface = %iface, error = %why, "health probes of tunnelled targets will not take their tunnels");
+            }
+        }
         Ok(report)
+    }
+
+    /// Loads `lb_probe_encap` (once) and attaches it to `iface`'s egress (tcx).
+    fn attach_probe_encap(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let name = programs::PROBE_ENCAP;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| {
+                let hint = permission_hint(&source);
+                DataplaneError::Verify { name, source: Box::new(source), hint }
+            })?;
+        }
+        prog.attach(iface, TcAttachType::Egress).map_err(|source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            mode: "tc egress",
+            source: Box::new(source),
+            hint: "",
+        })?;
+        debug!(interface = %iface, "health-probe encapsulation attached (tc egress)");
+        self.probe_ifaces.insert(iface.to_string());
+        Ok(())
     }
 
     /// Sets a per-CPU `Counter` entry to zero on every CPU.
