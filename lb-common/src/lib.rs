@@ -98,9 +98,25 @@ pub mod maps {
     /// `PerCpuArray<AdmissionWindow>` (1 entry): each CPU's current one-second window of
     /// new flows admitted into [`CONNS`] (see [`LB_NEW_FLOW_CAP`](super::globals::NEW_FLOW_CAP)).
     pub const NEW_FLOWS: &str = "LB_NEW_FLOWS";
+    /// `PerCpuArray<AdmissionWindow>` (1 entry): each CPU's current one-second window of
+    /// ICMP errors sent to clients (at most
+    /// [`ICMP_ERRORS_PER_CPU_PER_SEC`](super::ICMP_ERRORS_PER_CPU_PER_SEC)).
+    pub const ICMP_LIMIT: &str = "LB_ICMP_LIMIT";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 11] =
-        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT, INFO, NEW_FLOWS];
+    pub const ALL: [&str; 12] = [
+        VIPS,
+        RINGS,
+        BACKENDS,
+        CONNS,
+        TX_PORTS,
+        GLOBAL_STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        LOG_LIMIT,
+        INFO,
+        NEW_FLOWS,
+        ICMP_LIMIT,
+    ];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
     pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";
@@ -349,6 +365,18 @@ pub mod encap {
 /// (`programs::PROBE_ENCAP`).
 pub const PROBE_MARK: u32 = 0x4c42_0000;
 pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
+/// ICMP "fragmentation needed" / "packet too big" errors the datapath sends to clients
+/// per CPU per second at most (past it, too-big packets are dropped, `drop_too_big`).
+pub const ICMP_ERRORS_PER_CPU_PER_SEC: u64 = 1_000;
+/// Bytes of the offending packet an ICMP error quotes (from its IP header on): enough
+/// for any IP and TCP header the sender matches it with; a too-big packet always has
+/// them.
+pub const ICMP_QUOTE: usize = 128;
+/// IPv6's minimum MTU: a packet-too-big never announces less.
+pub const IPV6_MIN_MTU: u32 = 1280;
+/// Protocol number of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Default UDP destination port of GUE-encapsulated frames (Katran's).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
@@ -644,6 +672,14 @@ global_counters! {
     /// The outer header could not be made room for (`bpf_xdp_adjust_head` failed, or the
     /// headers were not where they were after it): dropped.
     DropEncapFailed = "drop_encap_failed", verdict;
+    /// A packet for a tunnelled target that would not fit the path MTU once
+    /// encapsulated, may not be fragmented (IPv4 DF, or IPv6): answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" carrying the usable MTU, sent back
+    /// out the receiving interface.
+    IcmpTooBig = "icmp_too_big", verdict;
+    /// A too-big packet not answered: IPv4 without DF (not fragmented by the LB), or over
+    /// the ICMP rate limit (`ICMP_ERRORS_PER_CPU_PER_SEC`): dropped.
+    DropTooBig = "drop_too_big", verdict;
 }
 
 /// Index into [`maps::DECAP_STATS`]. Every frame the decap program sees counts `rx` and

@@ -50,10 +50,29 @@ const IPV4_DF_BE: [u8; 2] = [0x40, 0];
 /// function takes five; anything passed through memory would grow the entry
 /// function's stack past the verifier's 512 bytes): where the IP header starts, its
 /// TOS / traffic class byte, the IP packet's length, and the flow hash.
+/// The top bit of the first byte (`l3` is 14 or 18) says "may not be fragmented".
 #[inline(always)]
 pub fn pack(flow: &Flow) -> u64 {
     let hash = flow_hash(&flow.key, false);
-    (flow.l3 as u64 & 0xff) | ((flow.tos as u64) << 8) | ((flow.ip_len as u64 & 0xffff) << 16) | ((hash as u64) << 32)
+    (flow.l3 as u64 & 0x7f)
+        | if flow.df { 0x80 } else { 0 }
+        | ((flow.tos as u64) << 8)
+        | ((flow.ip_len as u64 & 0xffff) << 16)
+        | ((hash as u64) << 32)
+}
+
+/// What [`encapsulate`] did with the frame.
+pub mod outcome {
+    /// Encapsulated: send it by the backend's interface.
+    pub const SENT: u32 = 0;
+    /// Not rewritten: drop (`drop_encap_failed`).
+    pub const FAILED: u32 = 1;
+    /// Too big for the path once encapsulated; the frame now holds the ICMP error for
+    /// its sender: XDP_TX (`icmp_too_big`).
+    pub const TOO_BIG_ANSWERED: u32 = 2;
+    /// Too big, and not answered (no DF, or over the ICMP rate limit): drop
+    /// (`drop_too_big`).
+    pub const TOO_BIG_DROPPED: u32 = 3;
 }
 
 /// Wraps the packet for backend `id` (its `encap` is IPIP or GUE) and rewrites the
@@ -65,21 +84,36 @@ pub fn pack(flow: &Flow) -> u64 {
 /// back): inlined, the four header layouts push the entry function's stack past the
 /// verifier's 512 bytes. It reads the backend from its map slot rather than from a copy.
 #[inline(never)]
-pub fn encapsulate(ctx: *mut xdp_md, id: u32, frame: u64) -> bool {
+pub fn encapsulate(ctx: *mut xdp_md, id: u32, frame: u64) -> u32 {
     let ctx = XdpContext::new(ctx);
-    let Some(b) = BACKENDS.get_ptr(id) else { return false };
+    let Some(b) = BACKENDS.get_ptr(id) else { return outcome::FAILED };
     // SAFETY: a pointer from a successful array lookup; the agent replaces values whole
     // (a concurrent update is read as a mix of old and new, as every backend read is).
     let b = unsafe { &*b };
-    let l3 = (frame & 0xff) as usize;
+    let l3 = (frame & 0x7f) as usize;
+    let df = frame & 0x80 != 0;
     let tos = (frame >> 8) as u8;
     let ip_len = ((frame >> 16) & 0xffff) as usize;
     let hash = (frame >> 32) as u32;
     // The inner family: the version nibble parse checked.
-    let Ok(v) = ptr_at::<u8>(&ctx, l3) else { return false };
+    let Ok(v) = ptr_at::<u8>(&ctx, l3) else { return outcome::FAILED };
     // SAFETY: ptr_at checked the byte lies in the frame.
     let inner_v4 = unsafe { *v } >> 4 == 4;
     let gue = b.encap == encap::GUE;
+    // Too big for the path once wrapped: the sender must learn the usable MTU.
+    let outer = overhead(b.is_v4(), gue);
+    let mtu = b.mtu as usize;
+    if mtu != 0 && ip_len + outer > mtu {
+        if !df || !crate::icmp::allowed() {
+            return outcome::TOO_BIG_DROPPED;
+        }
+        let usable = mtu.saturating_sub(outer) as u32;
+        return if crate::icmp::too_big(&ctx, l3, inner_v4, usable) {
+            outcome::TOO_BIG_ANSWERED
+        } else {
+            outcome::TOO_BIG_DROPPED
+        };
+    }
     let f = Frame { l3, tos, ip_len, hash, inner_v4 };
     let pushed = match (b.is_v4(), gue) {
         (true, false) => push::<true, false>(&ctx, &f, b),
@@ -88,10 +122,10 @@ pub fn encapsulate(ctx: *mut xdp_md, id: u32, frame: u64) -> bool {
         (false, true) => push::<false, true>(&ctx, &f, b),
     };
     if pushed.is_err() {
-        return false;
+        return outcome::FAILED;
     }
     crate::maps::count(if gue { C::EncapGue } else { C::EncapIpip });
-    true
+    outcome::SENT
 }
 
 /// [`pack`]'s fields, unpacked.
@@ -126,7 +160,7 @@ fn outer_src(b: &Backend, hash: u32) -> [u8; 16] {
 
 /// Folds a 32-bit one's-complement sum (as `bpf_csum_diff` returns it) into 16 bits.
 #[inline(always)]
-fn fold(sum: u64) -> u16 {
+pub(crate) fn fold(sum: u64) -> u16 {
     let s = (sum & 0xffff) + ((sum >> 16) & 0xffff) + (sum >> 32);
     let s = (s & 0xffff) + (s >> 16);
     let s = (s & 0xffff) + (s >> 16);
@@ -135,7 +169,7 @@ fn fold(sum: u64) -> u16 {
 
 /// One's-complement sum of `len` bytes (a multiple of 4) at `p`, in memory order.
 #[inline(always)]
-fn sum_mem(p: *const u8, len: u32) -> u64 {
+pub(crate) fn sum_mem(p: *const u8, len: u32) -> u64 {
     // SAFETY: the callers pass pointers to `len` bytes that ptr_at checked lie in the
     // frame (or on the stack); the helper only reads them.
     let r = unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p as *mut u32, len, 0) };
@@ -144,7 +178,7 @@ fn sum_mem(p: *const u8, len: u32) -> u64 {
 
 /// A big-endian 16-bit field's value as it adds into a memory-order sum.
 #[inline(always)]
-const fn be(v: u16) -> u64 {
+pub(crate) const fn be(v: u16) -> u64 {
     v.to_be() as u64
 }
 

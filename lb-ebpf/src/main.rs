@@ -13,6 +13,7 @@
 #![no_main]
 
 mod encap;
+mod icmp;
 mod log;
 mod maps;
 mod parse;

@@ -16,6 +16,8 @@ use network_types::{
 
 /// IPv4 "more fragments" flag and fragment-offset bits.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
+/// IPv4 "don't fragment" flag.
+const IPV4_DF: u16 = 0x4000;
 
 /// What parsing found.
 pub enum Parsed {
@@ -35,6 +37,8 @@ pub struct Flow {
     pub ip_len: usize,
     /// IPv4 TOS / IPv6 traffic class byte: DSCP (6 bits) and ECN (2 bits).
     pub tos: u8,
+    /// The packet may not be fragmented: IPv4 DF set, or IPv6 (routers never fragment).
+    pub df: bool,
 }
 
 pub use crate::ptr::ptr_at;
@@ -59,6 +63,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     let mut key = FlowKey::default();
     let l4;
     let tos;
+    let mut df = true;
     // Where the IP packet ends according to its header (frames may carry padding).
     let ip_end;
     if ether_type == ETH_P_IP {
@@ -91,6 +96,7 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         if frags & IPV4_MF_OFFSET != 0 {
             return Parsed::Pass(C::PassFragment);
         }
+        df = frags & IPV4_DF != 0;
         tos = unsafe { (*ip).tos };
         key.proto = unsafe { (*ip).proto };
         key.src = v4_mapped(unsafe { (*ip).src_addr });
@@ -153,5 +159,5 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     // Ports stay in network byte order, as in the map keys.
     key.sport = u16::from_ne_bytes(ports.0);
     key.dport = u16::from_ne_bytes(ports.1);
-    Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos })
+    Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos, df })
 }

@@ -55,7 +55,7 @@ fn process(ctx: &XdpContext) -> Verdict {
             backend.ifindex
         );
     }
-    if verdict.1 != C::DropRedirectFailed {
+    if matches!(verdict.1, C::Tx | C::Redirect) {
         maps::vip_stats(vip.id, frame_len);
         maps::backend_stats(id, frame_len);
         if vip.flags.contains(VipFlags::FAIL_OPEN) {
@@ -132,8 +132,11 @@ fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend
 #[inline(always)]
 fn forward(ctx: &XdpContext, flow: &parse::Flow, id: u32, b: &Backend) -> Verdict {
     if b.encap != lb_common::encap::NONE {
-        if !encap::encapsulate(ctx.ctx, id, encap::pack(flow)) {
-            return (xdp_action::DROP, C::DropEncapFailed);
+        match encap::encapsulate(ctx.ctx, id, encap::pack(flow)) {
+            encap::outcome::SENT => {}
+            encap::outcome::TOO_BIG_ANSWERED => return (xdp_action::TX, C::IcmpTooBig),
+            encap::outcome::TOO_BIG_DROPPED => return (xdp_action::DROP, C::DropTooBig),
+            _ => return (xdp_action::DROP, C::DropEncapFailed),
         }
     } else {
         let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {

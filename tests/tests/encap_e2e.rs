@@ -318,6 +318,135 @@ fn a_broken_tunnel_marks_the_target_unhealthy() {
     agent.stop().expect("clean stop");
 }
 
+/// A TCP sink on `port` in `ns`: each connection is read to its end and answered with
+/// the byte count. Serves until `stop` is set (bounded by 60 s).
+fn byte_counter(
+    ns: &lb_userspace::testing::netns::Netns,
+    port: u16,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<Result<(), std::io::Error>, lb_userspace::testing::netns::NetnsError>> {
+    use std::io::{Read, Write};
+    ns.spawn(move || {
+        let listener = std::net::TcpListener::bind(SocketAddr::from(([0u16; 8], port)))?;
+        listener.set_nonblocking(true)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    conn.set_nonblocking(false)?;
+                    conn.set_read_timeout(Some(Duration::from_secs(20)))?;
+                    let mut buf = vec![0u8; 65536];
+                    let mut total = 0u64;
+                    loop {
+                        match conn.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => total += n as u64,
+                            Err(_) => break,
+                        }
+                    }
+                    let _ = conn.write_all(format!("{total}\n").as_bytes());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// A smaller MTU on the path (1,400 between the router and the targets, and on the LB's
+/// routes toward them): the client's full-size segments would no longer fit once
+/// encapsulated. The LB answers them with ICMP "fragmentation needed" / "packet too big"
+/// carrying the usable MTU, the client's kernel lowers its path MTU, and a 4 MB upload
+/// completes over IPIP (IPv4) and GUE (IPv6).
+#[test]
+fn a_smaller_mtu_on_the_path_is_discovered_through_the_lbs_icmp() {
+    if !privileged("a_smaller_mtu_on_the_path_is_discovered_through_the_lbs_icmp") {
+        return;
+    }
+    let _lock = traffic_lock();
+    const PORT: u16 = 9100;
+    const BYTES: usize = 4 << 20;
+    let extra = format!(
+        r#"
+[[listeners]]
+name = "upload"
+address = "{VIP4}"
+port = {PORT}
+protocol = "tcp"
+target_group = "ipip"
+
+[[listeners]]
+name = "upload6"
+address = "{VIP6}"
+port = {PORT}
+protocol = "tcp"
+target_group = "gue6"
+"#
+    );
+    let (r, agent, _cfg) = setup_with(move |text| format!("{text}{extra}"));
+    // The agent reads the path MTU from its routes when it resolves the targets: stop it,
+    // shrink the path, start it again.
+    drop(agent);
+    let mtu = "1400";
+    for t in &r.targets {
+        t.ns.ip(&["link", "set", "eth0", "mtu", mtu]).expect("target mtu");
+        r.router.ip(&["link", "set", &format!("r-{}", t.name), "mtu", mtu]).expect("router mtu");
+    }
+    r.topo.lb.ip(&["route", "replace", "198.18.16.0/20", "via", &ROUTER4.to_string(), "mtu", mtu]).expect("route");
+    r.topo
+        .lb
+        .ip(&[
+            "-6",
+            "route",
+            "replace",
+            "fd00:19::/32",
+            "via",
+            &lb_userspace::testing::routed::ROUTER6.to_string(),
+            "mtu",
+            mtu,
+        ])
+        .expect("route6");
+    // Targets still announce a 1,460-byte MSS: their own MTU toward the client is 1,500
+    // at the router, and the client's segments travel the tunnel.
+    let agent = AgentHandle::start_in(&r.topo.lb, RunOptions::new(&_cfg.0)).expect("agent restarts");
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let sinks: Vec<_> = r.targets.iter().map(|t| byte_counter(&t.ns, PORT, stop.0.clone())).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    for vip in [IpAddr::V4(VIP4), IpAddr::V6(VIP6)] {
+        let dst = SocketAddr::new(vip, PORT);
+        let started = Instant::now();
+        let answer = r
+            .topo
+            .client
+            .run(move || -> std::io::Result<String> {
+                use std::io::{Read, Write};
+                let mut conn = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+                conn.set_write_timeout(Some(Duration::from_secs(30)))?;
+                conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+                conn.write_all(&vec![0x5a; BYTES])?;
+                conn.shutdown(std::net::Shutdown::Write)?;
+                let mut answer = String::new();
+                conn.read_to_string(&mut answer)?;
+                Ok(answer)
+            })
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("upload to {dst}: {e}"));
+        assert_eq!(answer.trim(), BYTES.to_string(), "the target got the whole upload to {dst}");
+        eprintln!("4 MB upload to {dst} through a 1,400-byte path: {:.2} s", started.elapsed().as_secs_f64());
+    }
+    let s = Snapshot::read_pinned(&r.topo.pin_dir).expect("stats");
+    let answered = s.global(GlobalCounter::IcmpTooBig);
+    assert!(answered >= 2, "the LB answered too-big segments (IPv4 and IPv6): {answered}");
+    assert_eq!(s.global(GlobalCounter::DropTooBig), 0, "none over the rate limit, none without DF");
+    eprintln!("ICMP too-big answers: {answered}");
+    stop.0.store(true, Ordering::Relaxed);
+    for sink in sinks {
+        sink.join().expect("sink").expect("netns").expect("sink io");
+    }
+    agent.stop().expect("clean stop");
+}
+
 fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
