@@ -102,8 +102,11 @@ pub mod maps {
     /// ICMP errors sent to clients (at most
     /// [`ICMP_ERRORS_PER_CPU_PER_SEC`](super::ICMP_ERRORS_PER_CPU_PER_SEC)).
     pub const ICMP_LIMIT: &str = "LB_ICMP_LIMIT";
+    /// `HashMap<Addr, u32>`: VIP addresses whose ICMP echo requests the datapath answers
+    /// (value unused, 0).
+    pub const ECHO: &str = "LB_ECHO";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         VIPS,
         RINGS,
         BACKENDS,
@@ -116,6 +119,7 @@ pub mod maps {
         INFO,
         NEW_FLOWS,
         ICMP_LIMIT,
+        ECHO,
     ];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
@@ -377,6 +381,9 @@ pub const ICMP_QUOTE: usize = 128;
 pub const IPV6_MIN_MTU: u32 = 1280;
 /// Protocol number of ICMPv6.
 pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Capacity of [`maps::ECHO`]: one entry per VIP address at most.
+pub const MAX_ECHO_ADDRS: u32 = MAX_VIPS;
 
 /// Default UDP destination port of GUE-encapsulated frames (Katran's).
 pub const DEFAULT_GUE_PORT: u16 = 6080;
@@ -680,6 +687,12 @@ global_counters! {
     /// A too-big packet not answered: IPv4 without DF (not fragmented by the LB), or over
     /// the ICMP rate limit (`ICMP_ERRORS_PER_CPU_PER_SEC`): dropped.
     DropTooBig = "drop_too_big", verdict;
+    /// ICMP / ICMPv6 echo request to a VIP address that answers pings: the echo reply is
+    /// sent back out the receiving interface.
+    IcmpEchoReply = "icmp_echo_reply", verdict;
+    /// ICMP / ICMPv6 errors (unreachable, too big, time exceeded) about a packet of a VIP
+    /// flow, sent to that flow's target (also counted `tx` / `redirect`).
+    IcmpErrorForwarded = "icmp_error_forwarded", observation;
 }
 
 /// Index into [`maps::DECAP_STATS`]. Every frame the decap program sees counts `rx` and

@@ -25,8 +25,8 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    Backend, ENCAP_TTL, ETH_P_IP, ETH_P_IPV6, GUE_SPORT_BASE, GUE_SPORT_MASK, GlobalCounter as C, IPPROTO_IPIP,
-    IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, encap, flow_hash,
+    Backend, ENCAP_TTL, ETH_P_IP, ETH_P_IPV6, GUE_SPORT_BASE, GUE_SPORT_MASK, GlobalCounter as C, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPPROTO_TCP, IPPROTO_UDP, encap, flow_hash,
 };
 use network_types::{
     eth::EthHdr,
@@ -283,6 +283,8 @@ fn push<const OUTER_V4: bool, const GUE: bool>(ctx: &XdpContext, flow: &Frame, b
 /// pseudo-header, the UDP header and the whole inner IP packet; the inner packet's L4
 /// segment sums (with its own valid checksum) to the complement of the inner
 /// pseudo-header's sum, and a valid IPv4 header sums to zero, so only headers are read.
+/// ICMP inside (errors forwarded to a flow's target) works the same (ICMPv6 with its
+/// pseudo-header; ICMPv4's checksum covers the message alone, which then sums to zero).
 /// An inner UDP/IPv4 datagram without a checksum (0) leaves nothing to build on: the
 /// outer checksum is then 0 too ("none", as RFC 6935 allows tunnels over IPv6 as well).
 /// Returned in memory order.
@@ -317,17 +319,23 @@ fn gue_checksum<const OUTER_V4: bool>(
             proto,
         )
     };
-    let l4_csum_at = match l4_proto {
-        IPPROTO_TCP => l4 + 16,
-        IPPROTO_UDP => l4 + 6,
-        _ => return Ok(0),
+    let segment = if inner_v4 && l4_proto == IPPROTO_ICMP {
+        // An ICMP message's own checksum covers it alone: it sums to zero.
+        0
+    } else {
+        let l4_csum_at = match l4_proto {
+            IPPROTO_TCP => l4 + 16,
+            IPPROTO_UDP => l4 + 6,
+            IPPROTO_ICMPV6 if !inner_v4 => l4 + 2,
+            _ => return Ok(0),
+        };
+        let l4_csum = ptr_at::<[u8; 2]>(ctx, l4_csum_at).map_err(|_| DROP)?;
+        if l4_proto == IPPROTO_UDP && unsafe { *l4_csum } == [0, 0] {
+            return Ok(0);
+        }
+        let pseudo = fold(inner_pseudo + be(l4_len as u16) + be(l4_proto as u16));
+        !pseudo as u64
     };
-    let l4_csum = ptr_at::<[u8; 2]>(ctx, l4_csum_at).map_err(|_| DROP)?;
-    if l4_proto == IPPROTO_UDP && unsafe { *l4_csum } == [0, 0] {
-        return Ok(0);
-    }
-    let pseudo = fold(inner_pseudo + be(l4_len as u16) + be(l4_proto as u16));
-    let segment = !pseudo as u64;
 
     let outer_addrs = if OUTER_V4 {
         let a = ptr_at::<[u8; 8]>(ctx, EthHdr::LEN + 12).map_err(|_| DROP)?;

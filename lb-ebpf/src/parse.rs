@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FlowKey, GlobalCounter as C, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-    IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, v4_mapped,
+    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, v4_mapped,
 };
 use network_types::{
     eth::EthHdr,
@@ -23,6 +23,8 @@ const IPV4_DF: u16 = 0x4000;
 pub enum Parsed {
     /// A TCP/UDP flow: candidate for a VIP.
     Flow(Flow),
+    /// An ICMP / ICMPv6 echo request: answered by the LB if its address answers pings.
+    Echo(crate::icmp::Echo),
     /// Not for the load balancer: hand to the kernel, counted under this reason.
     Pass(C),
     /// Malformed or truncated: drop, counted under this reason.
@@ -39,6 +41,9 @@ pub struct Flow {
     pub tos: u8,
     /// The packet may not be fragmented: IPv4 DF set, or IPv6 (routers never fragment).
     pub df: bool,
+    /// An ICMP error about a packet of this flow (`key` is the flow's, read reversed
+    /// from the quoted packet): it goes to the flow's target.
+    pub icmp_error: bool,
 }
 
 pub use crate::ptr::ptr_at;
@@ -153,11 +158,19 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             return Parsed::Drop(C::DropBadL4);
         }
         unsafe { ((*udp).src, (*udp).dst) }
+    } else if (ether_type == ETH_P_IP && key.proto == IPPROTO_ICMP)
+        || (ether_type == ETH_P_IPV6 && key.proto == IPPROTO_ICMPV6)
+    {
+        return match crate::icmp::parse(ctx, &mut key, ether_type == ETH_P_IP, l3, l4, ip_end) {
+            crate::icmp::Kind::Echo(echo) => Parsed::Echo(echo),
+            crate::icmp::Kind::Error => Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos, df, icmp_error: true }),
+            crate::icmp::Kind::Other(p) => p,
+        };
     } else {
         return Parsed::Pass(C::PassNotL4);
     };
     // Ports stay in network byte order, as in the map keys.
     key.sport = u16::from_ne_bytes(ports.0);
     key.dport = u16::from_ne_bytes(ports.1);
-    Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos, df })
+    Parsed::Flow(Flow { key, l3, ip_len: ip_end - l3, tos, df, icmp_error: false })
 }

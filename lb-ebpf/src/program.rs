@@ -32,6 +32,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Verdict {
     let flow = match parse::parse(ctx) {
         Parsed::Flow(flow) => flow,
+        Parsed::Echo(echo) => return icmp::echo(ctx, &echo),
         Parsed::Pass(why) => return (xdp_action::PASS, why),
         Parsed::Drop(why) => return (xdp_action::DROP, why),
     };
@@ -60,6 +61,9 @@ fn process(ctx: &XdpContext) -> Verdict {
         maps::backend_stats(id, frame_len);
         if vip.flags.contains(VipFlags::FAIL_OPEN) {
             count(C::FailOpen);
+        }
+        if flow.icmp_error {
+            count(C::IcmpErrorForwarded);
         }
     }
     verdict

@@ -132,6 +132,14 @@ protocol = "tcp"
 target_group = "l2"
 
 [[listeners]]
+name = "no-ping"
+address = "198.18.1.117"
+port = 80
+protocol = "tcp"
+target_group = "l2"
+icmp_echo = false
+
+[[listeners]]
 name = "remote"
 address = "198.18.1.116"
 port = 80
@@ -258,9 +266,9 @@ impl Harness {
         s.global.iter().map(|(_, v)| *v).collect()
     }
 
-    /// The target the plan's ring gives `f`'s flow, and its group.
-    fn target_of(&self, f: &Frame) -> (IpAddr, String) {
-        let key = flow_key(f);
+    /// The target the plan's ring gives flow `key`, and its group.
+    fn target_of_key(&self, key: &FlowKey) -> (IpAddr, String) {
+        let key = *key;
         let vip = self
             .plan
             .vips
@@ -299,13 +307,19 @@ impl Harness {
 
     /// Runs a frame that must leave encapsulated toward its ring's target with `mode`.
     fn tunnelled(&self, name: &str, f: &Frame, input: &[u8], mode: Mode) -> (IpAddr, IpAddr) {
-        let (target, group) = self.target_of(f);
-        let hash = flow_hash(&flow_key(f), false);
+        self.tunnelled_as(name, &flow_key(f), l3_of(f), input, mode)
+    }
+
+    /// [`Harness::tunnelled`] for a frame of flow `key` (an ICMP error about the flow's
+    /// packet goes where the flow goes), its IP header at `l3`.
+    fn tunnelled_as(&self, name: &str, key: &FlowKey, l3: usize, input: &[u8], mode: Mode) -> (IpAddr, IpAddr) {
+        let (target, group) = self.target_of_key(key);
+        let hash = flow_hash(key, false);
         let (base, mask) = outer_source_rule(&group, target);
         let src = pick(base, mask, hash);
         let remote = group == "remote";
         let lb_mac = if remote { OTHER_MAC } else { LB_MAC };
-        let expected = encapsulated(input, l3_of(f), hash, mode, src, target, lb_mac);
+        let expected = encapsulated(input, l3, hash, mode, src, target, lb_mac);
         let (verdict, sent) = if remote { (xdp_action::REDIRECT, C::Redirect) } else { (xdp_action::TX, C::Tx) };
         let observed = match mode {
             Mode::Ipip => C::EncapIpip,
@@ -462,6 +476,7 @@ fn tunnelled_frames_exact_bytes() {
         let h = Harness::new(redirect_ifindex);
         cases(&h);
         too_big(&h);
+        icmp(&h);
         per_flow_sources(&h);
         decap_round_trip(&h.sent.borrow());
     })
@@ -769,4 +784,209 @@ fn too_big(h: &Harness) {
     let (bytes, f) =
         frame(Frame::tcp(sa("[fd00:18::2]:42012"), sa("[fd00:18:1::110]:80"), syn).with_frame_len(14 + 1460));
     h.tunnelled("IP6IP6, 1,460 bytes: fits once wrapped", &f, &bytes, Mode::Ipip);
+}
+
+/// An Ethernet frame (client to LB) carrying ICMP `message` (type, code, checksum 0,
+/// rest) from `src` to `dst`; the ICMP checksum filled in.
+fn icmp_frame(src: IpAddr, dst: IpAddr, mut message: Vec<u8>) -> Vec<u8> {
+    let mut out = LB_MAC.to_vec();
+    out.extend_from_slice(&CLIENT_MAC);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            let csum = ipv4_header_checksum(&message);
+            message[2..4].copy_from_slice(&csum.to_be_bytes());
+            out.extend_from_slice(&0x0800u16.to_be_bytes());
+            let start = out.len();
+            out.extend_from_slice(&[0x45, 0]);
+            out.extend_from_slice(&(20 + message.len() as u16).to_be_bytes());
+            out.extend_from_slice(&[0x12, 0x34, 0, 0, 61, 1, 0, 0]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+            let csum = ipv4_header_checksum(&out[start..]);
+            out[start + 10..start + 12].copy_from_slice(&csum.to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            let csum = l4_checksum(src, dst, lb_common::IPPROTO_ICMPV6, &message);
+            message[2..4].copy_from_slice(&csum.to_be_bytes());
+            out.extend_from_slice(&0x86ddu16.to_be_bytes());
+            out.extend_from_slice(&[0x60, 0, 0, 0]);
+            out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+            out.extend_from_slice(&[lb_common::IPPROTO_ICMPV6, 61]);
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        _ => panic!("mixed families"),
+    }
+    out.extend_from_slice(&message);
+    out
+}
+
+/// The echo reply the LB must make of `request` (from `icmp_frame`).
+fn echo_reply(request: &[u8]) -> Vec<u8> {
+    let mut out = request[6..12].to_vec();
+    out.extend_from_slice(&request[0..6]);
+    out.extend_from_slice(&request[12..]);
+    if out[14] >> 4 == 4 {
+        let (src, dst) = (out[26..30].to_vec(), out[30..34].to_vec());
+        out[26..30].copy_from_slice(&dst);
+        out[30..34].copy_from_slice(&src);
+        out[14 + 8] = 64;
+        fix_ipv4_checksum(&mut out, 14);
+        out[34] = 0;
+        out[36..38].copy_from_slice(&[0, 0]);
+        let csum = ipv4_header_checksum(&out[34..]);
+        out[36..38].copy_from_slice(&csum.to_be_bytes());
+    } else {
+        let (src, dst) = (out[22..38].to_vec(), out[38..54].to_vec());
+        out[22..38].copy_from_slice(&dst);
+        out[38..54].copy_from_slice(&src);
+        out[14 + 7] = 64;
+        out[54] = 129;
+        out[56..58].copy_from_slice(&[0, 0]);
+        let (s, d): ([u8; 16], [u8; 16]) = (dst.try_into().expect("16"), src.try_into().expect("16"));
+        let csum = l4_checksum(s.into(), d.into(), lb_common::IPPROTO_ICMPV6, &out[54..]);
+        out[56..58].copy_from_slice(&csum.to_be_bytes());
+    }
+    out
+}
+
+/// ICMP toward VIPs: echo requests answered (per address, off where configured);
+/// errors quoting a VIP flow's packet sent where that flow goes, in every forwarding
+/// mode; ICMP for other addresses, or quoting packets of no VIP flow, to the kernel
+/// untouched.
+fn icmp(h: &Harness) {
+    let echo4 = |dst: &str| {
+        let mut m = vec![8, 0, 0, 0, 0x42, 0x42, 0, 1];
+        m.extend_from_slice(b"ping payload, 32 bytes long.....");
+        icmp_frame(ip("198.18.0.2"), ip(dst), m)
+    };
+    let echo6 = |dst: &str| {
+        let mut m = vec![128, 0, 0, 0, 0x42, 0x42, 0, 1];
+        m.extend_from_slice(b"ping6");
+        icmp_frame(ip("fd00:18::2"), ip(dst), m)
+    };
+    for (name, f) in [
+        ("echo request to an IPv4 VIP", echo4("198.18.1.110")),
+        ("echo request to an IPv6 VIP", echo6("fd00:18:1::110")),
+        ("echo request to an L2-DSR VIP", echo4("198.18.1.114")),
+    ] {
+        h.run(name, &f, xdp_action::TX, &[C::Rx, C::IcmpEchoReply], &echo_reply(&f));
+    }
+    for (name, f) in [
+        ("echo request to a VIP with icmp_echo = false", echo4("198.18.1.117")),
+        ("echo request to the LB host", echo4("198.18.0.1")),
+        ("echo request to another IPv6 address", echo6("fd00:18::1")),
+    ] {
+        h.run(name, &f, xdp_action::PASS, &[C::Rx, C::PassNotL4], &f);
+    }
+
+    // Errors about a VIP flow's packet (from the VIP to the client, as the target sent
+    // it), from a router on the client's path to the VIP.
+    let router4 = ip("198.18.9.1");
+    let router6 = ip("fd00:18:9::1");
+    // (case, client, VIP, protocol of the flow, its forwarding, the ICMP header).
+    type Case<'a> = (&'a str, &'a str, &'a str, u16, Mode, Vec<u8>);
+    let cases: Vec<Case> = vec![
+        (
+            "frag needed, IPIP flow",
+            "198.18.0.2:43000",
+            "198.18.1.110:80",
+            6,
+            Mode::Ipip,
+            vec![3, 4, 0, 0, 0, 0, 0x05, 0x78],
+        ),
+        (
+            "port unreachable, GUE v4 flow (UDP)",
+            "198.18.0.2:43001",
+            "198.18.1.112:53",
+            17,
+            Mode::Gue(GUE_PORT),
+            vec![3, 3, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            "time exceeded, 4-in-6 flow",
+            "198.18.0.2:43002",
+            "198.18.1.111:80",
+            6,
+            Mode::Ipip,
+            vec![11, 0, 0, 0, 0, 0, 0, 0],
+        ),
+        (
+            "packet too big, IP6IP6 flow",
+            "[fd00:18::2]:43003",
+            "[fd00:18:1::110]:80",
+            6,
+            Mode::Ipip,
+            vec![2, 0, 0, 0, 0, 0, 0x05, 0x00],
+        ),
+        (
+            "packet too big, GUE v6 flow",
+            "[fd00:18::2]:43004",
+            "[fd00:18:1::112]:443",
+            6,
+            Mode::Gue(GUE_PORT),
+            vec![2, 0, 0, 0, 0, 0, 0x05, 0x00],
+        ),
+    ];
+    for (name, client, vip, proto, mode, header) in cases {
+        let (client, vip) = (sa(client), sa(vip));
+        // The flow itself first: it is now in the connection table.
+        let data = if proto == 6 { Frame::tcp(client, vip, tcp_flags::SYN) } else { Frame::udp(client, vip) };
+        let (bytes, data) = frame(data);
+        let (target, _) = h.tunnelled(&format!("{name}: the flow's first packet"), &data, &bytes, mode);
+        let reply =
+            if proto == 6 { Frame::tcp(vip, client, tcp_flags::SYN | tcp_flags::ACK) } else { Frame::udp(vip, client) };
+        let quoted = reply.build().expect("reply")[14..].to_vec();
+        let mut message = header;
+        message.extend_from_slice(&quoted);
+        let from = if vip.is_ipv4() { router4 } else { router6 };
+        let error = icmp_frame(from, vip.ip(), message);
+        let (went, _) = h.tunnelled_as(name, &flow_key(&data), 14, &error, mode);
+        assert_eq!(went, target, "{name}: the error goes to the flow's target");
+    }
+    // And in L2 DSR: only the MACs change, to the flow's target.
+    let (client, vip) = (sa("198.18.0.2:43010"), sa("198.18.1.114:80"));
+    let (bytes, _) = frame(Frame::tcp(client, vip, tcp_flags::SYN));
+    let mut expected = bytes.clone();
+    expected[0..6].copy_from_slice(&[2, 0, 0, 0, 1, 11]);
+    expected[6..12].copy_from_slice(&LB_MAC);
+    h.run("l2 flow's first packet", &bytes, xdp_action::TX, &[C::Rx, C::Tx], &expected);
+    let mut message = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+    message.extend_from_slice(&Frame::tcp(vip, client, tcp_flags::ACK).build().expect("reply")[14..]);
+    let error = icmp_frame(router4, vip.ip(), message);
+    let mut expected = error.clone();
+    expected[0..6].copy_from_slice(&[2, 0, 0, 0, 1, 11]);
+    expected[6..12].copy_from_slice(&LB_MAC);
+    h.run("frag needed, L2 DSR flow", &error, xdp_action::TX, &[C::Rx, C::Tx, C::IcmpErrorForwarded], &expected);
+
+    // Not about a VIP flow: a quoted packet from another address, or to a VIP but from
+    // a port no listener has; and errors to addresses that are not VIPs.
+    let not_ours: Vec<(&str, IpAddr, Vec<u8>)> = vec![
+        ("error quoting a packet of the LB host", ip("198.18.0.1"), {
+            let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(&Frame::udp(sa("198.18.0.1:5000"), sa("198.18.0.2:53")).build().expect("q")[14..]);
+            m
+        }),
+        ("error to a VIP quoting another port", ip("198.18.1.110"), {
+            let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(
+                &Frame::tcp(sa("198.18.1.110:81"), sa("198.18.0.2:43020"), 0x12).build().expect("q")[14..],
+            );
+            m
+        }),
+        ("error to a VIP quoting a packet from elsewhere", ip("198.18.1.110"), {
+            let mut m = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            m.extend_from_slice(
+                &Frame::tcp(sa("198.18.1.111:80"), sa("198.18.0.2:43021"), 0x12).build().expect("q")[14..],
+            );
+            m
+        }),
+    ];
+    for (name, dst, message) in not_ours {
+        let f = icmp_frame(router4, dst, message);
+        // A quote of a packet from the address the error is sent to is looked up as a
+        // flow: no VIP has it (`pass_not_vip`); a quote from elsewhere is not ours at all.
+        let why = if name.contains("from elsewhere") { C::PassNotL4 } else { C::PassNotVip };
+        h.run(name, &f, xdp_action::PASS, &[C::Rx, why], &f);
+    }
 }

@@ -159,7 +159,14 @@ fn routed_targets_answer_clients_through_tunnels() {
         }
         assert_eq!(seen.len(), backends.len(), "{url}: 12 connections reach every target of the group: {seen:?}");
     }
+    // Pings to the VIPs are answered by the LB (the targets are never asked).
+    for vip in [VIP4.to_string(), VIP6.to_string()] {
+        let out = r.topo.client.exec("ping", &["-c", "3", "-i", "0.2", "-W", "2", &vip]).expect("ping answered");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("3 received"), "ping {vip}: {text}");
+    }
     let s = Snapshot::read_pinned(&r.topo.pin_dir).expect("stats");
+    assert_eq!(s.global(GlobalCounter::IcmpEchoReply), 6, "six echo replies from the LB");
     let (ipip, gue) = (s.global(GlobalCounter::EncapIpip), s.global(GlobalCounter::EncapGue));
     assert!(ipip > 0 && gue > 0, "both kinds of tunnel used: ipip {ipip}, gue {gue}");
     assert_eq!(s.global(GlobalCounter::DropEncapFailed), 0);

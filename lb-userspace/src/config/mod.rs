@@ -113,6 +113,10 @@ pub enum ConfigError {
     #[error("target group `{group}`: {reason}")]
     Forwarding { group: String, reason: String },
     #[error(
+        "listeners `{first}` and `{second}` share address {address} but not `icmp_echo`: pings are answered per address, set it the same on both"
+    )]
+    IcmpEcho { first: String, second: String, address: IpAddr },
+    #[error(
         "target group `{group}` is health checked but has no port to probe: its listeners are UDP or all-ports; set `health_check.port` (NLB checks UDP targets over TCP or HTTP on a health port)"
     )]
     NoProbePort { group: String },
@@ -367,6 +371,14 @@ pub struct Listener {
     pub target_group: String,
     #[serde(default)]
     pub hash: HashMode,
+    /// Whether the LB answers ICMP / ICMPv6 echo requests (ping) to this address.
+    /// Per address: every listener of one address must agree.
+    #[serde(default = "default_true")]
+    pub icmp_echo: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Listener {
@@ -636,6 +648,13 @@ impl Config {
                     vip: l.vip_display(),
                 });
             }
+            if let Some(other) = self.listeners.iter().find(|o| o.address == l.address && o.icmp_echo != l.icmp_echo) {
+                return Err(ConfigError::IcmpEcho {
+                    first: other.name.clone(),
+                    second: l.name.clone(),
+                    address: l.address,
+                });
+            }
             if !groups.contains_key(l.target_group.as_str()) {
                 return Err(ConfigError::UnknownTargetGroup {
                     listener: l.name.clone(),
@@ -843,6 +862,14 @@ mod tests {
             let err = with(extra).expect_err(extra).to_string();
             assert!(err.contains(expect), "{extra}: {err}");
         }
+        // Pings are answered per address: listeners of one address agree.
+        assert!(c.listeners[0].icmp_echo, "on by default");
+        let second = "\n[[listeners]]\nname = \"web-udp\"\naddress = \"198.18.1.100\"\nport = 53\nprotocol = \"udp\"\ntarget_group = \"web\"\nicmp_echo = false\n";
+        let text = MINIMAL.replacen("[[target_groups]]", &format!("{second}\n[[target_groups]]"), 1);
+        let err = parse(&text).expect_err("icmp_echo").to_string();
+        assert!(err.contains("share address 198.18.1.100 but not `icmp_echo`"), "{err}");
+        let both_off = text.replacen("target_group = \"web\"\n", "target_group = \"web\"\nicmp_echo = false\n", 1);
+        assert!(parse(&both_off).expect("both off").listeners.iter().all(|l| !l.icmp_echo));
         let err = parse(&format!("{MINIMAL}\nforwarding = \"ipip\"")).expect_err("mac").to_string();
         assert!(err.contains("198.18.0.12") && err.contains("remove `mac`"), "{err}");
     }

@@ -97,6 +97,9 @@ pub struct Plan {
     pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
+    /// VIP addresses that answer ICMP echo requests (map form, sorted): those of every
+    /// listener with `icmp_echo` on.
+    pub echo_addrs: Vec<lb_common::Addr>,
     /// Interfaces toward tunnelled targets (names, sorted): health probes of those
     /// targets are put into their tunnels there.
     pub tunnel_ifaces: Vec<String>,
@@ -319,7 +322,11 @@ pub fn build_cached(
     next_ids.prune_generations();
     *ids = next_ids;
     let tunnel_ifaces = tunnel_ifaces.into_iter().collect();
-    Ok(Plan { vips, backends, backend_groups, tx_ports, tunnel_ifaces, deferred })
+    let mut echo_addrs: Vec<lb_common::Addr> =
+        config.listeners.iter().filter(|l| l.icmp_echo).map(|l| addr_from_ip(l.address)).collect();
+    echo_addrs.sort_unstable();
+    echo_addrs.dedup();
+    Ok(Plan { vips, backends, backend_groups, tx_ports, echo_addrs, tunnel_ifaces, deferred })
 }
 
 /// Fills in how `b` reaches its target through `group`'s tunnel, if it has one: the

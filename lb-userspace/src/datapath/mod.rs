@@ -188,6 +188,8 @@ struct Applied {
     sources: HashMap<u32, std::sync::Arc<[u32]>>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
+    /// VIP addresses that answer pings (`LB_ECHO`).
+    echo: BTreeSet<lb_common::Addr>,
     /// VIP slots and backend ids the last apply took out of the datapath, and when.
     freed: Option<(std::time::Instant, BTreeSet<u32>, BTreeSet<u32>)>,
 }
@@ -404,6 +406,11 @@ impl Dataplane {
             DevMapHash::try_from(self.map(maps::TX_PORTS)?).map_err(err(maps::TX_PORTS))?;
         for key in ports.keys() {
             applied.tx_ports.insert(key.map_err(err(maps::TX_PORTS))?);
+        }
+        let echo: BpfHashMap<&MapData, lb_common::Addr, u32> =
+            BpfHashMap::try_from(self.map(maps::ECHO)?).map_err(err(maps::ECHO))?;
+        for key in echo.keys() {
+            applied.echo.insert(key.map_err(err(maps::ECHO))?);
         }
         self.applied = applied;
         Ok(())
@@ -726,7 +733,22 @@ impl Dataplane {
         }
         self.applied.freed = (!freed_slots.is_empty() || !freed_ids.is_empty())
             .then(|| (std::time::Instant::now(), freed_slots, freed_ids));
-        // 6. Health probes of tunnelled targets take their tunnels: the probe
+        // 6. VIP addresses that answer pings.
+        if self.applied.echo.iter().ne(plan.echo_addrs.iter()) {
+            let mut echo: BpfHashMap<&mut MapData, lb_common::Addr, u32> =
+                typed(self.ebpf.map_mut(maps::ECHO), maps::ECHO)?;
+            let err = |source| DataplaneError::Map { name: maps::ECHO, source: Box::new(source) };
+            for a in &plan.echo_addrs {
+                if !self.applied.echo.contains(a) {
+                    echo.insert(a, 0, 0).map_err(err)?;
+                }
+            }
+            for a in self.applied.echo.iter().filter(|a| !plan.echo_addrs.contains(a)) {
+                echo.remove(a).map_err(err)?;
+            }
+            self.applied.echo = plan.echo_addrs.iter().copied().collect();
+        }
+        // 7. Health probes of tunnelled targets take their tunnels: the probe
         // encapsulation on every interface toward one. A failure is logged, not fatal:
         // the datapath is complete, and probes that do not reach their target fail.
         for iface in &plan.tunnel_ifaces {

@@ -308,6 +308,11 @@ impl Collector for Scrape {
                     "New flows over new_flow_cap_per_cpu: forwarded by the Maglev table, not remembered.",
                 ),
                 (
+                    "lb_icmp_errors_forwarded",
+                    GlobalCounter::IcmpErrorForwarded,
+                    "ICMP errors about a VIP flow's packet sent to that flow's target.",
+                ),
+                (
                     "lb_fail_open_frames",
                     GlobalCounter::FailOpen,
                     "Frames forwarded while every target of their group was unhealthy (fail-open).",
