@@ -290,6 +290,10 @@ enum Command {
         /// Probe over HTTP (GET /health) instead of TCP connects, for `--health-load`.
         #[arg(long, requires = "health_load")]
         http: bool,
+        /// Instead: the datapath cost of the tunnels (`forwarding = "ipip" | "gue"`)
+        /// beside L2 DSR, ns/packet under BPF_PROG_RUN, one run per frame.
+        #[arg(long, conflicts_with_all = ["restart", "health_load"])]
+        encap: bool,
     },
     #[cfg(feature = "tools")]
     /// Build a demo topology in network namespaces (client, LB, three HTTP backends),
@@ -487,6 +491,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("JSON results: {}", out.display());
+            Ok(())
+        }
+        #[cfg(feature = "tools")]
+        Command::Bench { tiny, out, encap: true, .. } => {
+            let cases =
+                lb_userspace::tools::encap_bench::run(if tiny { 200 } else { 20_000 }).context("tunnel benchmark")?;
+            print!("{}", lb_userspace::tools::encap_bench::render(&cases));
+            let out = out.unwrap_or_else(|| PathBuf::from("target/bench/encap.json"));
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&cases)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("JSON results: {}", out.display());
             Ok(())

@@ -990,3 +990,16 @@ fn icmp(h: &Harness) {
         h.run(name, &f, xdp_action::PASS, &[C::Rx, why], &f);
     }
 }
+
+/// `lb bench --encap` runs every case (numbers are not asserted: a noisy VM).
+#[test]
+fn the_tunnel_benchmark_runs() {
+    if !privileged("the_tunnel_benchmark_runs") {
+        return;
+    }
+    let ns = Netns::create(&format!("lbt{}-encap-bench", std::process::id())).expect("netns");
+    let cases = ns.run(|| lb_userspace::tools::encap_bench::run(50)).expect("netns").expect("bench");
+    assert_eq!(cases.len(), 10, "{cases:?}");
+    assert!(cases.iter().all(|c| c.ns_per_packet > 0.0), "{cases:?}");
+    assert!(lb_userspace::tools::encap_bench::render(&cases).contains("gue (over IPv6)"));
+}
