@@ -1,8 +1,8 @@
 // The LB program's code, shared by both crate roots: `main.rs` (the product, `lb-xdp`)
 // and `next.rs` (`lb-xdp-next`, the same program with one extra counter, the "build B"
 // of the upgrade tests). Included with `include!`, so it has no inner attributes; each
-// root declares the modules (`encap`, `log`, `maps`, `parse`) and defines `on_frame`, which
-// `lb_xdp` calls once per frame after counting it as received.
+// root declares the modules (`encap`, `icmp`, `log`, `maps`, `parse`, `probe`, `ptr`) and
+// defines `on_frame`, which `lb_xdp` calls once per frame after counting it as received.
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;

@@ -69,7 +69,7 @@ pub enum NetError {
     #[error("interface `{name}` is not an Ethernet interface (link type {link_type}); L2 forwarding needs Ethernet")]
     NotEthernet { name: String, link_type: String },
     #[error(
-        "target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target or add an on-link route"
+        "target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target, add an on-link route, or tunnel to it (`forwarding = \"ipip\"` or `\"gue\"` in its target group)"
     )]
     NotOnLink { ip: IpAddr, gateway: String, dev: String },
     #[error("target {ip} is an address of this host ({dev}); a target must be another machine")]
