@@ -18,7 +18,7 @@ use lb_common::{DEFAULT_GUE_PORT, DecapCounter, GlobalCounter};
 use lb_tests::{privileged, traffic_lock};
 use lb_userspace::{
     agent::RunOptions,
-    api::{Client, RegisterRequest},
+    api::{Client, DeregisterRequest, RegisterRequest},
     datapath::stats::Snapshot,
     testing::agent::AgentHandle,
     testing::routed::{ROUTER4, RoutedTopology},
@@ -450,6 +450,87 @@ target_group = "gue6"
     stop.0.store(true, Ordering::Relaxed);
     for sink in sinks {
         sink.join().expect("sink").expect("netns").expect("sink io");
+    }
+    agent.stop().expect("clean stop");
+}
+
+/// Sends `msg` on an echo connection; returns the name of the target that answered.
+fn echo(conn: &mut std::io::BufReader<std::net::TcpStream>, msg: &str) -> String {
+    use std::io::{BufRead, Write};
+    conn.get_mut().write_all(format!("{msg}\n").as_bytes()).expect("send");
+    let mut line = String::new();
+    conn.read_line(&mut line).expect("echo reply");
+    let (backend, rest) = line.trim_end().split_once(": ").expect("`name: msg` reply");
+    assert_eq!(rest, msg);
+    backend.to_string()
+}
+
+/// As in L2 mode, long-lived connections through a tunnel stay on their target while
+/// a target joins the group at runtime, and while one is deregistered (draining: its
+/// connections go on, new ones avoid it).
+#[test]
+fn tunnelled_flows_stay_while_targets_are_added_and_removed() {
+    if !privileged("tunnelled_flows_stay_while_targets_are_added_and_removed") {
+        return;
+    }
+    let _lock = traffic_lock();
+    const ECHO: u16 = 7;
+    let (r, agent, _cfg) = setup_with(|text| {
+        format!(
+            "{text}\n[[listeners]]\nname = \"echo\"\naddress = \"{VIP4}\"\nport = {ECHO}\nprotocol = \"tcp\"\ntarget_group = \"ipip\"\n"
+        )
+    });
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let servers: Vec<_> = r
+        .targets
+        .iter()
+        .map(|t| topology::tcp_echo(&t.ns, t.name.clone(), ECHO, stop.0.clone(), Duration::from_secs(60)))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let dst = SocketAddr::new(IpAddr::V4(VIP4), ECHO);
+    let open = |n: usize| -> Vec<(std::io::BufReader<std::net::TcpStream>, String)> {
+        r.topo
+            .client
+            .run(move || {
+                (0..n)
+                    .map(|i| {
+                        let c = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5)).expect("connect");
+                        c.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+                        let mut c = std::io::BufReader::new(c);
+                        let first = echo(&mut c, &format!("hello {i}"));
+                        (c, first)
+                    })
+                    .collect()
+            })
+            .expect("netns")
+    };
+    let mut conns = open(16);
+    let first: HashSet<String> = conns.iter().map(|(_, b)| b.clone()).collect();
+    assert_eq!(first, HashSet::from(["t1".to_string(), "t2".to_string()]), "16 connections over both targets");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let client = Client::new(r.topo.socket());
+    // t3 joins: existing connections stay where they are.
+    let req = RegisterRequest { group: "ipip".into(), target: r.targets[2].ip4.to_string(), weight: Some(1) };
+    r.topo.lb.run(|| rt.block_on(client.register(&req))).expect("netns").expect("registered");
+    for (i, (c, backend)) in conns.iter_mut().enumerate() {
+        assert_eq!(&echo(c, &format!("after add {i}")), backend, "connection {i} keeps its target");
+    }
+    let newer = open(24);
+    assert!(newer.iter().any(|(_, b)| b == "t3"), "new connections reach the added target");
+
+    // t1 leaves: draining (the group's delay), its connections go on; new ones avoid it.
+    let req = DeregisterRequest { group: "ipip".into(), target: r.targets[0].ip4.to_string() };
+    r.topo.lb.run(|| rt.block_on(client.deregister(&req))).expect("netns").expect("deregistered");
+    for (i, (c, backend)) in conns.iter_mut().enumerate() {
+        assert_eq!(&echo(c, &format!("after remove {i}")), backend, "connection {i} keeps its target while t1 drains");
+    }
+    let after = open(16);
+    assert!(after.iter().all(|(_, b)| b != "t1"), "new connections avoid the draining target");
+    drop((conns, newer, after));
+    stop.0.store(true, Ordering::Relaxed);
+    for s in servers {
+        s.join().expect("echo server").expect("netns").expect("echo io");
     }
     agent.stop().expect("clean stop");
 }
