@@ -1,6 +1,6 @@
 //! Builds the XDP objects with aya-build: lb-ebpf (always; one `cargo build --bins` makes
-//! both its bins, `lb-xdp`, the load balancer, and `lb-xdp-next`, the upgrade tests' second
-//! build) and, with the `tools` feature, lb-tools-ebpf (generator, sink, pass). aya-build
+//! its bins, `lb-xdp`, the load balancer, `lb-decap`, the targets' decap program, and
+//! `lb-xdp-next`, the upgrade tests' second build) and, with the `tools` feature, lb-tools-ebpf (generator, sink, pass). aya-build
 //! copies each bin into OUT_DIR under its bin name; the library embeds them (`lb-xdp-next`
 //! with the `tools` feature only).
 //! Needs the nightly toolchain's rust-src and bpf-linker: `cargo xtask setup`.

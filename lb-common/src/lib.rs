@@ -23,6 +23,7 @@ pub const MAX_VIPS: u32 = 512;
 const _: () = assert!(MAX_VIPS <= u16::MAX as u32 + 1);
 /// Backend (target) slots. Id 0 is reserved: it means "no backend" in a ring slot.
 pub const MAX_BACKENDS: u32 = 4_096;
+const _: () = assert!(MAX_BACKENDS <= !PROBE_MARK_MASK + 1, "a backend id fits a probe mark's low bits");
 /// Default size of the connection table (flows remembered, LRU evicted).
 pub const DEFAULT_CONN_TABLE_SIZE: u32 = 262_144;
 /// Bounds of the configurable connection-table size.
@@ -102,8 +103,15 @@ pub mod maps {
     /// `Array<VipFilter>` (1 entry): the VIP epoch and address filter
     /// ([`VipFilter`](super::VipFilter)).
     pub const VIP_FILTER: &str = "LB_VIP_FILTER";
+    /// `PerCpuArray<AdmissionWindow>` (1 entry): each CPU's current one-second window of
+    /// ICMP errors sent to clients (at most
+    /// [`ICMP_ERRORS_PER_CPU_PER_SEC`](super::ICMP_ERRORS_PER_CPU_PER_SEC)).
+    pub const ICMP_LIMIT: &str = "LB_ICMP_LIMIT";
+    /// `HashMap<Addr, u32>`: VIP addresses whose ICMP echo requests the datapath answers
+    /// (value unused, 0).
+    pub const ECHO: &str = "LB_ECHO";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         VIPS,
         RINGS,
         BACKENDS,
@@ -116,6 +124,8 @@ pub mod maps {
         INFO,
         NEW_FLOWS,
         VIP_FILTER,
+        ICMP_LIMIT,
+        ECHO,
     ];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
@@ -124,6 +134,13 @@ pub mod maps {
     pub const GEN_SEQ: &str = "LB_GEN_SEQ";
     /// `PerCpuArray<Counter>` (1 entry): what an XDP sink received.
     pub const SINK_STATS: &str = "LB_SINK_STATS";
+
+    /// `HashMap<Addr, u32>` of the decap program (`lb decap`): the host's addresses whose
+    /// tunnelled packets it strips (value unused, 0).
+    pub const DECAP_ADDRS: &str = "LB_DECAP_ADDRS";
+    /// `PerCpuArray<u64>` of the decap program, indexed by
+    /// [`DecapCounter`](super::DecapCounter).
+    pub const DECAP_STATS: &str = "LB_DECAP_STATS";
 
     /// `PerCpuArray<u64>` (1 entry), test-only: frames seen by `lb-xdp-next`, the LB
     /// program built again with this one extra counter (the upgrade tests' "build B").
@@ -138,6 +155,8 @@ pub mod globals {
     /// `u32`: new flows per second per CPU that may enter the connection table; past it,
     /// new flows are still forwarded by the ring but not remembered. 0 = no cap.
     pub const NEW_FLOW_CAP: &str = "LB_NEW_FLOW_CAP";
+    /// `u16`, network byte order: the UDP port the decap program takes as GUE.
+    pub const DECAP_GUE_PORT: &str = "LB_DECAP_GUE_PORT";
 }
 
 /// Program names in the object.
@@ -152,6 +171,14 @@ pub mod programs {
     pub const GEN: &str = "lb_gen";
     /// Counts IP frames into `LB_SINK_STATS` and drops them (benchmark backends).
     pub const SINK: &str = "lb_sink";
+    /// tc egress classifier on the interfaces toward tunnelled targets: puts the agent's
+    /// health probes (sockets marked [`PROBE_MARK`](super::PROBE_MARK) | backend id)
+    /// into that backend's tunnel, so they travel the way its traffic does.
+    pub const PROBE_ENCAP: &str = "lb_probe_encap";
+    /// The target side of `forwarding = "ipip" | "gue"` (`lb decap`, its own object):
+    /// strips the outer header of tunnelled packets to this host and passes the inner
+    /// packet to the stack.
+    pub const DECAP: &str = "lb_decap";
 }
 
 // ---------------------------------------------------------------------------------------
@@ -248,8 +275,12 @@ flag_set! {
 /// packet builders and the tests.
 pub const IPPROTO_HOPOPTS: u8 = 0;
 pub const IPPROTO_ICMP: u8 = 1;
+/// IPv4 encapsulated in IP (IPIP, RFC 2003; also 4-in-6).
+pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+/// IPv6 encapsulated in IP (IP6IP6 / 6-in-4, RFC 2473 / RFC 4213).
+pub const IPPROTO_IPV6: u8 = 41;
 pub const IPPROTO_ROUTING: u8 = 43;
 pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_DSTOPTS: u8 = 60;
@@ -328,15 +359,57 @@ pub struct VipMeta {
     pub _pad: u32,
 }
 
-/// Value of [`maps::BACKENDS`]: how to reach one backend by L2 direct server return.
+/// How a backend's frames leave the LB ([`Backend::encap`]).
+pub mod encap {
+    /// L2 direct server return: only the Ethernet addresses change.
+    pub const NONE: u8 = 0;
+    /// The IP packet inside an outer IP header: IPIP (proto 4) for an IPv4 inner packet,
+    /// IPv6-in-IP (proto 41) for an IPv6 one; the outer family is the backend's.
+    pub const IPIP: u8 = 1;
+    /// The IP packet inside UDP (GUE variant 1: the UDP payload is the IP packet).
+    pub const GUE: u8 = 2;
+}
+
+/// `SO_MARK` of the agent's health-probe sockets toward tunnelled targets: the high 16
+/// bits [`PROBE_MARK`], the low 16 the backend id whose tunnel the probe takes
+/// (`programs::PROBE_ENCAP`).
+pub const PROBE_MARK: u32 = 0x4c42_0000;
+pub const PROBE_MARK_MASK: u32 = 0xffff_0000;
+
+/// ICMP "fragmentation needed" / "packet too big" errors the datapath sends to clients
+/// per CPU per second at most (past it, too-big packets are dropped, `drop_too_big`).
+pub const ICMP_ERRORS_PER_CPU_PER_SEC: u64 = 1_000;
+/// Bytes of the offending packet an ICMP error quotes (from its IP header on): enough
+/// for any IP and TCP header the sender matches it with; a too-big packet always has
+/// them.
+pub const ICMP_QUOTE: usize = 128;
+/// IPv6's minimum MTU: a packet-too-big never announces less.
+pub const IPV6_MIN_MTU: u32 = 1280;
+/// Protocol number of ICMPv6.
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Capacity of [`maps::ECHO`]: one entry per VIP address at most.
+pub const MAX_ECHO_ADDRS: u32 = MAX_VIPS;
+
+/// Default UDP destination port of GUE-encapsulated frames (Katran's).
+pub const DEFAULT_GUE_PORT: u16 = 6080;
+/// TTL / hop limit of the outer header of encapsulated frames.
+pub const ENCAP_TTL: u8 = 64;
+/// GUE source ports: `GUE_SPORT_BASE | (flow hash & GUE_SPORT_MASK)` (49152..65535).
+pub const GUE_SPORT_BASE: u16 = 0xc000;
+pub const GUE_SPORT_MASK: u16 = 0x3fff;
+
+/// Value of [`maps::BACKENDS`]: how to reach one backend, by L2 direct server return or
+/// through a tunnel (IPIP / IP6IP6 / GUE) to the next hop the host's routing table gives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct Backend {
-    /// The backend's address (for stats and tunnelling; L2 DSR does not read it).
+    /// The backend's address: the outer destination of encapsulated frames (L2 DSR does
+    /// not read it).
     pub addr: Addr,
-    /// Destination MAC: the backend's.
+    /// Destination MAC: the backend's (L2 DSR) or the next hop's towards it (tunnels).
     pub dst_mac: [u8; 6],
-    /// Source MAC: the LB interface the backend sits behind.
+    /// Source MAC: the LB interface the backend (or its next hop) sits behind.
     pub src_mac: [u8; 6],
     /// Interface the backend sits behind: XDP_TX if it is the receiving interface,
     /// else a redirect through [`maps::TX_PORTS`].
@@ -346,6 +419,45 @@ pub struct Backend {
     /// remembers it, so flows of a removed backend never follow its slot to the next
     /// backend that gets it.
     pub generation: u32,
+    /// Outer source address of encapsulated frames (same family as `addr`); with
+    /// `outer_src_mask`, the base of a per-flow pick.
+    pub outer_src: Addr,
+    /// Bits of the last 32 of `outer_src` (host order) replaced by the flow hash: the
+    /// host bits of a configured prefix (0: every flow uses `outer_src` as is).
+    pub outer_src_mask: u32,
+    /// UDP destination port of GUE frames, network byte order.
+    pub gue_port: u16,
+    /// MTU of the path to the backend (egress interface or route): an encapsulated
+    /// frame's IP packet may not exceed it. 0 = not checked.
+    pub mtu: u16,
+    /// One of [`encap`].
+    pub encap: u8,
+    pub _pad: [u8; 3],
+}
+
+impl Backend {
+    /// Whether the backend's (outer) address is IPv4.
+    #[inline(always)]
+    pub const fn is_v4(&self) -> bool {
+        is_v4_mapped(&self.addr)
+    }
+}
+
+/// Whether `a` is an IPv4-mapped address (the map form of an IPv4 address).
+#[inline(always)]
+pub const fn is_v4_mapped(a: &Addr) -> bool {
+    a[0] == 0
+        && a[1] == 0
+        && a[2] == 0
+        && a[3] == 0
+        && a[4] == 0
+        && a[5] == 0
+        && a[6] == 0
+        && a[7] == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
 }
 
 // The flag types are plain `u32`s in the maps: the layouts the XDP program and the agent
@@ -357,10 +469,13 @@ const _: () = {
     assert!(size_of::<VipMeta>() == 16 && align_of::<VipMeta>() == 4);
     assert!(offset_of!(VipMeta, id) == 0 && offset_of!(VipMeta, ring) == 4);
     assert!(offset_of!(VipMeta, flags) == 8 && offset_of!(VipMeta, _pad) == 12);
-    assert!(size_of::<Backend>() == 40 && align_of::<Backend>() == 4);
+    assert!(size_of::<Backend>() == 68 && align_of::<Backend>() == 4);
     assert!(offset_of!(Backend, addr) == 0 && offset_of!(Backend, dst_mac) == 16);
     assert!(offset_of!(Backend, src_mac) == 22 && offset_of!(Backend, ifindex) == 28);
     assert!(offset_of!(Backend, flags) == 32 && offset_of!(Backend, generation) == 36);
+    assert!(offset_of!(Backend, outer_src) == 40 && offset_of!(Backend, outer_src_mask) == 56);
+    assert!(offset_of!(Backend, gue_port) == 60 && offset_of!(Backend, mtu) == 62);
+    assert!(offset_of!(Backend, encap) == 64 && offset_of!(Backend, _pad) == 65);
 };
 
 /// Value of [`maps::INFO`]: what the maps were created with.
@@ -627,6 +742,77 @@ global_counters! {
     /// counts `conn_miss`. More SYNs than new flows means unfinished handshakes
     /// (retransmissions, or a SYN flood).
     ConnSyn = "conn_syn", observation;
+    /// Frames sent through an IPIP / IP6IP6 tunnel (forwarding = "ipip"); the frame also
+    /// counts `tx` or `redirect`.
+    EncapIpip = "encap_ipip", observation;
+    /// Frames sent in GUE (forwarding = "gue"); the frame also counts `tx` or `redirect`.
+    EncapGue = "encap_gue", observation;
+    /// The outer header could not be made room for (`bpf_xdp_adjust_head` failed, or the
+    /// headers were not where they were after it): dropped.
+    DropEncapFailed = "drop_encap_failed", verdict;
+    /// A packet for a tunnelled target that would not fit the path MTU once
+    /// encapsulated, may not be fragmented (IPv4 DF, or IPv6): answered with ICMP
+    /// "fragmentation needed" / ICMPv6 "packet too big" carrying the usable MTU, sent back
+    /// out the receiving interface.
+    IcmpTooBig = "icmp_too_big", verdict;
+    /// A too-big packet not answered: IPv4 without DF (not fragmented by the LB), or over
+    /// the ICMP rate limit (`ICMP_ERRORS_PER_CPU_PER_SEC`): dropped.
+    DropTooBig = "drop_too_big", verdict;
+    /// ICMP / ICMPv6 echo request to a VIP address that answers pings: the echo reply is
+    /// sent back out the receiving interface.
+    IcmpEchoReply = "icmp_echo_reply", verdict;
+    /// ICMP / ICMPv6 errors (unreachable, too big, time exceeded) about a packet of a VIP
+    /// flow, sent to that flow's target (also counted `tx` / `redirect`).
+    IcmpErrorForwarded = "icmp_error_forwarded", observation;
+}
+
+/// Index into [`maps::DECAP_STATS`]. Every frame the decap program sees counts `rx` and
+/// exactly one of the others.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecapCounter {
+    /// Every frame the decap program saw.
+    Rx,
+    /// IPv4 or IPv6 inside IP (protocol 4 or 41) to a decap address: stripped, passed.
+    Ipip,
+    /// GUE (UDP to the decap port, variant 1) to a decap address: stripped, passed.
+    Gue,
+    /// Not a tunnelled packet (or not to a decap address, or a fragment or an outer
+    /// header with IPv4 options or IPv6 extension headers): passed untouched.
+    PassNotTunnel,
+    /// A tunnelled packet whose inner packet is cut short or not IP: dropped.
+    DropMalformed,
+    /// Stripped packets whose outer header carried a congestion mark (ECN CE) copied
+    /// into the ECN-capable inner packet (RFC 6040); they also count `ipip` or `gue`.
+    EcnCe,
+}
+
+impl DecapCounter {
+    /// All counters in index order.
+    pub const ALL: [DecapCounter; 6] = [
+        DecapCounter::Rx,
+        DecapCounter::Ipip,
+        DecapCounter::Gue,
+        DecapCounter::PassNotTunnel,
+        DecapCounter::DropMalformed,
+        DecapCounter::EcnCe,
+    ];
+    /// Number of counters (size of [`maps::DECAP_STATS`]).
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+    /// Capacity of [`maps::DECAP_ADDRS`].
+    pub const MAX_ADDRS: u32 = 64;
+
+    /// Stable snake_case name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DecapCounter::Rx => "rx",
+            DecapCounter::Ipip => "ipip",
+            DecapCounter::Gue => "gue",
+            DecapCounter::PassNotTunnel => "pass_not_tunnel",
+            DecapCounter::DropMalformed => "drop_malformed",
+            DecapCounter::EcnCe => "ecn_ce",
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -710,7 +896,7 @@ mod tests {
         use core::mem::size_of;
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 16);
-        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4);
+        assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4 + 16 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<FlowValue>(), 4 + 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<VipFilter>(), 8 + 8 * VIP_FILTER_WORDS);
@@ -742,7 +928,7 @@ mod tests {
             ..Default::default()
         };
         // SAFETY: Backend is #[repr(C)] with no implicit padding (asserted above).
-        let bytes: [u8; 40] = unsafe { core::mem::transmute(b) };
+        let bytes: [u8; 68] = unsafe { core::mem::transmute(b) };
         assert_eq!(bytes[28..32], 7u32.to_ne_bytes());
         assert_eq!(bytes[32..36], 3u32.to_ne_bytes());
         assert_eq!(bytes[36..40], 9u32.to_ne_bytes());

@@ -14,9 +14,13 @@
 #![no_std]
 #![no_main]
 
+mod encap;
+mod icmp;
 mod log;
 mod maps;
 mod parse;
+mod probe;
+mod ptr;
 
 include!("program.rs");
 

@@ -7,9 +7,13 @@
 #![no_std]
 #![no_main]
 
+mod encap;
+mod icmp;
 mod log;
 mod maps;
 mod parse;
+mod probe;
+mod ptr;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 

@@ -4,7 +4,7 @@
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, FlowKey, GlobalCounter as C, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT,
-    IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, v4_mapped,
+    IPPROTO_HOPOPTS, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, v4_mapped,
 };
 use network_types::{
     eth::EthHdr,
@@ -20,11 +20,15 @@ const TCP_ACK: u8 = 0x10;
 
 /// IPv4 "more fragments" flag and fragment-offset bits.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
+/// IPv4 "don't fragment" flag.
+const IPV4_DF: u16 = 0x4000;
 
 /// What parsing found.
 pub enum Parsed {
     /// A TCP/UDP flow: candidate for a VIP.
     Flow(Flow),
+    /// An ICMP / ICMPv6 echo request: answered by the LB if its address answers pings.
+    Echo(crate::icmp::Echo),
     /// Not for the load balancer: hand to the kernel, counted under this reason.
     Pass(C),
     /// Malformed or truncated: drop, counted under this reason.
@@ -35,18 +39,20 @@ pub struct Flow {
     pub key: FlowKey,
     /// A TCP SYN without ACK: the first segment of a new connection.
     pub syn: bool,
+    /// Where the IP header starts (after Ethernet and an optional tag).
+    pub l3: usize,
+    /// The IP packet's length by its header (IPv4 total length, IPv6 40 + payload).
+    pub ip_len: usize,
+    /// IPv4 TOS / IPv6 traffic class byte: DSCP (6 bits) and ECN (2 bits).
+    pub tos: u8,
+    /// The packet may not be fragmented: IPv4 DF set, or IPv6 (routers never fragment).
+    pub df: bool,
+    /// An ICMP error about a packet of this flow (`key` is the flow's, read reversed
+    /// from the quoted packet): it goes to the flow's target.
+    pub icmp_error: bool,
 }
 
-/// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
-#[inline(always)]
-pub fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + core::mem::size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *mut T)
-}
+pub use crate::ptr::ptr_at;
 
 #[inline(always)]
 pub fn parse(ctx: &XdpContext) -> Parsed {
@@ -67,6 +73,8 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
     let mut key = FlowKey::default();
     let l4;
+    let tos;
+    let mut df = true;
     // Where the IP packet ends according to its header (frames may carry padding).
     let ip_end;
     if ether_type == ETH_P_IP {
@@ -95,9 +103,12 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             return Parsed::Drop(C::DropTruncIpv4);
         }
         ip_end = l3 + tot_len;
-        if u16::from_be_bytes(unsafe { (*ip).frags }) & IPV4_MF_OFFSET != 0 {
+        let frags = u16::from_be_bytes(unsafe { (*ip).frags });
+        if frags & IPV4_MF_OFFSET != 0 {
             return Parsed::Pass(C::PassFragment);
         }
+        df = frags & IPV4_DF != 0;
+        tos = unsafe { (*ip).tos };
         key.proto = unsafe { (*ip).proto };
         key.src = v4_mapped(unsafe { (*ip).src_addr });
         key.dst = v4_mapped(unsafe { (*ip).dst_addr });
@@ -106,9 +117,11 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
         let Ok(ip) = ptr_at::<Ipv6Hdr>(ctx, l3) else {
             return Parsed::Drop(C::DropTruncIpv6);
         };
-        if unsafe { (*ip).vcf[0] } >> 4 != 6 {
+        let vcf = unsafe { (*ip).vcf };
+        if vcf[0] >> 4 != 6 {
             return Parsed::Drop(C::DropBadIpv6);
         }
+        tos = (vcf[0] << 4) | (vcf[1] >> 4);
         key.proto = unsafe { (*ip).next_hdr };
         match key.proto {
             IPPROTO_FRAGMENT => return Parsed::Pass(C::PassFragment),
@@ -153,11 +166,21 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
             return Parsed::Drop(C::DropBadL4);
         }
         unsafe { ((*udp).src, (*udp).dst) }
+    } else if (ether_type == ETH_P_IP && key.proto == IPPROTO_ICMP)
+        || (ether_type == ETH_P_IPV6 && key.proto == IPPROTO_ICMPV6)
+    {
+        return match crate::icmp::parse(ctx, &mut key, ether_type == ETH_P_IP, l3, l4, ip_end) {
+            crate::icmp::Kind::Echo(echo) => Parsed::Echo(echo),
+            crate::icmp::Kind::Error => {
+                Parsed::Flow(Flow { key, syn: false, l3, ip_len: ip_end - l3, tos, df, icmp_error: true })
+            }
+            crate::icmp::Kind::Other(p) => p,
+        };
     } else {
         return Parsed::Pass(C::PassNotL4);
     };
     // Ports stay in network byte order, as in the map keys.
     key.sport = u16::from_ne_bytes(ports.0);
     key.dport = u16::from_ne_bytes(ports.1);
-    Parsed::Flow(Flow { key, syn })
+    Parsed::Flow(Flow { key, syn, l3, ip_len: ip_end - l3, tos, df, icmp_error: false })
 }

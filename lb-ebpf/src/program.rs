@@ -1,8 +1,8 @@
 // The LB program's code, shared by both crate roots: `main.rs` (the product, `lb-xdp`)
 // and `next.rs` (`lb-xdp-next`, the same program with one extra counter, the "build B"
 // of the upgrade tests). Included with `include!`, so it has no inner attributes; each
-// root declares the modules (`log`, `maps`, `parse`) and defines `on_frame`, which
-// `lb_xdp` calls once per frame after counting it as received.
+// root declares the modules (`encap`, `icmp`, `log`, `maps`, `parse`, `probe`, `ptr`) and
+// defines `on_frame`, which `lb_xdp` calls once per frame after counting it as received.
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use aya_log_ebpf::warn;
@@ -32,6 +32,7 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
 fn process(ctx: &XdpContext) -> Verdict {
     let flow = match parse::parse(ctx) {
         Parsed::Flow(flow) => flow,
+        Parsed::Echo(echo) => return icmp::echo(ctx, &echo),
         Parsed::Pass(why) => return (xdp_action::PASS, why),
         Parsed::Drop(why) => return (xdp_action::DROP, why),
     };
@@ -56,7 +57,7 @@ fn process(ctx: &XdpContext) -> Verdict {
                 && let Some(b) = usable(&e)
             {
                 count(C::ConnHit);
-                return deliver(ctx, e.vip as u32, e.fail_open != 0, e.backend, &b, frame_len);
+                return deliver(ctx, &flow, e.vip as u32, e.fail_open != 0, e.backend, &b, frame_len);
             }
         }
         prior = Some(entry);
@@ -71,28 +72,38 @@ fn process(ctx: &XdpContext) -> Verdict {
         }
         return (xdp_action::DROP, C::DropNoBackend);
     };
-    deliver(ctx, vip.id, vip.flags.contains(VipFlags::FAIL_OPEN), id, &backend, frame_len)
+    deliver(ctx, &flow, vip.id, vip.flags.contains(VipFlags::FAIL_OPEN), id, &backend, frame_len)
 }
 
-/// Forwards to backend `id` and counts the frame for its VIP and backend.
+/// Forwards to backend `id` and counts a forwarded frame for its VIP and backend.
 #[inline(always)]
-fn deliver(ctx: &XdpContext, vip: u32, fail_open: bool, id: u32, backend: &Backend, frame_len: u64) -> Verdict {
-    let verdict = forward(ctx, backend);
-    if verdict.1 == C::DropRedirectFailed {
-        if log::allowed() {
-            warn!(
-                ctx,
-                "redirect of backend {} to ifindex {} failed: frame dropped (drop_redirect_failed); is the interface gone?",
-                id,
-                backend.ifindex
-            );
-        }
-        return verdict;
+fn deliver(
+    ctx: &XdpContext,
+    flow: &Flow,
+    vip: u32,
+    fail_open: bool,
+    id: u32,
+    backend: &Backend,
+    frame_len: u64,
+) -> Verdict {
+    let verdict = forward(ctx, flow, id, backend);
+    if verdict.1 == C::DropRedirectFailed && log::allowed() {
+        warn!(
+            ctx,
+            "redirect of backend {} to ifindex {} failed: frame dropped (drop_redirect_failed); is the interface gone?",
+            id,
+            backend.ifindex
+        );
     }
-    maps::vip_stats(vip, frame_len);
-    maps::backend_stats(id, frame_len);
-    if fail_open {
-        count(C::FailOpen);
+    if matches!(verdict.1, C::Tx | C::Redirect) {
+        maps::vip_stats(vip, frame_len);
+        maps::backend_stats(id, frame_len);
+        if fail_open {
+            count(C::FailOpen);
+        }
+        if flow.icmp_error {
+            count(C::IcmpErrorForwarded);
+        }
     }
     verdict
 }
@@ -196,7 +207,8 @@ fn pick_backend(
     };
     let b = backend(id)?;
     if !known {
-        if flow.syn {
+        // Neither a SYN nor an ICMP error about a flow makes the flow known.
+        if flow.syn || flow.icmp_error {
             return Some((id, b));
         }
         if !maps::admit_new_flow() {
@@ -213,16 +225,26 @@ fn pick_backend(
 }
 
 /// L2 direct server return: only the MACs change; the IP header (client source address
-/// included) is left exactly as received.
+/// included) is left exactly as received. Tunnels (`encap.rs`): the packet goes inside
+/// an outer header to the next hop.
 #[inline(always)]
-fn forward(ctx: &XdpContext, b: &Backend) -> Verdict {
-    let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-        return (xdp_action::DROP, C::DropTruncEth);
-    };
-    // SAFETY: ptr_at checked that a whole EthHdr lies inside the frame.
-    unsafe {
-        (*eth).dst_addr = b.dst_mac;
-        (*eth).src_addr = b.src_mac;
+fn forward(ctx: &XdpContext, flow: &Flow, id: u32, b: &Backend) -> Verdict {
+    if b.encap != lb_common::encap::NONE {
+        match encap::encapsulate(ctx.ctx, id, encap::pack(flow)) {
+            encap::outcome::SENT => {}
+            encap::outcome::TOO_BIG_ANSWERED => return (xdp_action::TX, C::IcmpTooBig),
+            encap::outcome::TOO_BIG_DROPPED => return (xdp_action::DROP, C::DropTooBig),
+            _ => return (xdp_action::DROP, C::DropEncapFailed),
+        }
+    } else {
+        let Ok(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return (xdp_action::DROP, C::DropTruncEth);
+        };
+        // SAFETY: ptr_at checked that a whole EthHdr lies inside the frame.
+        unsafe {
+            (*eth).dst_addr = b.dst_mac;
+            (*eth).src_addr = b.src_mac;
+        }
     }
     if b.ifindex as usize == ctx.ingress_ifindex() {
         return (xdp_action::TX, C::Tx);

@@ -151,6 +151,32 @@ enum Command {
         #[arg(short, long, conflicts_with = "pin_dir")]
         config: Option<PathBuf>,
     },
+    /// Run the target side of `forwarding = "ipip" | "gue"`: attach the decap program to
+    /// the interfaces tunnelled packets arrive on, until SIGINT/SIGTERM.
+    ///
+    /// IPv4/IPv6 in IP (protocol 4 or 41) and GUE (UDP to --gue-port) packets to one of
+    /// the --address'es lose their outer header and reach the stack as the client sent
+    /// them. The host must hold the VIPs on `lo` and accept packets from clients on this
+    /// interface (`rp_filter` 0 or 2); see docs/encapsulation.md. The counters are logged
+    /// every --stats-interval seconds and printed at exit. Detached when it ends.
+    Decap {
+        /// Interface to attach to (repeatable).
+        #[arg(long, required = true)]
+        iface: Vec<String>,
+        /// This host's address that tunnelled packets are sent to: the target's address
+        /// in the LB's config (repeatable; at most 64).
+        #[arg(long, required = true)]
+        address: Vec<std::net::IpAddr>,
+        /// UDP port of GUE packets (the target group's `gue_port`).
+        #[arg(long, default_value_t = lb_common::DEFAULT_GUE_PORT)]
+        gue_port: u16,
+        /// Attach mode. auto = native, else generic.
+        #[arg(long, value_enum, default_value = "native")]
+        xdp_mode: XdpMode,
+        /// Seconds between counter logs (0: only at exit).
+        #[arg(long, default_value_t = 60)]
+        stats_interval: u64,
+    },
     /// Validate a config file and exit: 0 if valid, 1 with the reason if not.
     /// Checks syntax, names, addresses, weights and capacities; does not touch the system.
     Check {
@@ -266,6 +292,10 @@ enum Command {
         /// Probe over HTTP (GET /health) instead of TCP connects, for `--health-load`.
         #[arg(long, requires = "health_load")]
         http: bool,
+        /// Instead: the datapath cost of the tunnels (`forwarding = "ipip" | "gue"`)
+        /// beside L2 DSR, ns/packet under BPF_PROG_RUN, one run per frame.
+        #[arg(long, conflicts_with_all = ["restart", "health_load"])]
+        encap: bool,
     },
     #[cfg(feature = "tools")]
     /// Build a demo topology in network namespaces (client, LB, three HTTP backends),
@@ -351,6 +381,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print!("{}", snap.render_grouped(&groups));
             }
             Ok(())
+        }
+        Command::Decap { iface, address, gue_port, xdp_mode, stats_interval } => {
+            decap(&iface, &address, gue_port, xdp_mode, stats_interval)
         }
         Command::Detach { pin_dir, config: from } => {
             let pin_dir = match from {
@@ -460,6 +493,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             std::fs::write(&out, serde_json::to_string_pretty(&report)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("JSON results: {}", out.display());
+            Ok(())
+        }
+        #[cfg(feature = "tools")]
+        Command::Bench { tiny, out, encap: true, .. } => {
+            let cases =
+                lb_userspace::tools::encap_bench::run(if tiny { 200 } else { 20_000 }).context("tunnel benchmark")?;
+            print!("{}", lb_userspace::tools::encap_bench::render(&cases));
+            let out = out.unwrap_or_else(|| PathBuf::from("target/bench/encap.json"));
+            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&out, serde_json::to_string_pretty(&cases)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!("JSON results: {}", out.display());
             Ok(())
@@ -622,5 +669,44 @@ fn print_answer<T: serde::Serialize>(answer: &T, json: bool, human: impl FnOnce(
     } else {
         human(answer);
     }
+    Ok(())
+}
+
+/// `lb decap`: load, attach, log the counters until SIGINT/SIGTERM, print them, detach.
+fn decap(
+    ifaces: &[String],
+    addrs: &[std::net::IpAddr],
+    gue_port: u16,
+    mode: XdpMode,
+    stats_interval: u64,
+) -> anyhow::Result<()> {
+    use lb_userspace::datapath::decap::Decap;
+    let line = |d: &Decap| -> anyhow::Result<String> {
+        let counters = d.counters().context("reading the decap counters")?;
+        Ok(counters.iter().map(|(c, v)| format!("{}={v}", c.name())).collect::<Vec<_>>().join(" "))
+    };
+    let mut d = Decap::load(addrs, gue_port).context("loading the decap program")?;
+    for name in ifaces {
+        let iface = lb_userspace::host::blocking::interface(name)?;
+        d.attach(&iface, mode).with_context(|| format!("attaching the decap program to {name}"))?;
+    }
+    info!(interfaces = ?ifaces, addresses = ?addrs, gue_port, "decapsulating until SIGINT/SIGTERM");
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let period = Duration::from_secs(stats_interval.max(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = tick.tick(), if stats_interval > 0 => info!(counters = %line(&d)?, "decap"),
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    println!("decap counters: {}", line(&d)?);
     Ok(())
 }

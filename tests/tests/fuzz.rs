@@ -241,7 +241,7 @@ fn random_and_mutated_frames_keep_every_datapath_invariant() {
             .enumerate()
             .map(|(i, t)| {
                 let ip: IpAddr = t.parse().expect("ip");
-                (ip, Resolved { ip, dev: lo.clone(), mac: mac_of(i) })
+                (ip, Resolved::on_link(ip, lo.clone(), mac_of(i)))
             })
             .collect();
         let target_macs: HashSet<[u8; 6]> = (0..TARGETS.len()).map(mac_of).collect();

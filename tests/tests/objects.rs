@@ -1,6 +1,8 @@
-//! What each embedded BPF object holds: the agent's object the load balancer only, the
+//! What each embedded BPF object holds: the agent's object the load balancer only (and
+//! its health probes' tunnel program), the
 //! tools' object the generator, sink and pass programs (and none of the LB's maps), the
-//! next object (the upgrade tests' second build) the load balancer with one extra counter.
+//! next object (the upgrade tests' second build) the load balancer with one extra counter,
+//! the decap object (`lb decap`, shipped with the product) the decap program only.
 
 use std::collections::BTreeSet;
 
@@ -14,10 +16,21 @@ fn contents(object: &[u8]) -> (BTreeSet<String>, BTreeSet<String>) {
 #[test]
 fn the_agents_object_holds_the_load_balancer_only() {
     let (progs, object_maps) = contents(lb_userspace::datapath::EBPF_OBJECT);
-    assert_eq!(progs, BTreeSet::from([programs::LB.to_string()]));
+    // The LB and the tc program that puts its health probes into tunnels (same maps).
+    assert_eq!(progs, BTreeSet::from([programs::LB.to_string(), programs::PROBE_ENCAP.to_string()]));
     let mut expected: BTreeSet<String> = maps::ALL.iter().map(|m| m.to_string()).collect();
     expected.insert("AYA_LOGS".into()); // aya-log's ring buffer (rare-event logs)
     assert_eq!(object_maps, expected);
+}
+
+#[test]
+fn the_decap_object_holds_the_decap_program_only() {
+    let (progs, object_maps) = contents(lb_userspace::datapath::decap::DECAP_OBJECT);
+    assert_eq!(progs, BTreeSet::from([programs::DECAP.to_string()]));
+    assert_eq!(object_maps, BTreeSet::from([maps::DECAP_ADDRS.to_string(), maps::DECAP_STATS.to_string()]));
+    // And the LB's object carries none of it.
+    let (lb_progs, lb_maps) = contents(lb_userspace::datapath::EBPF_OBJECT);
+    assert!(!lb_progs.contains(programs::DECAP) && !lb_maps.contains(maps::DECAP_STATS));
 }
 
 #[test]
@@ -45,7 +58,7 @@ fn the_next_object_is_the_load_balancer_with_one_extra_counter() {
     let product = aya_obj::Object::parse(lb_userspace::datapath::EBPF_OBJECT).expect("the product object parses");
     let next = aya_obj::Object::parse(lb_userspace::testing::programs::NEXT_OBJECT).expect("the next object parses");
     let names = |o: &aya_obj::Object| o.programs.keys().cloned().collect::<BTreeSet<_>>();
-    assert_eq!(names(&next), BTreeSet::from([programs::LB.to_string()]));
+    assert_eq!(names(&next), BTreeSet::from([programs::LB.to_string(), programs::PROBE_ENCAP.to_string()]));
     assert_eq!(names(&next), names(&product));
 
     // Every map of the product, with the same definition, plus `LB_NEXT_SEEN` only. The

@@ -154,7 +154,7 @@ impl Harness {
             .into_iter()
             .map(|(ip, dev)| {
                 let ip: IpAddr = ip.parse().expect("ip");
-                (ip, Resolved { ip, dev: dev.clone(), mac: mac_of(&ip.to_string()) })
+                (ip, Resolved::on_link(ip, dev.clone(), mac_of(&ip.to_string())))
             })
             .collect();
         let dp = Dataplane::load(LoadOptions {
@@ -663,7 +663,7 @@ fn ring_switches_are_atomic_under_traffic() {
             .flatten()
             .map(|ip| {
                 let ip: IpAddr = ip.parse().expect("ip");
-                (ip, Resolved { ip, dev: lo.clone(), mac: mac_of(&ip.to_string()) })
+                (ip, Resolved::on_link(ip, lo.clone(), mac_of(&ip.to_string())))
             })
             .collect();
         let set_of_mac: HashMap<[u8; 6], usize> =

@@ -66,7 +66,7 @@ fn resolved() -> HashMap<IpAddr, Resolved> {
         .flat_map(|(_, ips)| ips.iter())
         .map(|ip| {
             let addr: IpAddr = ip.parse().expect("ip");
-            (addr, Resolved { ip: addr, dev: lo.clone(), mac: mac_of(ip) })
+            (addr, Resolved::on_link(addr, lo.clone(), mac_of(ip)))
         })
         .collect()
 }

@@ -107,6 +107,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     // `strip` for the package's binary.
     ("binutils", "strip"),
+    // Pings to VIPs in the tunnel end-to-end tests.
+    ("iputils-ping", "ping"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -128,8 +128,11 @@ impl Agent {
             return;
         }
         let (wait, loopback) = (self.opts.resolve_wait, self.api_tx.clone());
+        let mut registry = self.registry.clone();
+        registry.register(checked.key.clone(), checked.weight, checked.port);
+        let tunnelled = registry.tunnelled(&self.config, ip);
         tokio::spawn(async move {
-            let resolved = host::resolve_target(ip, None, wait).await;
+            let resolved = host::resolve(ip, None, tunnelled, wait).await;
             if let Some(tx) = loopback {
                 // Only fails if the agent stopped; the reply then tells the caller so.
                 let _ = tx.send(ApiCall::Resolved(req, resolved, reply)).await;

@@ -102,6 +102,17 @@ pub enum AgentError {
 
 /// How often the loop retries failed updates and ends drains.
 const TICK: Duration = Duration::from_millis(100);
+/// After a route or neighbour change notice, how long to wait for more before looking
+/// up the tunnelled targets' next hops again.
+const NEXT_HOP_QUIET: Duration = Duration::from_millis(200);
+
+/// Sleeps until `at`, or forever if it is `None`.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// What the agent can be told while running.
 #[derive(Debug)]
@@ -232,6 +243,20 @@ pub async fn run(
         let _ = ready.send(());
     }
 
+    // Routes and neighbours: tunnelled targets follow their next hop. A change notice
+    // starts a short quiet period (a burst of notices gives one lookup); the lookups run
+    // on a task of their own and come back on `hops_rx`.
+    let (changes_tx, mut changes_rx) = mpsc::channel(1);
+    let watch = match host::watch_changes(changes_tx) {
+        Ok(task) => Some(task),
+        Err(e) => {
+            warn!(error = %chain(&e), "cannot follow route and neighbour changes: tunnelled targets keep the next hop found at start or reload");
+            None
+        }
+    };
+    let (hops_tx, mut hops_rx) = mpsc::channel(4);
+    let mut refresh_at: Option<tokio::time::Instant> = None;
+
     // The periodic tick (every 100 ms): retries a health/drain-driven datapath update
     // that failed, and removes targets whose deregistration delay has ended.
     let mut drains = tokio::time::interval(TICK);
@@ -251,8 +276,19 @@ pub async fn run(
             Some(call) = api_rx.recv() => agent.api(call).await,
             Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
             _ = drains.tick() => agent.expire_drains().await,
+            Some(()) = changes_rx.recv() => {
+                refresh_at.get_or_insert_with(|| tokio::time::Instant::now() + NEXT_HOP_QUIET);
+            }
+            () = sleep_until_some(refresh_at) => {
+                refresh_at = None;
+                agent.refresh_next_hops(hops_tx.clone());
+            }
+            Some(found) = hops_rx.recv() => agent.on_next_hops(found).await,
         }
     };
+    if let Some(w) = watch {
+        w.abort();
+    }
     let pin_dir = agent.config.dataplane.pin_dir.clone();
     if detach {
         info!("stopping: detaching the datapath and removing its pins");
@@ -311,7 +347,7 @@ async fn start(
         let (slots, backends) = dp.live_ids();
         ids.hold_back(&slots, &backends);
     }
-    let resolved = resolve_all(&config, &registry.addresses(&config), opts.resolve_wait).await?;
+    let resolved = resolve_all(&config, &registry, opts.resolve_wait).await?;
     let mut rings = plan::RingCache::default();
     let plan = plan::build_cached(&config, &registry.plan_groups(&config), &resolved, &mut ids, &mut rings)?;
     let report = dp.apply(&plan)?;
@@ -451,13 +487,15 @@ fn restart_field(old: &Config, new: &Config) -> Option<&'static str> {
     }
 }
 
-/// Resolves targets (concurrently on this task: each may wait for ARP/NDP).
+/// Resolves `registry`'s targets under `config` (concurrently on this task: each may
+/// wait for ARP/NDP): on-link for L2 DSR, the routed next hop for tunnelled ones.
 async fn resolve_all(
     config: &Config,
-    targets: &[(IpAddr, Option<crate::config::MacAddr>)],
+    registry: &Registry,
     wait: Duration,
 ) -> Result<HashMap<IpAddr, Resolved>, AgentError> {
-    let lookups = targets.iter().map(|&(ip, mac)| host::resolve_target(ip, mac, wait));
+    let targets = registry.addresses(config);
+    let lookups = targets.iter().map(|&(ip, mac)| host::resolve(ip, mac, registry.tunnelled(config, ip), wait));
     let mut out = HashMap::new();
     for r in futures_util::future::join_all(lookups).await {
         let r = r?;

@@ -63,7 +63,7 @@ impl Agent {
         let mut registry = self.registry.clone();
         registry.readmit(&self.config, &config);
         registry.sync(&config, Instant::now());
-        let resolved = resolve_all(&config, &registry.addresses(&config), self.opts.resolve_wait).await?;
+        let resolved = resolve_all(&config, &registry, self.opts.resolve_wait).await?;
         let report = self.apply_state(&config, &registry, &resolved).await?;
         self.config = config;
         self.registry = registry;
@@ -188,6 +188,47 @@ impl Agent {
 }
 
 impl Agent {
+    /// Looks up the next hop of every tunnelled target again, on a task of its own (an
+    /// ARP/NDP wait must not hold up the loop); the results come back to
+    /// [`Agent::on_next_hops`] through `tx`.
+    pub(super) fn refresh_next_hops(&self, tx: mpsc::Sender<Vec<(IpAddr, Result<Resolved, NetError>)>>) {
+        let ips: Vec<IpAddr> =
+            self.resolved.keys().copied().filter(|ip| self.registry.tunnelled(&self.config, *ip)).collect();
+        if ips.is_empty() {
+            return;
+        }
+        let wait = self.opts.resolve_wait;
+        tokio::spawn(async move {
+            let lookups = ips.iter().map(|&ip| async move { (ip, host::resolve_tunnelled(ip, wait).await) });
+            let _ = tx.send(futures_util::future::join_all(lookups).await).await;
+        });
+    }
+
+    /// Takes the next hops found by [`Agent::refresh_next_hops`]: any that changed (MAC,
+    /// interface, source address, MTU) re-plan. A failed lookup keeps the last one.
+    pub(super) async fn on_next_hops(&mut self, found: Vec<(IpAddr, Result<Resolved, NetError>)>) {
+        let mut changed = false;
+        for (ip, r) in found {
+            // Gone or no longer tunnelled meanwhile (a reload): not ours to change.
+            if !self.registry.tunnelled(&self.config, ip) {
+                continue;
+            }
+            let Some(current) = self.resolved.get_mut(&ip) else { continue };
+            match r {
+                Ok(r) if r != *current => {
+                    info!(target = %ip, interface = %r.dev.name, mac = %crate::config::MacAddr(r.mac), mtu = r.mtu, "next hop changed");
+                    *current = r;
+                    changed = true;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(target = %ip, error = %chain(&e), "next hop lookup failed; keeping the last one"),
+            }
+        }
+        if changed {
+            self.replan("next hop changed").await;
+        }
+    }
+
     /// Saves `registry` and the ids to the state file (atomically, on a blocking
     /// thread), after every applied change and at a clean stop (`stopped`). A failed
     /// save is logged; the datapath is unaffected, and the next change saves again.

@@ -19,6 +19,8 @@ pub(super) struct Monitor {
     pub(super) task: tokio::task::JoinHandle<()>,
     pub(super) check: HealthCheck,
     pub(super) addr: SocketAddr,
+    /// The probes' socket mark: they take this backend's tunnel (tunnelled targets).
+    pub(super) mark: Option<u32>,
     /// Tags every event this monitor sends. Each monitor the agent starts gets a new,
     /// larger one, so events still queued from a stopped or replaced monitor are told
     /// apart from those of the target's current one.
@@ -119,28 +121,40 @@ impl Agent {
     /// gets the next generation. A target's probe address is `health_check.port` if set,
     /// else the target's own port, else its group's first TCP listener's port.
     pub(super) fn sync_monitors(&mut self) {
-        let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr)> = HashMap::new();
+        // Probes of a tunnelled target take its tunnel: their sockets carry the mark of
+        // its backend id (`lb_common::PROBE_MARK`), which the datapath's tc program reads.
+        let marks: HashMap<(&str, IpAddr), u32> = self
+            .plan
+            .backends
+            .iter()
+            .filter(|(_, (_, b))| b.encap != lb_common::encap::NONE)
+            .filter_map(|(id, (ip, _))| {
+                self.plan.backend_groups.get(id).map(|g| ((g.as_str(), *ip), lb_common::PROBE_MARK | id))
+            })
+            .collect();
+        let mut wanted: HashMap<TargetKey, (HealthCheck, SocketAddr, Option<u32>)> = HashMap::new();
         for (key, e) in self.registry.entries() {
             if !e.checked || e.drain_until.is_some() || e.state() == TargetState::Unused {
                 continue;
             }
             let check = self.config.target_group(&key.0).and_then(|g| g.health_check.clone());
             if let (Some(check), Some(addr)) = (check, self.registry.probe_addr(&self.config, key)) {
-                wanted.insert(key.clone(), (check, addr));
+                let mark = marks.get(&(key.0.as_str(), key.1)).copied();
+                wanted.insert(key.clone(), (check, addr, mark));
             }
         }
         self.monitors.retain(|key, m| {
-            let keep = wanted.get(key).is_some_and(|(c, a)| *c == m.check && *a == m.addr);
+            let keep = wanted.get(key).is_some_and(|(c, a, mark)| *c == m.check && *a == m.addr && *mark == m.mark);
             if !keep {
                 m.task.abort();
             }
             keep
         });
-        for (key, (check, addr)) in wanted {
+        for (key, (check, addr, mark)) in wanted {
             if self.monitors.contains_key(&key) {
                 continue;
             }
-            match health::checker(&check) {
+            match health::checker(&check).map(|c| c.with_mark(mark)) {
                 Ok(checker) => {
                     let generation = self.next_generation;
                     self.next_generation += 1;
@@ -152,7 +166,7 @@ impl Agent {
                         check.interval(),
                         self.health_tx.clone(),
                     );
-                    self.monitors.insert(key, Monitor { task, check, addr, generation });
+                    self.monitors.insert(key, Monitor { task, check, addr, mark, generation });
                 }
                 Err(e) => error!(group = %key.0, error = %e, "health check not started"),
             }
@@ -286,6 +300,7 @@ mod tests {
             task: tokio::spawn(async {}),
             check: HealthCheck::default(),
             addr: "198.18.0.11:80".parse().expect("addr"),
+            mark: None,
             generation,
         }
     }

@@ -110,6 +110,12 @@ pub enum ConfigError {
         "target group `{group}`: deregistration_delay_secs = {value} is out of range: use 0..={MAX_DEREGISTRATION_DELAY_SECS}"
     )]
     DeregistrationDelay { group: String, value: u64 },
+    #[error("target group `{group}`: {reason}")]
+    Forwarding { group: String, reason: String },
+    #[error(
+        "listeners `{first}` and `{second}` share address {address} but not `icmp_echo`: pings are answered per address, set it the same on both"
+    )]
+    IcmpEcho { first: String, second: String, address: IpAddr },
     #[error(
         "target group `{group}` is health checked but has no port to probe: its listeners are UDP or all-ports; set `health_check.port` (NLB checks UDP targets over TCP or HTTP on a health port)"
     )]
@@ -168,6 +174,49 @@ pub enum HashMode {
     FiveTuple,
     /// Hash the client address only: every flow of a client goes to one backend.
     SourceIp,
+}
+
+/// How a target group's frames reach its targets.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Forwarding {
+    /// L2 direct server return: the frame goes unchanged (but for its MACs) to a target on
+    /// the LB's own segment.
+    #[default]
+    L2Dsr,
+    /// The IP packet inside an outer IP header to the target's address, through whatever
+    /// next hop the host's routing table gives: IPIP (IPv4 in IPv4), IP6IP6, and 4-in-6 /
+    /// 6-in-4 where the client's family differs from the target's.
+    Ipip,
+    /// The IP packet inside UDP (GUE variant 1) to `gue_port` on the target, for
+    /// networks that drop IP-in-IP; the UDP source port spreads flows.
+    Gue,
+}
+
+impl Forwarding {
+    /// The datapath's `Backend::encap` value.
+    pub fn encap(self) -> u8 {
+        match self {
+            Forwarding::L2Dsr => lb_common::encap::NONE,
+            Forwarding::Ipip => lb_common::encap::IPIP,
+            Forwarding::Gue => lb_common::encap::GUE,
+        }
+    }
+
+    /// Whether frames are tunnelled (targets may sit anywhere routable).
+    pub fn is_tunnel(self) -> bool {
+        self != Forwarding::L2Dsr
+    }
+}
+
+impl fmt::Display for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Forwarding::L2Dsr => "l2-dsr",
+            Forwarding::Ipip => "ipip",
+            Forwarding::Gue => "gue",
+        })
+    }
 }
 
 /// A MAC address, written `02:00:5e:00:53:01`.
@@ -323,6 +372,14 @@ pub struct Listener {
     pub target_group: String,
     #[serde(default)]
     pub hash: HashMode,
+    /// Whether the LB answers ICMP / ICMPv6 echo requests (ping) to this address.
+    /// Per address: every listener of one address must agree.
+    #[serde(default = "default_true")]
+    pub icmp_echo: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Listener {
@@ -361,11 +418,80 @@ pub struct TargetGroup {
     /// What to do when every target is unhealthy: `fail-open` (default) or `drop`.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
+    /// `l2-dsr` (default), `ipip` or `gue` (docs/encapsulation.md).
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    /// UDP destination port of GUE frames (`forwarding = "gue"` only; default 6080).
+    #[serde(default)]
+    pub gue_port: Option<u16>,
+    /// Outer source addresses of tunnelled frames, at most one prefix per family: each
+    /// flow takes an address of the prefix by its hash (a /32 or /128 is one fixed
+    /// address). A family without one uses the LB's own address, the route's source
+    /// toward the target.
+    #[serde(default)]
+    pub outer_source: Vec<ipnet::IpNet>,
 }
 
 impl TargetGroup {
     /// The port health checks probe on targets without a port of their own: the
     /// check's port, else the first TCP listener's port using this group.
+    /// The GUE destination port (host order).
+    pub fn gue_port(&self) -> u16 {
+        self.gue_port.unwrap_or(lb_common::DEFAULT_GUE_PORT)
+    }
+
+    /// The configured outer-source prefix of `ip`'s family, if any.
+    pub fn outer_source_for(&self, ip: IpAddr) -> Option<ipnet::IpNet> {
+        self.outer_source.iter().copied().find(|p| p.addr().is_ipv4() == ip.is_ipv4())
+    }
+
+    /// Checks the forwarding settings.
+    fn validate_forwarding(&self) -> Result<(), ConfigError> {
+        let bad = |reason: String| ConfigError::Forwarding { group: self.name.clone(), reason };
+        if self.gue_port.is_some() && self.forwarding != Forwarding::Gue {
+            return Err(bad(format!(
+                "gue_port is set but forwarding = \"{}\": set forwarding = \"gue\" or remove gue_port",
+                self.forwarding
+            )));
+        }
+        if self.gue_port == Some(0) {
+            return Err(bad("gue_port = 0 is not a port: use 1..=65535 (default 6080)".into()));
+        }
+        if !self.outer_source.is_empty() && !self.forwarding.is_tunnel() {
+            return Err(bad(
+                "outer_source is set but forwarding = \"l2-dsr\" sends frames without an outer header: set forwarding = \"ipip\" or \"gue\", or remove outer_source"
+                    .into(),
+            ));
+        }
+        let v4 = self.outer_source.iter().filter(|p| p.addr().is_ipv4()).count();
+        if v4 > 1 || self.outer_source.len() - v4 > 1 {
+            return Err(bad(
+                "outer_source holds two prefixes of one family: give at most one IPv4 and one IPv6 prefix".into(),
+            ));
+        }
+        for p in &self.outer_source {
+            if let Some(reason) = unusable_unicast(p.network()) {
+                return Err(bad(format!("outer_source {p}: {reason}")));
+            }
+            let host_bits = u32::from(p.max_prefix_len() - p.prefix_len());
+            if p.addr().is_ipv4() && host_bits > 16 {
+                return Err(bad(format!(
+                    "outer_source {p} is wider than a /16: use a prefix of at most 65,536 addresses reserved for the LB"
+                )));
+            }
+        }
+        for t in &self.targets {
+            if self.forwarding.is_tunnel() && t.mac.is_some() {
+                return Err(ConfigError::BadTarget {
+                    group: self.name.clone(),
+                    ip: t.ip,
+                    reason: "a tunnelled target has no MAC of its own to set: frames go to the next hop's, from the neighbour table; remove `mac`",
+                });
+            }
+        }
+        Ok(())
+    }
+
     pub fn probe_port(&self, listeners: &[Listener]) -> Option<u16> {
         self.health_check.as_ref().and_then(|h| h.port).or_else(|| {
             listeners
@@ -460,6 +586,7 @@ impl Config {
                     return Err(ConfigError::NoProbePort { group: g.name.clone() });
                 }
             }
+            g.validate_forwarding()?;
             if g.deregistration_delay_secs > MAX_DEREGISTRATION_DELAY_SECS {
                 return Err(ConfigError::DeregistrationDelay {
                     group: g.name.clone(),
@@ -520,6 +647,13 @@ impl Config {
                     first: first.to_string(),
                     second: l.name.clone(),
                     vip: l.vip_display(),
+                });
+            }
+            if let Some(other) = self.listeners.iter().find(|o| o.address == l.address && o.icmp_echo != l.icmp_echo) {
+                return Err(ConfigError::IcmpEcho {
+                    first: other.name.clone(),
+                    second: l.name.clone(),
+                    address: l.address,
                 });
             }
             if !groups.contains_key(l.target_group.as_str()) {
@@ -694,6 +828,51 @@ mod tests {
             };
             assert!(err.contains(expect), "{what}: {err}");
         }
+    }
+
+    #[test]
+    fn forwarding_defaults_and_errors() {
+        let c = parse(MINIMAL).expect("valid");
+        assert_eq!(c.target_groups[0].forwarding, Forwarding::L2Dsr);
+        let tunnel = MINIMAL.replace(", mac = \"02:00:00:00:00:12\"", "");
+        let with = |extra: &str| parse(&format!("{tunnel}\n{extra}"));
+        let c = with("forwarding = \"gue\"").expect("gue");
+        let g = &c.target_groups[0];
+        assert_eq!((g.forwarding, g.gue_port()), (Forwarding::Gue, lb_common::DEFAULT_GUE_PORT));
+        let c = with("forwarding = \"ipip\"\nouter_source = [\"198.18.200.0/24\", \"fd00:200::/64\"]").expect("ipip");
+        let g = &c.target_groups[0];
+        assert_eq!(
+            g.outer_source_for("198.18.0.11".parse().expect("ip")),
+            Some("198.18.200.0/24".parse().expect("net"))
+        );
+        assert_eq!(g.outer_source_for("fd00::11".parse().expect("ip")), Some("fd00:200::/64".parse().expect("net")));
+        let cases: &[(&str, &str)] = &[
+            ("forwarding = \"vxlan\"", "unknown variant `vxlan`"),
+            ("gue_port = 6080", "gue_port is set but forwarding = \"l2-dsr\""),
+            ("forwarding = \"gue\"\ngue_port = 0", "gue_port = 0 is not a port"),
+            ("outer_source = [\"198.18.200.0/24\"]", "outer_source is set but forwarding = \"l2-dsr\""),
+            (
+                "forwarding = \"ipip\"\nouter_source = [\"198.18.200.0/24\", \"198.18.201.0/24\"]",
+                "two prefixes of one family",
+            ),
+            ("forwarding = \"ipip\"\nouter_source = [\"224.0.0.0/24\"]", "multicast"),
+            ("forwarding = \"ipip\"\nouter_source = [\"198.18.0.0/15\"]", "wider than a /16"),
+            ("forwarding = \"ipip\"\nouter_source = [\"198.18.200.0/33\"]", "invalid IP address"),
+        ];
+        for (extra, expect) in cases {
+            let err = with(extra).expect_err(extra).to_string();
+            assert!(err.contains(expect), "{extra}: {err}");
+        }
+        // Pings are answered per address: listeners of one address agree.
+        assert!(c.listeners[0].icmp_echo, "on by default");
+        let second = "\n[[listeners]]\nname = \"web-udp\"\naddress = \"198.18.1.100\"\nport = 53\nprotocol = \"udp\"\ntarget_group = \"web\"\nicmp_echo = false\n";
+        let text = MINIMAL.replacen("[[target_groups]]", &format!("{second}\n[[target_groups]]"), 1);
+        let err = parse(&text).expect_err("icmp_echo").to_string();
+        assert!(err.contains("share address 198.18.1.100 but not `icmp_echo`"), "{err}");
+        let both_off = text.replacen("target_group = \"web\"\n", "target_group = \"web\"\nicmp_echo = false\n", 1);
+        assert!(parse(&both_off).expect("both off").listeners.iter().all(|l| !l.icmp_echo));
+        let err = parse(&format!("{MINIMAL}\nforwarding = \"ipip\"")).expect_err("mac").to_string();
+        assert!(err.contains("198.18.0.12") && err.contains("remove `mac`"), "{err}");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{
     health_state::TargetState,
     maglev::{self, MaglevError},
 };
-use crate::config::{AllUnhealthy, Config, HashMode};
+use crate::config::{AllUnhealthy, Config, HashMode, TargetGroup};
 
 // What the plan needs to know of the host; `crate::host` finds it out.
 
@@ -36,12 +36,25 @@ pub struct Interface {
     pub xdp_prog: Option<u32>,
 }
 
-/// Where a target sits: the interface that reaches it and its MAC.
+/// Where a target sits: the interface that reaches it and the MAC frames go to (the
+/// target's own when it is on-link, else the next hop's toward it: tunnels only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resolved {
     pub ip: IpAddr,
     pub dev: Interface,
     pub mac: [u8; 6],
+    /// The host's source address toward the target (the route's): the outer source of
+    /// tunnelled frames when no `outer_source` prefix is configured.
+    pub src: Option<IpAddr>,
+    /// MTU of the path to the target: the route's, else the interface's (0: unknown).
+    pub mtu: u32,
+}
+
+impl Resolved {
+    /// A target on `dev`'s segment with MAC `mac`, no source address or MTU known.
+    pub fn on_link(ip: IpAddr, dev: Interface, mac: [u8; 6]) -> Resolved {
+        Resolved { ip, dev, mac, src: None, mtu: 0 }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +71,10 @@ pub enum PlanError {
     Exhausted { what: &'static str, max: u32 },
     #[error("internal error: listeners or targets still wait for ids after a second plan; nothing was changed")]
     StillDeferred,
+    #[error(
+        "target {ip} of group `{group}` is reached through a tunnel, but the host has no {family} source address toward it: add an address to {dev}, or set the group's `outer_source` to an {family} prefix"
+    )]
+    NoOuterSource { group: String, ip: IpAddr, dev: String, family: &'static str },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -80,6 +97,12 @@ pub struct Plan {
     pub backend_groups: BTreeMap<u32, String>,
     /// Interfaces (ifindex) frames may be redirected to.
     pub tx_ports: Vec<u32>,
+    /// VIP addresses that answer ICMP echo requests (map form, sorted): those of every
+    /// listener with `icmp_echo` on.
+    pub echo_addrs: Vec<lb_common::Addr>,
+    /// Interfaces toward tunnelled targets (names, sorted): health probes of those
+    /// targets are put into their tunnels there.
+    pub tunnel_ifaces: Vec<String>,
     /// Some listeners or targets are left out: the only free ids are ones this plan
     /// frees (see [`Ids`]). Apply it, then build again to add them.
     pub deferred: bool,
@@ -235,6 +258,7 @@ pub fn build_cached(
 
     let mut backends = BTreeMap::new();
     let mut backend_groups = BTreeMap::new();
+    let mut tunnel_ifaces = std::collections::BTreeSet::new();
     // Group -> whether it fails open now; its ring is in `cache`.
     let mut fail_open_now: HashMap<&str, bool> = HashMap::new();
     for g in groups {
@@ -247,14 +271,21 @@ pub fn build_cached(
             let Some(&id) = backend_ids.get(&key) else { continue };
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
             let (ring_member, flags) = role(t, has_healthy, fail_open);
-            let b = Backend {
+            let mut b = Backend {
                 addr: addr_from_ip(t.ip),
                 dst_mac: r.mac,
                 src_mac: r.dev.mac,
                 ifindex: r.dev.ifindex,
                 flags,
                 generation: next_ids.generation(key.clone(), id),
+                ..Backend::default()
             };
+            if let Some(group) = config.target_group(&g.name) {
+                tunnel(&mut b, group, r)?;
+                if group.forwarding.is_tunnel() {
+                    tunnel_ifaces.insert(r.dev.name.clone());
+                }
+            }
             backends.insert(id, (t.ip, b));
             backend_groups.insert(id, g.name.clone());
             if ring_member {
@@ -290,7 +321,47 @@ pub fn build_cached(
     }
     next_ids.prune_generations();
     *ids = next_ids;
-    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred })
+    let tunnel_ifaces = tunnel_ifaces.into_iter().collect();
+    let mut echo_addrs: Vec<lb_common::Addr> =
+        config.listeners.iter().filter(|l| l.icmp_echo).map(|l| addr_from_ip(l.address)).collect();
+    echo_addrs.sort_unstable();
+    echo_addrs.dedup();
+    Ok(Plan { vips, backends, backend_groups, tx_ports, echo_addrs, tunnel_ifaces, deferred })
+}
+
+/// Fills in how `b` reaches its target through `group`'s tunnel, if it has one: the
+/// mode, the outer source (a prefix's base and host bits, or the host's own address),
+/// the GUE port and the path MTU.
+fn tunnel(b: &mut Backend, group: &TargetGroup, r: &Resolved) -> Result<(), PlanError> {
+    b.encap = group.forwarding.encap();
+    if !group.forwarding.is_tunnel() {
+        return Ok(());
+    }
+    let family = if r.ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let (src, host_bits) = match group.outer_source_for(r.ip) {
+        Some(prefix) => (prefix.network(), u32::from(prefix.max_prefix_len() - prefix.prefix_len())),
+        None => match r.src {
+            Some(src) if src.is_ipv4() == r.ip.is_ipv4() => (src, 0),
+            _ => {
+                return Err(PlanError::NoOuterSource {
+                    group: group.name.clone(),
+                    ip: r.ip,
+                    dev: r.dev.name.clone(),
+                    family,
+                });
+            }
+        },
+    };
+    b.outer_src = addr_from_ip(src);
+    b.outer_src_mask = outer_src_mask(host_bits);
+    b.gue_port = group.gue_port().to_be();
+    b.mtu = u16::try_from(r.mtu).unwrap_or(u16::MAX);
+    Ok(())
+}
+
+/// The mask over an address's last 32 bits that `host_bits` host bits give.
+pub fn outer_src_mask(host_bits: u32) -> u32 {
+    if host_bits >= 32 { u32::MAX } else { (1u32 << host_bits) - 1 }
 }
 
 #[cfg(test)]
@@ -305,7 +376,7 @@ mod tests {
             .target_groups
             .iter()
             .flat_map(|g| g.targets.iter())
-            .map(|t| (t.ip, Resolved { ip: t.ip, dev: dev.clone(), mac: [2, 0, 0, 0, 0, 9] }))
+            .map(|t| (t.ip, Resolved::on_link(t.ip, dev.clone(), [2, 0, 0, 0, 0, 9])))
             .collect()
     }
 
@@ -334,6 +405,80 @@ mod tests {
             "#
         );
         Config::parse(&text, Path::new("t.toml")).expect("config")
+    }
+
+    /// `config`'s group `g` with extra settings (after its `targets` line).
+    fn tunnel_config(targets: &str, settings: &str) -> Config {
+        let c = config(targets);
+        let mut text = toml::to_string(&c).expect("serialise");
+        text.push('\n');
+        let mut c: Config = toml::from_str(&text).expect("parse back");
+        let extra: TargetGroup =
+            toml::from_str(&format!("name = \"g\"\ntargets = [{targets}]\n{settings}")).expect("group");
+        c.target_groups[0] = extra;
+        c.validate().expect("valid");
+        c
+    }
+
+    #[test]
+    fn tunnelled_backends_carry_mode_source_port_and_mtu() {
+        let targets = r#"{ ip = "198.18.5.11" }, { ip = "fd00:5::11" }"#;
+        let mut res = resolved(&config(targets));
+        for r in res.values_mut() {
+            r.src =
+                Some(if r.ip.is_ipv4() { "198.18.4.1".parse().expect("ip") } else { "fd00:4::1".parse().expect("ip") });
+            r.mtu = 1480;
+        }
+        let backend = |p: &Plan, ip: &str| {
+            let ip: IpAddr = ip.parse().expect("ip");
+            p.backends.values().find(|(i, _)| *i == ip).map(|(_, b)| *b).expect("backend")
+        };
+        let v4_map = |s: &str| addr_from_ip(s.parse().expect("ip"));
+
+        // GUE, a configured IPv4 prefix, the LB's own IPv6 address.
+        let c = tunnel_config(targets, "forwarding = \"gue\"\ngue_port = 7000\nouter_source = [\"198.18.200.0/24\"]");
+        let p = build(&c, &res, &mut Allocators::new(8)).expect("plan");
+        let b4 = backend(&p, "198.18.5.11");
+        assert_eq!(b4.encap, lb_common::encap::GUE);
+        assert_eq!((b4.outer_src, b4.outer_src_mask), (v4_map("198.18.200.0"), 0xff));
+        assert_eq!(u16::from_be(b4.gue_port), 7000);
+        assert_eq!(b4.mtu, 1480);
+        assert_eq!(b4.dst_mac, [2, 0, 0, 0, 0, 9], "the next hop's MAC");
+        let b6 = backend(&p, "fd00:5::11");
+        assert_eq!((b6.outer_src, b6.outer_src_mask), (v4_map("fd00:4::1"), 0), "the LB's address, fixed");
+
+        // IPIP: a /128 is one fixed address; a /64 varies in its last 32 bits.
+        let c =
+            tunnel_config(targets, "forwarding = \"ipip\"\nouter_source = [\"fd00:200::/64\", \"198.18.200.7/32\"]");
+        let p = build(&c, &res, &mut Allocators::new(8)).expect("plan");
+        let (b4, b6) = (backend(&p, "198.18.5.11"), backend(&p, "fd00:5::11"));
+        assert_eq!((b4.encap, b4.outer_src, b4.outer_src_mask), (lb_common::encap::IPIP, v4_map("198.18.200.7"), 0));
+        assert_eq!((b6.outer_src, b6.outer_src_mask), (v4_map("fd00:200::"), u32::MAX));
+        assert_eq!(u16::from_be(b6.gue_port), lb_common::DEFAULT_GUE_PORT, "unused by ipip, but the default");
+
+        // L2 DSR: nothing of the above.
+        let c = config(targets);
+        let p = build(&c, &res, &mut Allocators::new(8)).expect("plan");
+        let b = backend(&p, "198.18.5.11");
+        assert_eq!((b.encap, b.outer_src, b.outer_src_mask, b.gue_port), (lb_common::encap::NONE, [0; 16], 0, 0));
+
+        // No prefix and no source address of the target's family: a clear error.
+        res.values_mut().for_each(|r| r.src = None);
+        let c = tunnel_config(targets, "forwarding = \"ipip\"\nouter_source = [\"198.18.200.0/24\"]");
+        let err = build(&c, &res, &mut Allocators::new(8)).expect_err("no IPv6 source").to_string();
+        assert!(
+            err.contains("fd00:5::11") && err.contains("IPv6 source address") && err.contains("outer_source"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn outer_source_masks() {
+        assert_eq!(outer_src_mask(0), 0);
+        assert_eq!(outer_src_mask(8), 0xff);
+        assert_eq!(outer_src_mask(31), 0x7fff_ffff);
+        assert_eq!(outer_src_mask(32), u32::MAX);
+        assert_eq!(outer_src_mask(64), u32::MAX);
     }
 
     #[test]
@@ -423,7 +568,7 @@ mod tests {
         let mut res = resolved(&c);
         let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
         for &a in all.iter().chain([ip(n + 1)].iter()) {
-            res.insert(a, Resolved { ip: a, dev: dev.clone(), mac: [2, 0, 0, 0, 1, 1] });
+            res.insert(a, Resolved::on_link(a, dev.clone(), [2, 0, 0, 0, 1, 1]));
         }
         let mut ids = Allocators::new(8);
         let p1 = build_with(&c, &[group(all.clone())], &res, &mut ids).expect("plan");

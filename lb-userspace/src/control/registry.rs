@@ -273,6 +273,15 @@ impl Registry {
         seen.into_iter().collect()
     }
 
+    /// Whether every group that holds (or will hold) target `ip` reaches it through a
+    /// tunnel: then it is resolved as a routed next hop, not as an on-link neighbour.
+    /// A target also in an `l2-dsr` group must be on-link, and its next hop is itself.
+    pub fn tunnelled(&self, config: &Config, ip: IpAddr) -> bool {
+        let tunnel = |group: &str| config.target_group(group).is_some_and(|g| g.forwarding.is_tunnel());
+        let mut groups = self.desired(config).into_keys().chain(self.entries.keys().cloned()).filter(|k| k.1 == ip);
+        groups.all(|(group, _)| tunnel(&group))
+    }
+
     /// Brings the entries in line with `config` and the runtime changes: new targets
     /// start (Initial, or Healthy if unchecked), revived ones restart, removed ones drain.
     pub fn sync(&mut self, config: &Config, now: Instant) {
@@ -931,10 +940,7 @@ mod tests {
     fn resolved(r: &Registry, c: &Config) -> std::collections::HashMap<IpAddr, crate::control::plan::Resolved> {
         use crate::control::plan::{Interface, Resolved};
         let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
-        r.addresses(c)
-            .into_iter()
-            .map(|(ip, _)| (ip, Resolved { ip, dev: dev.clone(), mac: [2, 0, 0, 0, 0, 9] }))
-            .collect()
+        r.addresses(c).into_iter().map(|(ip, _)| (ip, Resolved::on_link(ip, dev.clone(), [2, 0, 0, 0, 0, 9]))).collect()
     }
 
     /// A registry with every kind of runtime knowledge: health states, a registration,

@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, DevMapHash, HashMap as BpfHashMap, Map, MapData, PerCpuArray, PerCpuValues},
     programs::{
-        Xdp, XdpMode as AyaXdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpLink,
     },
@@ -26,6 +26,7 @@ use aya_log::EbpfLogger;
 use lb_common::{Backend, RINGS_PER_VIP, VipFilter, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
+pub mod decap;
 pub mod pins;
 mod rings;
 pub mod stats;
@@ -70,6 +71,8 @@ pub enum DataplaneError {
         source: Box<aya::programs::ProgramError>,
         hint: &'static str,
     },
+    #[error("{count} decap addresses are more than the decap program holds ({max}): give fewer `--address`es")]
+    TooManyDecapAddrs { count: usize, max: u32 },
     #[error("map `{name}`")]
     Map {
         name: &'static str,
@@ -187,6 +190,8 @@ struct Applied {
     tx_ports: BTreeSet<u32>,
     /// The [`VipFilter`] epoch last written.
     vip_epoch: u32,
+    /// VIP addresses that answer pings (`LB_ECHO`).
+    echo: BTreeSet<lb_common::Addr>,
     /// VIP slots and backend ids the last apply took out of the datapath, and when.
     freed: Option<(std::time::Instant, BTreeSet<u32>, BTreeSet<u32>)>,
 }
@@ -254,6 +259,9 @@ pub struct Dataplane {
     /// Maps and links are pinned: the datapath now outlives this value.
     committed: bool,
     logger: Option<DatapathLogger>,
+    /// Interfaces the health-probe encapsulation (`lb_probe_encap`, tc egress) is
+    /// attached to. Not pinned: it ends with this value (probes end with the agent).
+    probe_ifaces: BTreeSet<String>,
 }
 
 /// Reads the program's aya-log records into the `log` crate (bridged to tracing).
@@ -371,6 +379,7 @@ impl Dataplane {
             links: Vec::new(),
             pin_dir: None,
             origin: Origin::Fresh,
+            probe_ifaces: BTreeSet::new(),
             committed: false,
             logger: Some(logger),
         })
@@ -402,6 +411,11 @@ impl Dataplane {
             DevMapHash::try_from(self.map(maps::TX_PORTS)?).map_err(err(maps::TX_PORTS))?;
         for key in ports.keys() {
             applied.tx_ports.insert(key.map_err(err(maps::TX_PORTS))?);
+        }
+        let echo: BpfHashMap<&MapData, lb_common::Addr, u32> =
+            BpfHashMap::try_from(self.map(maps::ECHO)?).map_err(err(maps::ECHO))?;
+        for key in echo.keys() {
+            applied.echo.insert(key.map_err(err(maps::ECHO))?);
         }
         self.applied = applied;
         Ok(())
@@ -730,7 +744,64 @@ impl Dataplane {
         }
         self.applied.freed = (!freed_slots.is_empty() || !freed_ids.is_empty())
             .then(|| (std::time::Instant::now(), freed_slots, freed_ids));
+        // 6. VIP addresses that answer pings.
+        if self.applied.echo.iter().ne(plan.echo_addrs.iter()) {
+            let mut echo: BpfHashMap<&mut MapData, lb_common::Addr, u32> =
+                typed(self.ebpf.map_mut(maps::ECHO), maps::ECHO)?;
+            let err = |source| DataplaneError::Map { name: maps::ECHO, source: Box::new(source) };
+            for a in &plan.echo_addrs {
+                if !self.applied.echo.contains(a) {
+                    echo.insert(a, 0, 0).map_err(err)?;
+                }
+            }
+            for a in self.applied.echo.iter().filter(|a| !plan.echo_addrs.contains(a)) {
+                echo.remove(a).map_err(err)?;
+            }
+            self.applied.echo = plan.echo_addrs.iter().copied().collect();
+        }
+        // 7. Health probes of tunnelled targets take their tunnels: the probe
+        // encapsulation on every interface toward one. A failure is logged, not fatal:
+        // the datapath is complete, and probes that do not reach their target fail.
+        for iface in &plan.tunnel_ifaces {
+            if !self.probe_ifaces.contains(iface)
+                && let Err(e) = self.attach_probe_encap(iface)
+            {
+                let mut why = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    why = format!("{why}: {c}");
+                    cause = c.source();
+                }
+                tracing::error!(interface = %iface, error = %why, "health probes of tunnelled targets will not take their tunnels");
+            }
+        }
         Ok(report)
+    }
+
+    /// Loads `lb_probe_encap` (once) and attaches it to `iface`'s egress (tcx).
+    fn attach_probe_encap(&mut self, iface: &str) -> Result<(), DataplaneError> {
+        let name = programs::PROBE_ENCAP;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::MissingProgram { name })?
+            .try_into()
+            .map_err(|source| DataplaneError::Verify { name, source: Box::new(source), hint: "" })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|source| {
+                let hint = permission_hint(&source);
+                DataplaneError::Verify { name, source: Box::new(source), hint }
+            })?;
+        }
+        prog.attach(iface, TcAttachType::Egress).map_err(|source| DataplaneError::Attach {
+            iface: iface.to_string(),
+            mode: "tc egress",
+            source: Box::new(source),
+            hint: "",
+        })?;
+        debug!(interface = %iface, "health-probe encapsulation attached (tc egress)");
+        self.probe_ifaces.insert(iface.to_string());
+        Ok(())
     }
 
     /// Sets a per-CPU `Counter` entry to zero on every CPU.

@@ -62,19 +62,55 @@ pub trait Checker {
 pub struct TcpChecker {
     /// Time allowed for the handshake.
     pub timeout: Duration,
+    /// `SO_MARK` of the probe's socket (see [`connect`]).
+    pub mark: Option<u32>,
 }
 
 impl TcpChecker {
     /// A TCP checker with the given timeout.
     pub fn new(timeout: Duration) -> TcpChecker {
-        TcpChecker { timeout }
+        TcpChecker { timeout, mark: None }
+    }
+}
+
+/// Connects to `target`, from a socket marked `mark` if given: a probe of a tunnelled
+/// target is marked `lb_common::PROBE_MARK | backend id`, and the datapath's tc egress
+/// program puts it into that backend's tunnel.
+pub async fn connect(target: SocketAddr, mark: Option<u32>) -> io::Result<TcpStream> {
+    let Some(mark) = mark else { return TcpStream::connect(target).await };
+    let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
+    // SAFETY: setsockopt on an open socket with a u32 option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.connect(target).await
+}
+
+impl AnyChecker {
+    /// The same checker, its probes' sockets marked `mark` (see [`connect`]).
+    pub fn with_mark(mut self, mark: Option<u32>) -> AnyChecker {
+        match &mut self {
+            AnyChecker::Tcp(c) => c.mark = mark,
+            AnyChecker::Http(c) => c.mark = mark,
+        }
+        self
     }
 }
 
 impl Checker for TcpChecker {
     async fn check(&self, target: SocketAddr) -> Probe {
         let start = Instant::now();
-        match tokio::time::timeout(self.timeout, TcpStream::connect(target)).await {
+        match tokio::time::timeout(self.timeout, connect(target, self.mark)).await {
             Ok(Ok(_stream)) => done(true, start, "connected"),
             Ok(Err(e)) => done(false, start, io_reason(&e)),
             Err(_) => done(false, start, timed_out(self.timeout)),
@@ -93,6 +129,7 @@ pub struct HttpChecker {
     timeout: Duration,
     path: Uri,
     codes: SuccessCodes,
+    mark: Option<u32>,
 }
 
 /// Why an HTTP exchange gave no status.
@@ -122,12 +159,12 @@ impl HttpChecker {
             value: path.to_owned(),
             reason: "it is not a valid HTTP request target",
         })?;
-        Ok(HttpChecker { timeout, path, codes })
+        Ok(HttpChecker { timeout, path, codes, mark: None })
     }
 
     /// Connects, sends the request, and returns the response's status code.
     async fn exchange(&self, target: SocketAddr) -> Result<u16, HttpFailure> {
-        let stream = TcpStream::connect(target).await.map_err(HttpFailure::Connect)?;
+        let stream = connect(target, self.mark).await.map_err(HttpFailure::Connect)?;
         let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
             // Header names as `Host`, not `host`: some minimal target servers match them
             // case-sensitively.
@@ -362,6 +399,34 @@ mod tests {
 
     fn http(timeout: Duration, codes: &str) -> HttpChecker {
         HttpChecker::new(timeout, "/health", codes.parse().expect("codes")).expect("checker")
+    }
+
+    /// A marked probe's socket carries the mark (what the datapath's tc program matches);
+    /// setting it needs CAP_NET_ADMIN, so without it the connect fails with EPERM.
+    #[tokio::test]
+    async fn marked_probes_carry_their_mark() {
+        let (l, addr) = listener().await;
+        let mark = lb_common::PROBE_MARK | 7;
+        match connect(addr, Some(mark)).await {
+            Ok(stream) => {
+                let mut got: u32 = 0;
+                let mut len = std::mem::size_of::<u32>() as libc::socklen_t;
+                // SAFETY: getsockopt on an open socket into a u32 of the given length.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        std::os::fd::AsRawFd::as_raw_fd(&stream),
+                        libc::SOL_SOCKET,
+                        libc::SO_MARK,
+                        (&mut got as *mut u32).cast(),
+                        &mut len,
+                    )
+                };
+                assert_eq!((rc, got), (0, mark));
+                assert!(l.accept().await.is_ok());
+            }
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{e}"),
+        }
+        assert!(connect(addr, None).await.is_ok(), "unmarked probes connect as before");
     }
 
     #[tokio::test]

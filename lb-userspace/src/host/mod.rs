@@ -27,7 +27,7 @@ use rtnetlink::{
         AddressFamily,
         link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage, LinkXdp, XdpAttached},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType, RouteVia},
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteType, RouteVia},
     },
 };
 use tokio::time::Instant;
@@ -69,7 +69,7 @@ pub enum NetError {
     #[error("interface `{name}` is not an Ethernet interface (link type {link_type}); L2 forwarding needs Ethernet")]
     NotEthernet { name: String, link_type: String },
     #[error(
-        "target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target or add an on-link route"
+        "target {ip} is not on-link: the route to it goes via gateway {gateway} on {dev}. L2 direct server return needs every target on the same L2 segment as an LB interface; move the target, add an on-link route, or tunnel to it (`forwarding = \"ipip\"` or `\"gue\"` in its target group)"
     )]
     NotOnLink { ip: IpAddr, gateway: String, dev: String },
     #[error("target {ip} is an address of this host ({dev}); a target must be another machine")]
@@ -95,6 +95,8 @@ pub struct Route {
     pub prefsrc: Option<IpAddr>,
     /// The destination is an address of this host.
     pub local: bool,
+    /// The path MTU: the route's `mtu` metric, else the output interface's MTU.
+    pub mtu: u32,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -131,9 +133,32 @@ pub async fn resolve_target(ip: IpAddr, mac: Option<MacAddr>, wait: Duration) ->
             Some(mac) => mac.0,
             None => neighbour_wait(&h, ip, &dev, wait).await?,
         };
-        Ok(Resolved { ip, dev, mac })
+        Ok(Resolved { ip, dev, mac, src: r.prefsrc, mtu: r.mtu })
     })
     .await
+}
+
+/// A tunnelled target: wherever the routing table sends packets for `ip`, the next
+/// hop's MAC (the gateway's, or `ip`'s own when on-link, ARP/NDP triggered and awaited
+/// up to `wait` if needed), the output interface, the host's source address and the
+/// path MTU.
+pub async fn resolve_tunnelled(ip: IpAddr, wait: Duration) -> Result<Resolved, NetError> {
+    with_netlink(|h| async move {
+        let (r, link) = route_on(&h, ip).await?;
+        if r.local {
+            return Err(NetError::LocalAddress { ip, dev: r.dev });
+        }
+        let dev = decode_link(&link, &r.dev)?;
+        let mac = neighbour_wait(&h, r.via.unwrap_or(ip), &dev, wait).await?;
+        Ok(Resolved { ip, dev, mac, src: r.prefsrc, mtu: r.mtu })
+    })
+    .await
+}
+
+/// [`resolve_target`] for L2 direct server return, [`resolve_tunnelled`] for a target
+/// reached through a tunnel.
+pub async fn resolve(ip: IpAddr, mac: Option<MacAddr>, tunnelled: bool, wait: Duration) -> Result<Resolved, NetError> {
+    if tunnelled { resolve_tunnelled(ip, wait).await } else { resolve_target(ip, mac, wait).await }
 }
 
 /// The MAC of the next hop towards `ip` (the gateway, or `ip` itself when on-link),
@@ -149,6 +174,45 @@ pub async fn next_hop(ip: IpAddr, wait: Duration) -> Result<(Interface, [u8; 6],
         Ok((dev, mac, r.prefsrc))
     })
     .await
+}
+
+/// Sends on `tx` whenever the kernel reports a change of links, addresses, routes or
+/// neighbours (rtnetlink multicast groups) in the network namespace of the calling
+/// thread, where the socket is opened. A full channel drops the notice: one pending is
+/// enough to look again. The returned task ends once `tx`'s receiver is gone.
+pub fn watch_changes(tx: tokio::sync::mpsc::Sender<()>) -> Result<tokio::task::JoinHandle<()>, NetError> {
+    use rtnetlink::{
+        constants::{
+            RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH,
+        },
+        sys::{AsyncSocket, SocketAddr},
+    };
+    let (mut connection, handle, mut messages) =
+        rtnetlink::new_connection().map_err(|source| NetError::Socket { source })?;
+    let groups =
+        RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&SocketAddr::new(0, groups))
+        .map_err(|source| NetError::Request { what: "a subscription to route and neighbour changes".into(), source })?;
+    Ok(tokio::spawn(async move {
+        let _handle = handle; // keeps the connection open
+        let mut connection = pin!(connection);
+        loop {
+            tokio::select! {
+                () = &mut connection => return,
+                m = futures_util::StreamExt::next(&mut messages) => {
+                    if m.is_none() {
+                        return;
+                    }
+                    if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) = tx.try_send(()) {
+                        return;
+                    }
+                }
+            }
+        }
+    }))
 }
 
 /// Blocking forms of the lookups, for tools and tests that are not async. Each runs the
@@ -175,6 +239,11 @@ pub mod blocking {
     /// [`super::resolve_target`].
     pub fn resolve_target(ip: IpAddr, mac: Option<MacAddr>, wait: Duration) -> Result<Resolved, NetError> {
         run(super::resolve_target(ip, mac, wait))
+    }
+
+    /// [`super::resolve_tunnelled`].
+    pub fn resolve_tunnelled(ip: IpAddr, wait: Duration) -> Result<Resolved, NetError> {
+        run(super::resolve_tunnelled(ip, wait))
     }
 
     /// [`super::next_hop`].
@@ -283,7 +352,8 @@ async fn route_on(h: &Handle, ip: IpAddr) -> Result<(Route, LinkMessage), NetErr
         .ok_or_else(|| NetError::Answer { what: format!("interface index {}", facts.oif), missing: "name" })?
         .to_string();
     let local = facts.local || link.header.flags.contains(LinkFlags::Loopback);
-    Ok((Route { dev, ifindex: facts.oif, via: facts.via, prefsrc: facts.prefsrc, local }, link))
+    let mtu = facts.mtu.or_else(|| link_mtu(&link)).unwrap_or(0);
+    Ok((Route { dev, ifindex: facts.oif, via: facts.via, prefsrc: facts.prefsrc, local, mtu }, link))
 }
 
 /// The `RTM_GETROUTE` request of `ip route get ip`: the full-length destination and
@@ -354,6 +424,13 @@ fn poke(ip: IpAddr) {
 // Decoding (pure)
 // ---------------------------------------------------------------------------------------
 
+fn link_mtu(link: &LinkMessage) -> Option<u32> {
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Mtu(mtu) => Some(*mtu),
+        _ => None,
+    })
+}
+
 fn link_name(link: &LinkMessage) -> Option<&str> {
     link.attributes.iter().find_map(|a| match a {
         LinkAttribute::IfName(name) => Some(name.as_str()),
@@ -412,6 +489,8 @@ struct RouteFacts {
     via: Option<IpAddr>,
     prefsrc: Option<IpAddr>,
     local: bool,
+    /// The route's `mtu` metric, if it has one.
+    mtu: Option<u32>,
 }
 
 fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
@@ -435,7 +514,8 @@ fn decode_route(r: &RouteMessage, ip: IpAddr) -> Result<RouteFacts, NetError> {
     if let Some(kind) = kind {
         return Err(NetError::NoRoute { ip, detail: format!("the route to it is of type {kind}") });
     }
-    let mut facts = RouteFacts { oif: 0, via: None, prefsrc: None, local: r.header.kind == RouteType::Local };
+    let mut facts =
+        RouteFacts { oif: 0, via: None, prefsrc: None, local: r.header.kind == RouteType::Local, mtu: None };
     for a in &r.attributes {
         match a {
             RouteAttribute::Oif(oif) => facts.oif = *oif,
@@ -443,6 +523,9 @@ fn decode_route(r: &RouteMessage, ip: IpAddr) -> Result<RouteFacts, NetError> {
             RouteAttribute::Via(RouteVia::Inet(v4)) => facts.via = Some(IpAddr::V4(*v4)),
             RouteAttribute::Via(RouteVia::Inet6(v6)) => facts.via = Some(IpAddr::V6(*v6)),
             RouteAttribute::PrefSource(s) => facts.prefsrc = route_ip(s),
+            RouteAttribute::Metrics(metrics) => {
+                facts.mtu = metrics.iter().find_map(|m| if let RouteMetric::Mtu(mtu) = m { Some(*mtu) } else { None })
+            }
             _ => {}
         }
     }
@@ -657,7 +740,7 @@ mod tests {
             ],
         );
         let facts = decode_route(&route_msg(&bytes), t).expect("route");
-        assert_eq!(facts, RouteFacts { oif: 2, via: None, prefsrc: Some(ip("198.18.0.1")), local: false });
+        assert_eq!(facts, RouteFacts { oif: 2, via: None, prefsrc: Some(ip("198.18.0.1")), local: false, mtu: None });
 
         let t = ip("fd00:19::5");
         let bytes = route_bytes(

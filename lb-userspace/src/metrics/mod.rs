@@ -271,6 +271,14 @@ impl Collector for Scrape {
                     .iter()
                     .filter_map(|c| c.name().strip_prefix("drop_").map(|reason| ([("reason", reason)], s.global(*c)))),
             )?;
+            counters(
+                &mut enc,
+                "lb_encapsulated_frames",
+                "Frames sent to targets through a tunnel, by forwarding mode (the frame is also counted tx or redirect).",
+                [("ipip", GlobalCounter::EncapIpip), ("gue", GlobalCounter::EncapGue)]
+                    .into_iter()
+                    .map(|(mode, c)| ([("forwarding", mode)], s.global(c))),
+            )?;
             for (name, c, help) in [
                 ("lb_vlan_frames", GlobalCounter::Vlan, "Frames with an 802.1Q/802.1ad tag."),
                 ("lb_ipv4_options_frames", GlobalCounter::Ipv4Options, "IPv4 frames with header options."),
@@ -303,6 +311,11 @@ impl Collector for Scrape {
                     "lb_connection_table_syns",
                     GlobalCounter::ConnSyn,
                     "TCP SYNs not in the connection table: forwarded by the Maglev table, not remembered until the connection's next segment.",
+                ),
+                (
+                    "lb_icmp_errors_forwarded",
+                    GlobalCounter::IcmpErrorForwarded,
+                    "ICMP errors about a VIP flow's packet sent to that flow's target.",
                 ),
                 (
                     "lb_fail_open_frames",

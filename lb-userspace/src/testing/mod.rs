@@ -5,4 +5,5 @@ pub mod agent;
 pub mod netns;
 pub mod packet;
 pub mod programs;
+pub mod routed;
 pub mod topology;

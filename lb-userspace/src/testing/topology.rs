@@ -57,6 +57,12 @@ pub enum TopologyError {
     Pass(#[from] DataplaneError),
     #[error(transparent)]
     Net(#[from] host::NetError),
+    #[error("the decap program on {target}")]
+    Decap {
+        target: String,
+        #[source]
+        source: DataplaneError,
+    },
     #[error("{what}")]
     Io {
         what: String,
@@ -149,7 +155,14 @@ impl Topology {
 
     /// Connects `host` to the bridge through a veth pair: `eth0` in the host, `port` on
     /// the bridge.
-    fn plug(&self, host: &Netns, port: &str, mac: [u8; 6], v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), TopologyError> {
+    pub(crate) fn plug(
+        &self,
+        host: &Netns,
+        port: &str,
+        mac: [u8; 6],
+        v4: Ipv4Addr,
+        v6: Ipv6Addr,
+    ) -> Result<(), TopologyError> {
         let mac = crate::config::MacAddr(mac).to_string();
         self.switch.ip(&[
             "link",
@@ -196,36 +209,11 @@ impl Topology {
     /// Starts a real HTTP server (Python's http.server) on every backend that has none:
     /// it answers `backend=<name> client=<address it saw>`.
     pub fn start_http(&mut self) -> Result<(), TopologyError> {
-        let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
         for b in self.backends.iter_mut().filter(|b| b.http.is_none()) {
-            let child =
-                b.ns.command(python)
-                    .args(["-c", HTTP_SERVER, &b.name, &HTTP_PORT.to_string()])
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .map_err(io(format!("starting the HTTP server on {}", b.name)))?;
-            b.http = Some(child);
+            b.http = Some(spawn_http(&b.ns, &b.name)?);
         }
-        // Wait until each answers on its own address.
-        let deadline = Instant::now() + Duration::from_secs(10);
         for b in &self.backends {
-            let addr = SocketAddr::new(IpAddr::V4(b.ip4), HTTP_PORT);
-            loop {
-                let up =
-                    b.ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
-                if up {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    return Err(TopologyError::Io {
-                        what: format!("HTTP server on {} did not start within 10 s", b.name),
-                        source: std::io::ErrorKind::TimedOut.into(),
-                    });
-                }
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            wait_http(&b.ns, &b.name, IpAddr::V4(b.ip4))?;
         }
         Ok(())
     }
@@ -333,6 +321,12 @@ targets = [{t}
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// [`Topology::curl`] giving up after one second (to watch for a path breaking).
+    pub fn curl_quick(&self, url: &str) -> Result<String, TopologyError> {
+        let out = self.client.exec("curl", &["-sS", "--max-time", "1", "-g", url])?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
     pub fn backend_by_ip(&self, ip: IpAddr) -> Option<&BackendHost> {
         self.backends.iter().find(|b| IpAddr::V4(b.ip4) == ip || IpAddr::V6(b.ip6) == ip)
     }
@@ -350,6 +344,37 @@ impl Drop for Topology {
         let _ = std::fs::remove_dir_all(&self.pin_dir);
         let _ = std::fs::remove_dir_all(state_dir_for(&self.pin_dir));
         let _ = std::fs::remove_file(self.socket());
+    }
+}
+
+/// Starts [`HTTP_SERVER`] on port 80 in `ns`, answering as `name`.
+pub(crate) fn spawn_http(ns: &Netns, name: &str) -> Result<Child, TopologyError> {
+    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    ns.command(python)
+        .args(["-c", HTTP_SERVER, name, &HTTP_PORT.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(io(format!("starting the HTTP server on {name}")))
+}
+
+/// Waits (up to 10 s) until the HTTP server in `ns` answers on `ip`.
+pub(crate) fn wait_http(ns: &Netns, name: &str, ip: IpAddr) -> Result<(), TopologyError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let addr = SocketAddr::new(ip, HTTP_PORT);
+    loop {
+        let up = ns.run(move || std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok())?;
+        if up {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(TopologyError::Io {
+                what: format!("HTTP server on {name} did not start within 10 s"),
+                source: std::io::ErrorKind::TimedOut.into(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

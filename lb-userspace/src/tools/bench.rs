@@ -316,7 +316,7 @@ fn loaded_with(backends: u32, vips: u32, ring: u32, conn_table: u32) -> Result<L
         .enumerate()
         .map(|(i, t)| {
             let ip = IpAddr::V4(*t);
-            (ip, Resolved { ip, dev: lo.clone(), mac: [2, 0, 0, 1, (i >> 8) as u8, i as u8] })
+            (ip, Resolved::on_link(ip, lo.clone(), [2, 0, 0, 1, (i >> 8) as u8, i as u8]))
         })
         .collect();
     let mut dp = Dataplane::load(LoadOptions {
@@ -634,7 +634,7 @@ fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> 
                 .iter()
                 .map(|t| {
                     let ip: IpAddr = t.parse().unwrap_or(IpAddr::V4(CLIENT4));
-                    (ip, Resolved { ip, dev: lo.clone(), mac: [2, 0, 0, 1, 0, 1] })
+                    (ip, Resolved::on_link(ip, lo.clone(), [2, 0, 0, 1, 0, 1]))
                 })
                 .collect();
             let mut ids = Allocators::new(2);
