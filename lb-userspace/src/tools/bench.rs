@@ -370,12 +370,14 @@ fn single_ns(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64, BenchError> {
     Ok(total as f64 / frames.len().max(1) as f64)
 }
 
-fn new_flow_frames(n: u32, vip: Ipv4Addr, salt: u8) -> Vec<Vec<u8>> {
+/// `n` segments with `flags` from never-seen sources: SYNs are picked from the ring and
+/// not remembered, other segments (a connection's first ACK) are picked and inserted.
+fn new_flow_frames(n: u32, vip: Ipv4Addr, salt: u8, flags: u8) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
             let src =
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 200 + salt, (i >> 16) as u8)), (i & 0xffff) as u16);
-            Frame::tcp(src, SocketAddr::new(IpAddr::V4(vip), 80), tcp_flags::SYN)
+            Frame::tcp(src, SocketAddr::new(IpAddr::V4(vip), 80), flags)
                 .with_macs(LB_MAC, CLIENT_MAC)
                 .build()
                 .unwrap_or_default()
@@ -407,12 +409,14 @@ fn datapath(opts: &BenchOptions) -> Result<Vec<CaseResult>, BenchError> {
     case("non-VIP, to the kernel (XDP_PASS)", "repeat", repeat_ns(prog, &non_vip, opts.repeat)?, empty_repeat);
     case("malformed, dropped", "repeat", repeat_ns(prog, &malformed, opts.repeat)?, empty_repeat);
 
-    let frames = new_flow_frames(opts.single_runs, vip_addr(0), 0);
+    let syns = new_flow_frames(opts.single_runs, vip_addr(0), 0, tcp_flags::SYN);
+    let acks = new_flow_frames(opts.single_runs, vip_addr(0), 2, tcp_flags::ACK);
     let same: Vec<Vec<u8>> = (0..opts.single_runs).map(|_| known.clone()).collect();
     let empty_single = single_ns(empty_prog, &same)?;
     case("empty XDP program (baseline)", "single", empty_single, empty_single);
     case("known flow, IPv4 TCP (table hit)", "single", single_ns(prog, &same)?, empty_single);
-    case("new flow, IPv4 TCP (Maglev pick + insert)", "single", single_ns(prog, &frames)?, empty_single);
+    case("new flow, IPv4 TCP SYN (Maglev pick, not remembered)", "single", single_ns(prog, &syns)?, empty_single);
+    case("new flow, IPv4 TCP first ACK (Maglev pick + insert)", "single", single_ns(prog, &acks)?, empty_single);
     Ok(out)
 }
 
@@ -428,7 +432,7 @@ fn flatness(opts: &BenchOptions) -> Result<Vec<FlatResult>, BenchError> {
         let last = vip_addr(vips - 1);
         let known = tcp_frame(40000, SocketAddr::new(IpAddr::V4(last), 80));
         let known_ns = repeat_ns(prog, &known, opts.repeat)?;
-        let new_ns = single_ns(prog, &new_flow_frames(opts.single_runs, last, 1))?;
+        let new_ns = single_ns(prog, &new_flow_frames(opts.single_runs, last, 1, tcp_flags::ACK))?;
         out.push(FlatResult { backends, vips, ring_size: ring, known_flow_ns: known_ns, new_flow_ns: new_ns });
     }
     Ok(out)
