@@ -430,7 +430,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     _ => println!("datapath created by this agent"),
                 }
                 for l in &answer.listeners {
-                    println!("listener {:<16} {:<32} -> {}", l.name, l.vip, l.target_group);
+                    let ring = l.ring_fingerprint.as_deref().unwrap_or("-");
+                    println!("listener {:<16} {:<32} -> {:<16} ring {ring}", l.name, l.vip, l.target_group);
                 }
                 if let Some(ms) = answer.last_datapath_update_ms {
                     println!("last health/drain change reached the datapath in {ms:.2} ms");

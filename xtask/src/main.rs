@@ -107,6 +107,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tmux", "tmux"),
     // `strip` for the package's binary.
     ("binutils", "strip"),
+    // The routing daemon of the scale-out tests (tests/tests/scale_out.rs) and
+    // `lb demo --nodes 2`: BGP announcement of the VIPs to an ECMP router.
+    ("bird2", "bird"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

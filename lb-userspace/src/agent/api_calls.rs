@@ -94,6 +94,12 @@ impl Agent {
                     name: l.name.clone(),
                     vip: l.vip_display(),
                     target_group: l.target_group.clone(),
+                    ring_fingerprint: self
+                        .plan
+                        .vips
+                        .iter()
+                        .find(|v| v.name == l.name)
+                        .map(|v| crate::control::fingerprint::display(v.fingerprint)),
                 })
                 .collect(),
             target_groups: self

@@ -186,6 +186,19 @@ impl Agent {
                 .collect(),
             groups: self.registry.group_counts(&self.config),
             last_datapath_update: self.last_update,
+            rings: self
+                .plan
+                .vips
+                .iter()
+                .map(|v| {
+                    let group = self.config.listeners.iter().find(|l| l.name == v.name);
+                    (
+                        crate::datapath::display_key(&v.key),
+                        group.map(|l| l.target_group.clone()).unwrap_or_default(),
+                        crate::control::fingerprint::display(v.fingerprint),
+                    )
+                })
+                .collect(),
         };
         self.view_index = self.registry.entries().keys().enumerate().map(|(i, key)| (key.clone(), i)).collect();
         if let Ok(mut v) = self.view.lock() {

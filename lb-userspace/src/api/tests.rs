@@ -80,6 +80,7 @@ fn status_answer() -> StatusResponse {
             name: "web".into(),
             vip: "198.18.1.100:80/tcp".into(),
             target_group: "web".into(),
+            ring_fingerprint: Some("00000000000000ab".into()),
         }],
         target_groups: vec![GroupInfo { group: "web".into(), healthy: 1, targets: 2 }],
         last_datapath_update_ms: None,
@@ -219,7 +220,10 @@ async fn status_route() {
         json!({
             "pid": 42, "uptime_secs": 7, "config": "/etc/lb/lb.toml", "interfaces": ["eth0"],
             "pin_dir": "/sys/fs/bpf/lb",
-            "listeners": [{ "name": "web", "vip": "198.18.1.100:80/tcp", "target_group": "web" }],
+            "listeners": [{
+                "name": "web", "vip": "198.18.1.100:80/tcp", "target_group": "web",
+                "ring_fingerprint": "00000000000000ab",
+            }],
             "target_groups": [{ "group": "web", "healthy": 1, "targets": 2 }],
             "last_datapath_update_ms": null,
             "datapath": { "maps": "adopted", "previous_agent": null },

@@ -85,6 +85,12 @@ pub struct ListenerInfo {
     /// `address:port/protocol`, e.g. `198.18.1.100:80/tcp`.
     pub vip: String,
     pub target_group: String,
+    /// Fingerprint of the Maglev ring its new flows are hashed on, over target
+    /// identities (16 hex digits): equal on every LB node that sends each flow to the
+    /// same target. `null` while the listener is not in the datapath (and from older
+    /// agents).
+    #[serde(default)]
+    pub ring_fingerprint: Option<String>,
 }
 
 /// A target group in [`StatusResponse`].
