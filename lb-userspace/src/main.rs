@@ -142,7 +142,8 @@ enum Command {
     },
     /// Remove the datapath a stopped agent left running: detach the XDP program from
     /// every interface and remove the pinned maps. Refused while an agent runs on the
-    /// pin directory (stop it first: SIGTERM, or `systemctl stop lb`).
+    /// pin directory (stop it first: SIGTERM, or `systemctl stop lb`). With `--config`
+    /// and `announce.enabled`, the VIP routes are withdrawn first.
     Detach {
         /// The agent's pin directory (`dataplane.pin_dir`).
         #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
@@ -214,6 +215,20 @@ enum Command {
     },
     /// Show a running agent's listeners, target groups and healthy target counts.
     Status {
+        #[command(flatten)]
+        api: ApiArgs,
+    },
+    /// Take this LB node out of service without dropping flows: withdraw every VIP
+    /// announcement (`[announce]`) at once, keep forwarding what still arrives for
+    /// `announce.drain_delay_secs`, then report `drained` (safe to stop or detach).
+    /// Remembered across agent restarts; `--cancel` announces again.
+    DrainNode {
+        /// Undo a drain: announce again what this node can serve.
+        #[arg(long)]
+        cancel: bool,
+        /// Wait until the drain delay is over (the node is `drained`).
+        #[arg(long, conflicts_with = "cancel")]
+        wait: bool,
         #[command(flatten)]
         api: ApiArgs,
     },
@@ -351,14 +366,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Detach { pin_dir, config: from } => {
-            let pin_dir = match from {
+            let (pin_dir, announce) = match from {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
-                    Config::parse(&text, &path)?.dataplane.pin_dir
+                    let c = Config::parse(&text, &path)?;
+                    (c.dataplane.pin_dir, c.announce)
                 }
-                None => pin_dir,
+                None => (pin_dir, config::Announce::default()),
             };
+            // Withdrawn first, so the routers stop sending before the program goes.
+            if announce.enabled {
+                let changes = lb_userspace::host::routes::blocking::sync(announce.table, &Default::default())
+                    .with_context(|| format!("withdrawing the VIP routes from table {}", announce.table))?;
+                if !changes.removed.is_empty() {
+                    let list: Vec<String> = changes.removed.iter().map(ToString::to_string).collect();
+                    println!("withdrew {} from table {}", list.join(", "), announce.table);
+                }
+            }
             let removed = lb_userspace::datapath::pins::detach_pinned(&pin_dir)
                 .with_context(|| format!("removing the datapath pinned under {}", pin_dir.display()))?;
             if removed.links.is_empty() && removed.maps == 0 {
@@ -439,7 +464,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for g in &answer.target_groups {
                     println!("group    {:<16} {}/{} targets healthy", g.group, g.healthy, g.targets);
                 }
+                if let Some(a) = &answer.announce {
+                    let list: Vec<String> = a.announced.iter().map(ToString::to_string).collect();
+                    let left = a.drain_remaining_secs.map(|s| format!(" ({s:.0} s left)")).unwrap_or_default();
+                    println!(
+                        "node     {}{left}, announcing in table {}: {}",
+                        a.node,
+                        a.table,
+                        if list.is_empty() { "nothing".to_string() } else { list.join(", ") }
+                    );
+                    if let Some(e) = &a.error {
+                        println!("node     announcement failing: {e}");
+                    }
+                }
             })?;
+            Ok(())
+        }
+        Command::DrainNode { cancel, wait, api } => {
+            let client = Client::new(&api.socket);
+            let answer = block_on(client.drain_node(&lb_userspace::api::DrainRequest { cancel }))?;
+            print_answer(&answer, api.json, |a| match a.drain_remaining_secs {
+                Some(left) => println!(
+                    "{}: every VIP withdrawn from table {}; forwarding what still arrives for {left:.0} s",
+                    a.node, a.table
+                ),
+                None => println!("{}: announcing {} address(es) in table {}", a.node, a.announced.len(), a.table),
+            })?;
+            if wait && let Some(left) = answer.drain_remaining_secs {
+                std::thread::sleep(Duration::from_secs_f64(left));
+                loop {
+                    let status = block_on(client.status())?;
+                    match status.announce.map(|a| a.node) {
+                        Some(lb_userspace::api::NodeState::Draining) => std::thread::sleep(Duration::from_millis(200)),
+                        Some(state) => {
+                            println!("{state}");
+                            break;
+                        }
+                        None => anyhow::bail!("the agent no longer announces VIPs (was it reloaded?)"),
+                    }
+                }
+            }
             Ok(())
         }
         Command::Reload { api } => {

@@ -20,6 +20,7 @@ pub(super) enum ApiCall {
     Register(RegisterRequest, Reply<RegisterResponse>),
     Deregister(DeregisterRequest, Reply<DeregisterResponse>),
     Reload(Reply<ReloadResponse>),
+    DrainNode(api::DrainRequest, Reply<api::AnnounceStatus>),
 }
 
 /// The control API's handler.
@@ -53,6 +54,9 @@ impl api::Handler for ApiHandler {
     async fn reload(&self) -> Result<ReloadResponse, ApiFailure> {
         self.ask(ApiCall::Reload).await
     }
+    async fn drain_node(&self, req: api::DrainRequest) -> Result<api::AnnounceStatus, ApiFailure> {
+        self.ask(|r| ApiCall::DrainNode(req, r)).await
+    }
 }
 
 impl Agent {
@@ -68,6 +72,9 @@ impl Agent {
             }
             ApiCall::Deregister(req, reply) => {
                 let _ = reply.send(self.deregister(req).await);
+            }
+            ApiCall::DrainNode(req, reply) => {
+                let _ = reply.send(self.drain_node(req).await);
             }
             ApiCall::Reload(reply) => {
                 let outcome = self.reload().await;
@@ -114,6 +121,7 @@ impl Agent {
                 .last_change
                 .as_ref()
                 .map(|(change, at)| api::LastChange { change: change.clone(), secs_ago: at.elapsed().as_secs_f64() }),
+            announce: self.announce_status(),
         }
     }
 

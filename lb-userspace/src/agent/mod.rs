@@ -13,7 +13,8 @@
 //!   with rollback, replan), the map writes themselves on the datapath thread;
 //! - `targets.rs`: health monitors, probe results, drains, publishing;
 //! - `api_calls.rs`: the control API's requests: changes on the loop, reads off it;
-//! - `published.rs`: the snapshot the API's reads are answered from.
+//! - `published.rs`: the snapshot the API's reads are answered from;
+//! - `announce.rs`: the VIP announcement routes and `lb drain-node`.
 
 use std::{
     collections::HashMap,
@@ -42,6 +43,7 @@ use crate::{
     metrics::{TargetView, View},
 };
 
+mod announce;
 mod api_calls;
 mod published;
 mod state;
@@ -250,7 +252,10 @@ pub async fn run(
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
             Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
-            _ = drains.tick() => agent.expire_drains().await,
+            _ = drains.tick() => {
+                agent.expire_drains().await;
+                agent.announce().await;
+            }
         }
     };
     let pin_dir = agent.config.dataplane.pin_dir.clone();
@@ -274,6 +279,15 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&socket);
     if detach {
+        // Withdrawn first: the routers stop sending before the program goes.
+        if !agent.withdraw_all().await {
+            warn!(
+                table = agent.config.announce.table,
+                "the VIP routes could not be withdrawn: remove them with `ip route flush table {} proto {}`",
+                agent.config.announce.table,
+                host::routes::RTPROT_LB
+            );
+        }
         let removed = agent.dp.run(|dp| dp.detach()).await??;
         info!(interfaces = ?removed.links, maps = removed.maps, "datapath removed");
     } else {
@@ -359,10 +373,14 @@ async fn start(
         log_task,
         api_tx: None,
         datapath_status: api::DatapathStatus { maps: origin.as_str().to_string(), previous_agent },
+        announcer: announce::Announcer::default(),
     };
+    agent.announcer = announce::Announcer::new(&agent.config);
     agent.sync_monitors();
     agent.save_state(&agent.registry.clone(), false).await;
     agent.publish();
+    // Attached and filled: announce what this node can serve.
+    agent.announce().await;
     Ok(agent)
 }
 

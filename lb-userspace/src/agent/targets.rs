@@ -199,6 +199,15 @@ impl Agent {
                     )
                 })
                 .collect(),
+            announced: match (&self.announcer.written, self.config.announce.enabled) {
+                (written, true) => {
+                    let on = written.as_ref().map(|(_, set)| set.clone()).unwrap_or_default();
+                    let all: std::collections::BTreeSet<IpAddr> =
+                        self.config.listeners.iter().map(|l| l.address).collect();
+                    all.into_iter().map(|a| (a.to_string(), on.contains(&a))).collect()
+                }
+                (_, false) => Vec::new(),
+            },
         };
         self.view_index = self.registry.entries().keys().enumerate().map(|(i, key)| (key.clone(), i)).collect();
         if let Ok(mut v) = self.view.lock() {
@@ -219,6 +228,7 @@ impl Agent {
         if let Ok(mut p) = self.published.lock() {
             p.status = status;
             p.last_change_at = self.last_change.as_ref().map(|(_, at)| *at);
+            p.drain_until = self.announcer.drain_until;
             p.groups = groups;
             p.targets = targets;
         }

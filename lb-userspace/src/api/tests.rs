@@ -86,6 +86,7 @@ fn status_answer() -> StatusResponse {
         last_datapath_update_ms: None,
         datapath: DatapathStatus { maps: "adopted".into(), previous_agent: None },
         last_change: None,
+        announce: None,
     }
 }
 
@@ -142,6 +143,11 @@ impl Handler for Fake {
     async fn reload(&self) -> Result<ReloadResponse, ApiFailure> {
         self.record("reload".into());
         Ok(ReloadResponse { reloaded: true })
+    }
+    async fn drain_node(&self, req: DrainRequest) -> Result<AnnounceStatus, ApiFailure> {
+        self.record(format!("drain cancel={}", req.cancel));
+        let node = if req.cancel { NodeState::Serving } else { NodeState::Draining };
+        Ok(AnnounceStatus { table: 100, node, drain_remaining_secs: Some(30.0), ..AnnounceStatus::default() })
     }
 }
 
@@ -228,6 +234,7 @@ async fn status_route() {
             "last_datapath_update_ms": null,
             "datapath": { "maps": "adopted", "previous_agent": null },
             "last_change": null,
+            "announce": null,
         })
     );
     assert_eq!(server.calls(), ["status", "status"]);
@@ -314,6 +321,22 @@ async fn reload_route() {
     assert_eq!(server.client().reload().await.expect("reload"), ReloadResponse { reloaded: true });
     assert_eq!(server.call("POST", "/v1/reload", None).await, (200, json!({ "reloaded": true })));
     assert_eq!(server.calls(), ["reload", "reload"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn drain_node_route() {
+    let server = Server::start();
+    let answer = server.client().drain_node(&DrainRequest { cancel: false }).await.expect("drain");
+    assert_eq!(answer.node, NodeState::Draining);
+    let (status, body) = server.call("POST", "/v1/node/drain", Some(json!({ "cancel": true }))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({ "table": 100, "node": "serving", "drain_remaining_secs": 30.0, "announced": [], "error": null })
+    );
+    assert_eq!(server.call("GET", "/v1/node/drain", None).await.0, 405);
+    assert_eq!(server.calls(), ["drain cancel=false", "drain cancel=true"]);
     server.stop().await;
 }
 

@@ -55,6 +55,55 @@ pub struct StatusResponse {
     /// before the first one (and from agents without this field).
     #[serde(default)]
     pub last_change: Option<LastChange>,
+    /// VIP announcement (`[announce]`): `null` when off (and from older agents).
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// `announce` in [`StatusResponse`], and the answer of `POST /v1/node/drain`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel routing table the routes are in (`announce.table`).
+    pub table: u32,
+    /// `serving` (announcing what it can serve), `draining` (routes withdrawn, still
+    /// forwarding what arrives until the drain delay ends) or `drained` (the delay is
+    /// over: safe to stop or detach).
+    pub node: NodeState,
+    /// While draining: seconds until the drain delay ends; else `null`.
+    pub drain_remaining_secs: Option<f64>,
+    /// The VIP addresses announced now (routes in `table`).
+    pub announced: Vec<IpAddr>,
+    /// The last failure to write the routes (retried every 100 ms); `null` if none.
+    pub error: Option<String>,
+}
+
+/// A node's part in announcing VIPs, see [`AnnounceStatus`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    #[default]
+    Serving,
+    Draining,
+    Drained,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Serving => "serving",
+            NodeState::Draining => "draining",
+            NodeState::Drained => "drained",
+        })
+    }
+}
+
+/// Body of `POST /v1/node/drain`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Undo a drain: announce again what this node can serve.
+    #[serde(default)]
+    pub cancel: bool,
 }
 
 /// `last_change` in [`StatusResponse`].

@@ -11,6 +11,7 @@ use std::{
     str::FromStr,
 };
 
+pub mod announce;
 pub mod health_check;
 
 use lb_common::{
@@ -23,6 +24,7 @@ use lb_common::{
 pub const MAX_NEW_FLOW_CAP_PER_CPU: u32 = 100_000_000;
 use serde::{Deserialize, Serialize};
 
+pub use self::announce::{Announce, AnnounceConfigError};
 pub use self::health_check::{HealthCheck, HealthConfigError};
 
 /// The only config format version so far.
@@ -114,6 +116,8 @@ pub enum ConfigError {
         "target group `{group}` is health checked but has no port to probe: its listeners are UDP or all-ports; set `health_check.port` (NLB checks UDP targets over TCP or HTTP on a health port)"
     )]
     NoProbePort { group: String },
+    #[error(transparent)]
+    Announce(#[from] AnnounceConfigError),
 }
 
 /// Largest deregistration delay (seconds), as NLB.
@@ -237,6 +241,9 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// VIP announcement to a routing daemon (docs/scale-out.md).
+    #[serde(default)]
+    pub announce: Announce,
 }
 
 /// The runtime API (`lb targets ...`, `lb status`, `lb reload`).
@@ -443,6 +450,7 @@ impl Config {
         if dp.new_flow_cap_per_cpu > MAX_NEW_FLOW_CAP_PER_CPU {
             return Err(ConfigError::NewFlowCap { cap: dp.new_flow_cap_per_cpu });
         }
+        self.announce.validate()?;
         if self.listeners.len() > dp.max_vips as usize {
             return Err(ConfigError::TooManyListeners { count: self.listeners.len(), max: dp.max_vips });
         }

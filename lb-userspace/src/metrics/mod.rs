@@ -60,6 +60,8 @@ pub struct View {
     /// Per VIP in the datapath: (VIP as `lb stats` shows it, its group, its ring's
     /// fingerprint as `lb status` shows it).
     pub rings: Vec<(String, String, String)>,
+    /// With `[announce]` on: every listener address and whether it is announced now.
+    pub announced: Vec<(String, bool)>,
 }
 
 const STATES: [TargetState; 5] =
@@ -385,6 +387,13 @@ impl Collector for Scrape {
             view.rings.iter().map(|(vip, group, fp)| {
                 ([("vip", vip.as_str()), ("group", group.as_str()), ("fingerprint", fp.as_str())], 1u64)
             }),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_vip_announced",
+            "1 while this node announces the VIP address to its routing daemon, 0 while it is withdrawn ([announce] on only).",
+            None,
+            view.announced.iter().map(|(addr, on)| ([("address", addr.as_str())], u64::from(*on))),
         )?;
         let checked = || targets().filter(|(t, _)| t.checked);
         gauges(
