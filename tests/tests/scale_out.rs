@@ -106,3 +106,457 @@ fn announcement_routes_follow_health_drain_stop_and_detach() {
     let out = topo.lb.exec("ip", &["route", "show", "table", &TABLE.to_string()]).expect("ip route");
     assert!(String::from_utf8_lossy(&out.stdout).contains("198.18.9.9"), "a route lb does not own stays");
 }
+
+// ---------------------------------------------------------------------------------------
+// Two nodes behind an ECMP router running BIRD
+// ---------------------------------------------------------------------------------------
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use lb_userspace::{
+    datapath::stats::Snapshot,
+    testing::{
+        scale_out::{self, CLIENT4, HOLD_SECS, ScaleOut},
+        topology::{self, Datagrams, ECHO_PORT, StopOnDrop, UDP_PORT},
+    },
+};
+
+/// Field order is drop order: agents (detached), configs, helper threads, namespaces.
+struct Rig {
+    agents: Vec<AgentHandle>,
+    _cfgs: Vec<TempFile>,
+    _stop: StopOnDrop,
+    s: ScaleOut,
+}
+
+fn rig() -> Rig {
+    // 2,000 UDP sockets at once in the flow tests.
+    let limit = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
+    // SAFETY: setrlimit with a valid rlimit struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert!(scale_out::have_bird(), "bird is not installed: run `cargo xtask setup` (Debian package bird2)");
+    let mut s = ScaleOut::build(2, 4).expect("topology");
+    let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    for t in &s.targets {
+        // Detached: they end with `stop` or their time limit.
+        let _ = topology::tcp_echo(&t.ns, t.name.clone(), ECHO_PORT, stop.0.clone(), Duration::from_secs(240));
+    }
+    let mut cfgs = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=2 {
+        let cfg = TempFile::write(&format!("{}-n{i}.toml", s.id), &s.node_config(i, &[1, 2], "")).expect("config");
+        agents.push(AgentHandle::start_in(&s.nodes[i - 1].ns, RunOptions::new(&cfg.0)).expect("agent"));
+        cfgs.push(cfg);
+    }
+    s.start_birds().expect("bird");
+    let took = s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(20)).expect("both nodes announce VIP4");
+    eprintln!("the router routes {VIP4} over both nodes {took:?} after BIRD started");
+    s.wait_next_hops(IpAddr::V6(VIP6), 2, Duration::from_secs(10)).expect("both nodes announce VIP6");
+    Rig { agents, _cfgs: cfgs, _stop: stop, s }
+}
+
+type SinkThread =
+    std::thread::JoinHandle<Result<Result<Datagrams, std::io::Error>, lb_userspace::testing::netns::NetnsError>>;
+
+/// One UDP sink per target on UDP_PORT until the returned flag is set.
+struct Sinks {
+    stop: StopOnDrop,
+    count: Arc<AtomicU64>,
+    threads: Vec<(String, SinkThread)>,
+}
+
+fn sinks(s: &ScaleOut) -> Sinks {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads = s
+        .targets
+        .iter()
+        .map(|t| {
+            (t.name.clone(), topology::udp_sink(&t.ns, UDP_PORT, stop.clone(), count.clone(), Duration::from_secs(120)))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    Sinks { stop: StopOnDrop(stop), count, threads }
+}
+
+impl Sinks {
+    /// Stops the sinks: (target, source, payload) of every datagram.
+    fn collect(self) -> Vec<(String, SocketAddr, Vec<u8>)> {
+        self.stop.0.store(true, Ordering::Relaxed);
+        let mut out = Vec::new();
+        for (name, t) in self.threads {
+            let got = t.join().expect("sink thread").expect("netns").expect("sink");
+            out.extend(got.into_iter().map(|(from, payload)| (name.clone(), from, payload)));
+        }
+        out
+    }
+}
+
+/// Source port -> target, for `flows` one-datagram flows from ports `first..`, as
+/// the datapath chose them. Every flow must arrive, at one target, from the client.
+fn targets_chosen(s: &ScaleOut, first: u16, flows: u16) -> BTreeMap<u16, String> {
+    let sinks = sinks(s);
+    let dst = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
+    let sent = topology::send_udp_flows(&s.client, dst, flows, first, 1).expect("netns").expect("send");
+    topology::wait_for(&sinks.count, sent, Duration::from_secs(10));
+    let mut chosen = BTreeMap::new();
+    for (target, from, _) in sinks.collect() {
+        assert_eq!(from.ip(), IpAddr::V4(CLIENT4), "the target sees the client's own address");
+        let old = chosen.insert(from.port(), target.clone());
+        assert!(old.is_none_or(|o| o == target), "flow {} reached two targets", from.port());
+    }
+    assert_eq!(chosen.len(), flows as usize, "every flow arrived");
+    chosen
+}
+
+/// Routes the client's traffic to the VIP through node `index` only (policy routing on
+/// the router, above the BGP routes), or back to ECMP with `None`.
+fn pin_to_node(s: &ScaleOut, index: Option<usize>) {
+    let _ = s.router.ip(&["rule", "del", "pref", "100"]);
+    let _ = s.router.ip(&["route", "flush", "table", "50"]);
+    if let Some(i) = index {
+        let via = s.nodes[i - 1].uplink4.to_string();
+        s.router.ip(&["route", "add", &format!("{VIP4}/32"), "via", &via, "table", "50"]).expect("route");
+        s.router.ip(&["rule", "add", "pref", "100", "to", &format!("{VIP4}/32"), "lookup", "50"]).expect("rule");
+    }
+}
+
+/// (listener, ring fingerprint) of a node, from `GET /v1/status`.
+fn fingerprints(node: &scale_out::Node) -> Vec<(String, String)> {
+    let (_, status) = api(&node.socket, "GET", "/v1/status", None);
+    status["listeners"]
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| (l["name"].as_str().unwrap_or_default().into(), l["ring_fingerprint"].as_str().unwrap_or("-").into()))
+        .collect()
+}
+
+fn vip_packets(node: &scale_out::Node, vip: &str) -> u64 {
+    let snap = Snapshot::read_pinned(&node.pin_dir).expect("stats");
+    snap.vips.iter().find(|v| v.vip == vip).map_or(0, |v| v.packets)
+}
+
+fn register(node: &scale_out::Node, target: &str) {
+    let (code, body) = api(&node.socket, "POST", "/v1/targets", Some(json!({ "group": "web", "target": target })));
+    assert_eq!(code, 200, "{body}");
+}
+
+/// Every node's datapath picks the same target for each of 2,000 flows, from the config
+/// and after runtime registrations made in different orders on each node; flows from
+/// many source ports spread over both nodes (ECMP, IPv4 and IPv6) and every target, and
+/// targets see the client's address.
+#[test]
+fn nodes_agree_on_every_flows_target_and_ecmp_spreads_over_them() {
+    if !privileged("nodes_agree_on_every_flows_target_and_ecmp_spreads_over_them") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let r = rig();
+    let s = &r.s;
+    let (n1, n2) = (&s.nodes[0], &s.nodes[1]);
+    assert_eq!(fingerprints(n1), fingerprints(n2), "same config, same rings");
+
+    let agreement = |first: u16| {
+        pin_to_node(s, Some(1));
+        let via_n1 = targets_chosen(s, first, 2000);
+        pin_to_node(s, Some(2));
+        let via_n2 = targets_chosen(s, first, 2000);
+        pin_to_node(s, None);
+        let same = via_n1.iter().filter(|(port, t)| via_n2.get(port) == Some(t)).count();
+        let used: BTreeSet<&String> = via_n1.values().collect();
+        (same, used.len())
+    };
+    let (same, used) = agreement(20_000);
+    eprintln!("config targets: {same}/2000 flows got the same target on both nodes, over {used} targets");
+    assert_eq!((same, used), (2000, 2));
+
+    let before = fingerprints(n1);
+    register(n1, "198.18.0.13");
+    register(n1, "198.18.0.14");
+    register(n2, "198.18.0.14");
+    register(n2, "198.18.0.13");
+    wait_until("both nodes have the same rings again", Duration::from_secs(5), || fingerprints(n1) == fingerprints(n2));
+    assert_ne!(fingerprints(n1), before, "new targets, new rings");
+    let ids = |node: &scale_out::Node| -> Vec<(String, u64)> {
+        let (_, list) = api(&node.socket, "GET", "/v1/targets", None);
+        let mut ids: Vec<(String, u64)> = list["targets"]
+            .as_array()
+            .expect("targets")
+            .iter()
+            .map(|t| (t["target"].as_str().unwrap_or_default().into(), t["backend_id"].as_u64().unwrap_or(0)))
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_ne!(ids(n1), ids(n2), "the nodes gave the registered targets other ids");
+    let (same, used) = agreement(23_000);
+    eprintln!("after runtime registrations in different orders: {same}/2000 flows agree, over {used} targets");
+    assert_eq!((same, used), (2000, 4));
+
+    // ECMP: many source ports spread over both nodes and all four targets.
+    let udp = format!("{VIP4}:{UDP_PORT}/udp");
+    let (a1, a2) = (vip_packets(n1, &udp), vip_packets(n2, &udp));
+    let chosen = targets_chosen(s, 26_000, 2000);
+    let (d1, d2) = (vip_packets(n1, &udp) - a1, vip_packets(n2, &udp) - a2);
+    let mut per_target: BTreeMap<&String, usize> = BTreeMap::new();
+    for t in chosen.values() {
+        *per_target.entry(t).or_default() += 1;
+    }
+    eprintln!("ECMP over nodes: n1 {d1}, n2 {d2} of 2000 flows; per target {per_target:?}");
+    assert_eq!(d1 + d2, 2000);
+    assert!(d1 > 500 && d2 > 500, "flows spread over both nodes: n1 {d1}, n2 {d2}");
+    assert_eq!(per_target.len(), 4, "{per_target:?}");
+    // IPv6: the same over the IPv6 sessions (the datapath counts them per node).
+    let udp6 = format!("[{VIP6}]:{UDP_PORT}/udp");
+    let (b1, b2) = (vip_packets(n1, &udp6), vip_packets(n2, &udp6));
+    let dst6 = SocketAddr::new(IpAddr::V6(VIP6), UDP_PORT);
+    s.client
+        .run(move || {
+            for port in 40_000..40_400u16 {
+                let sock = UdpSocket::bind(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port))).expect("bind");
+                sock.send_to(b"v6", dst6).expect("send");
+            }
+        })
+        .expect("netns");
+    std::thread::sleep(Duration::from_millis(500));
+    let (e1, e2) = (vip_packets(n1, &udp6) - b1, vip_packets(n2, &udp6) - b2);
+    eprintln!("IPv6 ECMP over nodes: n1 {e1}, n2 {e2} of 400 flows");
+    assert_eq!(e1 + e2, 400);
+    assert!(e1 > 80 && e2 > 80, "IPv6 flows spread over both nodes: n1 {e1}, n2 {e2}");
+    drop(r);
+}
+
+/// A keep-alive echo connection through the VIP and the target that answers it.
+struct Conn {
+    reader: BufReader<TcpStream>,
+    target: String,
+}
+
+fn echo(conn: &mut BufReader<TcpStream>, msg: &str) -> std::io::Result<String> {
+    conn.get_mut().write_all(format!("{msg}\n").as_bytes())?;
+    let mut line = String::new();
+    conn.read_line(&mut line)?;
+    let (target, rest) = line.trim_end().split_once(": ").ok_or(std::io::ErrorKind::InvalidData)?;
+    if rest != msg {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    Ok(target.to_string())
+}
+
+/// Datagram payload of the flow test: flow index and round.
+fn payload(flow: u16, round: u32) -> [u8; 6] {
+    let mut p = [0u8; 6];
+    p[..2].copy_from_slice(&flow.to_be_bytes());
+    p[2..].copy_from_slice(&round.to_be_bytes());
+    p
+}
+
+fn parse_payload(p: &[u8]) -> Option<(u16, u32)> {
+    let flow = u16::from_be_bytes(p.get(..2)?.try_into().ok()?);
+    let round = u32::from_be_bytes(p.get(2..6)?.try_into().ok()?);
+    Some((flow, round))
+}
+
+const FLOWS: u16 = 2000;
+const ROUND: Duration = Duration::from_millis(200);
+
+/// One LB node fails under 8 keep-alive TCP connections and 2,000 UDP flows, then comes
+/// back. The failure is a hung node: its BIRD frozen (sessions open but silent, so the
+/// router notices only at the BGP hold time) and its agent and datapath gone (frames
+/// that still reach it are lost). Flows move to the other node within the hold time and
+/// keep their targets; no connection is reset; no datagram is lost once the router has
+/// converged (the loss during convergence is measured and printed). The node comes
+/// back with a new agent and fresh maps: its flows return to it, on the same targets.
+#[test]
+fn a_failed_node_moves_its_flows_without_moving_targets() {
+    if !privileged("a_failed_node_moves_its_flows_without_moving_targets") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let mut r = rig();
+    let s = &r.s;
+    let (n1, n2) = (&s.nodes[0], &s.nodes[1]);
+    register(n1, "198.18.0.13");
+    register(n2, "198.18.0.13");
+    wait_until("same rings", Duration::from_secs(5), || fingerprints(n1) == fingerprints(n2));
+
+    // 8 keep-alive connections, 4 through each node: open some, tell by each node's
+    // counters which node carries each.
+    let echo_vip = format!("{VIP4}:{ECHO_PORT}/tcp");
+    let vip = SocketAddr::new(IpAddr::V4(VIP4), ECHO_PORT);
+    let mut by_node: [Vec<Conn>; 2] = [Vec::new(), Vec::new()];
+    for i in 0..40 {
+        if by_node.iter().all(|c| c.len() >= 4) {
+            break;
+        }
+        let (p1, p2) = (vip_packets(n1, &echo_vip), vip_packets(n2, &echo_vip));
+        let mut reader = s
+            .client
+            .run(move || {
+                let c = TcpStream::connect_timeout(&vip, Duration::from_secs(3)).expect("connect to the VIP");
+                c.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+                BufReader::new(c)
+            })
+            .expect("netns");
+        let target = echo(&mut reader, &format!("hello {i}")).expect("first echo");
+        let (d1, d2) = (vip_packets(n1, &echo_vip) - p1, vip_packets(n2, &echo_vip) - p2);
+        let node = match (d1 > 0, d2 > 0) {
+            (true, false) => 0,
+            (false, true) => 1,
+            other => panic!("connection {i} went through {other:?}"),
+        };
+        if by_node[node].len() < 4 {
+            by_node[node].push(Conn { reader, target });
+        }
+    }
+    assert!(by_node.iter().all(|c| c.len() == 4), "4 connections through each node");
+    let conns: Vec<Conn> = by_node.into_iter().flatten().collect();
+
+    // Keep-alive traffic on every connection every ROUND; errors are resets.
+    // Not `r.stop`: that one ends the echo servers.
+    let tcp_stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let stop = tcp_stop.0.clone();
+    let resets = Arc::new(AtomicU64::new(0));
+    let moved = Arc::new(AtomicU64::new(0));
+    let echoes = Arc::new(AtomicU64::new(0));
+    let (resets_t, moved_t, echoes_t, stop_t) = (resets.clone(), moved.clone(), echoes.clone(), stop.clone());
+    let tcp = std::thread::spawn(move || {
+        let mut conns = conns;
+        let mut round = 0u32;
+        while !stop_t.load(Ordering::Relaxed) {
+            for (i, c) in conns.iter_mut().enumerate() {
+                match echo(&mut c.reader, &format!("keep-alive {i} {round}")) {
+                    Ok(t) if t == c.target => drop(echoes_t.fetch_add(1, Ordering::Relaxed)),
+                    Ok(_) => drop(moved_t.fetch_add(1, Ordering::Relaxed)),
+                    Err(_) => drop(resets_t.fetch_add(1, Ordering::Relaxed)),
+                }
+            }
+            round += 1;
+            std::thread::sleep(ROUND);
+        }
+        conns
+    });
+
+    // 2,000 UDP flows, one datagram per flow every ROUND; the start of each round kept.
+    let sinks = sinks(s);
+    let rounds: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+    let udp_stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+    let (rounds_t, udp_stop_t) = (rounds.clone(), udp_stop.0.clone());
+    let dst = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
+    let udp = s.client.spawn(move || -> std::io::Result<()> {
+        let socks: Vec<UdpSocket> = (0..FLOWS)
+            .map(|f| UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 30_000 + f))))
+            .collect::<Result<_, _>>()?;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let mut round = 0u32;
+        while !udp_stop_t.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let start = Instant::now();
+            rounds_t.lock().expect("rounds").push(start);
+            for (f, sock) in socks.iter().enumerate() {
+                sock.send_to(&payload(f as u16, round), dst)?;
+            }
+            round += 1;
+            std::thread::sleep(ROUND.saturating_sub(start.elapsed()));
+        }
+        Ok(())
+    });
+
+    std::thread::sleep(Duration::from_secs(2));
+    let udp4 = format!("{VIP4}:{UDP_PORT}/udp");
+    let n2_before = vip_packets(n2, &udp4);
+    let n2_bird = n2.bird.as_ref().expect("n2's bird");
+    let down = Instant::now();
+    n2_bird.freeze();
+    r.agents.pop().expect("n2's agent").stop().expect("n2's agent and datapath gone");
+    let converged = down + s.wait_next_hops(IpAddr::V4(VIP4), 1, Duration::from_secs(15)).expect("n2 withdrawn");
+    eprintln!(
+        "n2 hung (BIRD frozen, agent and datapath gone): the router routes {VIP4} over n1 only after {:?} (BGP hold time {HOLD_SECS} s)",
+        converged - down
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let up = Instant::now();
+    n2_bird.thaw();
+    r.agents.push(AgentHandle::start_in(&n2.ns, RunOptions::new(&r._cfgs[1].0)).expect("n2's agent again"));
+    let n2_fresh = vip_packets(n2, &udp4);
+    let back = up + s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(20)).expect("n2 announces again");
+    eprintln!(
+        "n2 back (BIRD resumed, a new agent on fresh maps): the router routes over both nodes again after {:?}",
+        back - up
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    udp_stop.0.store(true, Ordering::Relaxed);
+    udp.join().expect("sender thread").expect("netns").expect("send");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let conns = tcp.join().expect("tcp thread");
+    let n2_after = vip_packets(n2, &udp4);
+    let got = sinks.collect();
+
+    // Per flow: the targets that got it; per round: the datagrams that arrived.
+    let rounds = rounds.lock().expect("rounds").clone();
+    let mut targets: HashMap<u16, BTreeSet<String>> = HashMap::new();
+    let mut per_round = vec![0u64; rounds.len()];
+    for (target, from, p) in &got {
+        assert_eq!(from.ip(), IpAddr::V4(CLIENT4));
+        let (flow, round) = parse_payload(p).expect("payload");
+        targets.entry(flow).or_default().insert(target.clone());
+        if let Some(n) = per_round.get_mut(round as usize) {
+            *n += 1;
+        }
+    }
+    let lost = |from: Instant, to: Instant| -> u64 {
+        rounds.iter().zip(&per_round).filter(|(t, _)| **t >= from && **t < to).map(|(_, n)| u64::from(FLOWS) - n).sum()
+    };
+    // A round takes up to ~100 ms to send; a datagram sent just before the switch is
+    // still in flight: one round of margin on each side of a route change.
+    let margin = ROUND * 2;
+    let far = Instant::now() + Duration::from_secs(3600);
+    let (before, during, after, returning, end) = (
+        lost(rounds[0], down),
+        lost(down, converged + margin),
+        lost(converged + margin, up),
+        lost(up, back + margin),
+        lost(back + margin, far),
+    );
+    let lost_rounds: Vec<usize> =
+        per_round.iter().enumerate().filter(|(_, n)| **n < u64::from(FLOWS)).map(|(i, _)| i).collect();
+    eprintln!(
+        "UDP: {} rounds of {FLOWS} flows every {ROUND:?}; lost before the failure {before}, during convergence {during} \
+         ({:?} of traffic to n2's half), after convergence {after}, while n2 came back {returning}, after that {end}; \
+         rounds with loss {lost_rounds:?}",
+        rounds.len(),
+        converged - down
+    );
+    eprintln!(
+        "TCP: {} keep-alive echoes answered by the same target, {} by another, {} failed",
+        echoes.load(Ordering::Relaxed),
+        moved.load(Ordering::Relaxed),
+        resets.load(Ordering::Relaxed)
+    );
+    let multi: Vec<(&u16, &BTreeSet<String>)> = targets.iter().filter(|(_, t)| t.len() > 1).collect();
+    assert!(multi.is_empty(), "flows that changed target: {multi:?}");
+    assert_eq!(targets.len(), FLOWS as usize, "every flow arrived");
+    assert_eq!((before, after, end), (0, 0, 0), "datagrams lost outside convergence");
+    assert!(during > 0, "the failure lost datagrams (the test sees a failure)");
+    assert!(
+        converged - down <= Duration::from_secs(u64::from(HOLD_SECS) + 3),
+        "flows moved within the hold time (plus margin)"
+    );
+    assert_eq!((moved.load(Ordering::Relaxed), resets.load(Ordering::Relaxed)), (0, 0), "keep-alive connections");
+    assert!(n2_after > n2_fresh, "flows returned to n2 once it was back");
+    assert!(n2_before > 0, "n2 carried flows before it failed");
+    for mut c in conns {
+        let t = c.target.clone();
+        assert_eq!(echo(&mut c.reader, "bye").expect("the connection lives"), t);
+    }
+    drop(r);
+}

@@ -5,4 +5,5 @@ pub mod agent;
 pub mod netns;
 pub mod packet;
 pub mod programs;
+pub mod scale_out;
 pub mod topology;
