@@ -462,7 +462,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("last health/drain change reached the datapath in {ms:.2} ms");
                 }
                 for g in &answer.target_groups {
-                    println!("group    {:<16} {}/{} targets healthy", g.group, g.healthy, g.targets);
+                    let spill = if g.zone_spill { ", none in this zone: spilling over to other zones" } else { "" };
+                    println!("group    {:<16} {}/{} targets healthy{spill}", g.group, g.healthy, g.targets);
                 }
                 if let Some(a) = &answer.announce {
                     let list: Vec<String> = a.announced.iter().map(ToString::to_string).collect();

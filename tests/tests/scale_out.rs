@@ -138,6 +138,16 @@ struct Rig {
 }
 
 fn rig() -> Rig {
+    let r = rig_with(&[1, 2], |_| String::new());
+    let took = r.s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(20)).expect("both nodes announce VIP4");
+    eprintln!("the router routes {VIP4} over both nodes {took:?} after BIRD started");
+    r.s.wait_next_hops(IpAddr::V6(VIP6), 2, Duration::from_secs(10)).expect("both nodes announce VIP6");
+    r
+}
+
+/// Two nodes and four targets; node `i`'s config has `targets` and `extra(i)`. BIRD
+/// runs; the caller waits for the routes it expects.
+fn rig_with(targets: &[usize], extra: impl Fn(usize) -> String) -> Rig {
     // 2,000 UDP sockets at once in the flow tests.
     let limit = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
     // SAFETY: setrlimit with a valid rlimit struct.
@@ -152,14 +162,12 @@ fn rig() -> Rig {
     let mut cfgs = Vec::new();
     let mut agents = Vec::new();
     for i in 1..=2 {
-        let cfg = TempFile::write(&format!("{}-n{i}.toml", s.id), &s.node_config(i, &[1, 2], "")).expect("config");
+        let cfg =
+            TempFile::write(&format!("{}-n{i}.toml", s.id), &s.node_config(i, targets, &extra(i))).expect("config");
         agents.push(AgentHandle::start_in(&s.nodes[i - 1].ns, RunOptions::new(&cfg.0)).expect("agent"));
         cfgs.push(cfg);
     }
     s.start_birds().expect("bird");
-    let took = s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(20)).expect("both nodes announce VIP4");
-    eprintln!("the router routes {VIP4} over both nodes {took:?} after BIRD started");
-    s.wait_next_hops(IpAddr::V6(VIP6), 2, Duration::from_secs(10)).expect("both nodes announce VIP6");
     Rig { agents, _cfgs: cfgs, _stop: stop, s }
 }
 
@@ -558,5 +566,99 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         let t = c.target.clone();
         assert_eq!(echo(&mut c.reader, "bye").expect("the connection lives"), t);
     }
+    drop(r);
+}
+
+/// Zonal group settings and zones: b1, b2 in zone a, b3, b4 in zone b; node 1 in a,
+/// node 2 in b; health checks on port 8080; a per-zone address for zone a.
+fn zonal_extra(node: usize, cross_zone: bool) -> String {
+    format!(
+        "cross_zone = {cross_zone}\n\
+         health_check = {{ protocol = \"tcp\", port = 8080, interval_secs = 1, timeout_secs = 1, healthy_threshold = 2, unhealthy_threshold = 2 }}\n\
+         [[listeners]]\nname = \"zone-a\"\naddress = \"{ZONE_A_VIP}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"web\"\nzone = \"a\"\n\
+         [node]\nzone = \"{}\"\n\
+         [[zones]]\nname = \"a\"\nsubnets = [\"198.18.0.11/32\", \"198.18.0.12/32\"]\n\
+         [[zones]]\nname = \"b\"\nsubnets = [\"198.18.0.13/32\", \"198.18.0.14/32\"]\n",
+        if node == 1 { "a" } else { "b" }
+    )
+}
+
+const ZONE_A_VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(198, 18, 1, 101);
+
+/// The targets that `flows` new flows from ports `first..` reach through node `index`.
+fn targets_via(s: &ScaleOut, index: usize, first: u16, flows: u16) -> BTreeSet<String> {
+    pin_to_node(s, Some(index));
+    let chosen = targets_chosen(s, first, flows);
+    pin_to_node(s, None);
+    chosen.into_values().collect()
+}
+
+fn names(list: &[&str]) -> BTreeSet<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// NLB zonality: a zone-a node sends new flows to zone-a targets only; when every
+/// zone-a target fails its health check, new flows spill over to zone b within the
+/// detection time and come back when zone a recovers; `cross_zone = true` spreads over
+/// both zones; a per-zone address is announced by that zone's nodes only.
+#[test]
+fn zones_keep_flows_in_the_nodes_zone_and_spill_over() {
+    if !privileged("zones_keep_flows_in_the_nodes_zone_and_spill_over") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let health = |t: &scale_out::Target| {
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let _ = topology::tcp_echo(&t.ns, t.name.clone(), 8080, stop.0.clone(), Duration::from_secs(120));
+        stop
+    };
+    let r = rig_with(&[1, 2, 3, 4], |i| zonal_extra(i, false));
+    let s = &r.s;
+    let mut servers: Vec<StopOnDrop> = s.targets.iter().map(health).collect();
+    let (n1, n2) = (&s.nodes[0], &s.nodes[1]);
+    let all_healthy =
+        |n: &scale_out::Node| api(&n.socket, "GET", "/v1/status", None).1["target_groups"][0]["healthy"] == 4;
+    wait_until("every target healthy on both nodes", Duration::from_secs(10), || all_healthy(n1) && all_healthy(n2));
+    s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(20)).expect("both nodes announce VIP4");
+    s.wait_next_hops(IpAddr::V4(ZONE_A_VIP), 1, Duration::from_secs(10)).expect("zone a announces its address");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.next_hops(IpAddr::V4(ZONE_A_VIP)), vec![IpAddr::V4(n1.uplink4)], "only zone a's node announces it");
+
+    assert_eq!(targets_via(s, 1, 41_000, 400), names(&["b1", "b2"]), "zone-a node: zone-a targets");
+    assert_eq!(targets_via(s, 2, 41_000, 400), names(&["b3", "b4"]), "zone-b node: zone-b targets");
+
+    // Zone a's targets fail their health checks: new flows spill over to zone b.
+    let failed = Instant::now();
+    servers[0] = StopOnDrop(Arc::new(AtomicBool::new(true)));
+    servers[1] = StopOnDrop(Arc::new(AtomicBool::new(true)));
+    let mut port = 42_000;
+    let took = wait_until("zone-a node spills over to zone b", Duration::from_secs(10), || {
+        port += 50;
+        targets_via(s, 1, port, 50) == names(&["b3", "b4"])
+    });
+    eprintln!(
+        "zone a's targets failed: new flows through the zone-a node spill over to zone b after {took:?} (checks every 1 s, 2 failures)"
+    );
+    assert!(failed.elapsed() < Duration::from_secs(6), "within the health check's detection time");
+    let (_, status) = api(&n1.socket, "GET", "/v1/status", None);
+    assert_eq!(status["target_groups"][0]["zone_spill"], true, "{status}");
+    assert_eq!(targets_via(s, 2, 43_000, 200), names(&["b3", "b4"]), "the zone-b node is unaffected");
+
+    // Zone a recovers: new flows come back to it.
+    servers[0] = health(&s.targets[0]);
+    servers[1] = health(&s.targets[1]);
+    let mut port = 44_000;
+    let took = wait_until("zone-a node back to zone a", Duration::from_secs(10), || {
+        port += 50;
+        targets_via(s, 1, port, 50) == names(&["b1", "b2"])
+    });
+    eprintln!("zone a's targets back: new flows through the zone-a node stay in zone a again after {took:?}");
+
+    // cross_zone = true: every zone's targets.
+    let cfg = &r._cfgs[0];
+    std::fs::write(&cfg.0, s.node_config(1, &[1, 2, 3, 4], &zonal_extra(1, true))).expect("config");
+    r.agents[0].reload().expect("reload with cross_zone");
+    assert_eq!(targets_via(s, 1, 46_000, 400), names(&["b1", "b2", "b3", "b4"]), "cross_zone spreads over both");
+    drop(servers);
     drop(r);
 }

@@ -113,7 +113,12 @@ impl Agent {
                 .registry
                 .group_counts(&self.config)
                 .into_iter()
-                .map(|(group, healthy, targets)| GroupInfo { group, healthy, targets })
+                .map(|(group, healthy, targets)| GroupInfo {
+                    zone_spill: self.plan.zone_spill.contains(&group),
+                    group,
+                    healthy,
+                    targets,
+                })
                 .collect(),
             last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
             datapath: self.datapath_status.clone(),

@@ -150,6 +150,10 @@ pub struct GroupInfo {
     pub healthy: usize,
     /// Its targets in any state.
     pub targets: usize,
+    /// With zones (`node.zone`): this node's zone has no healthy target of the group,
+    /// so its new flows spill over to the other zones. Absent from older agents.
+    #[serde(default)]
+    pub zone_spill: bool,
 }
 
 /// Answer of `GET /v1/targets`.

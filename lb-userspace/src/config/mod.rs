@@ -13,6 +13,7 @@ use std::{
 
 pub mod announce;
 pub mod health_check;
+pub mod zones;
 
 use lb_common::{
     DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NEW_FLOW_CAP_PER_CPU, DEFAULT_RING_SIZE, MAX_BACKENDS,
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::announce::{Announce, AnnounceConfigError};
 pub use self::health_check::{HealthCheck, HealthConfigError};
+pub use self::zones::{Node, Subnet, Zone, ZoneConfigError};
 
 /// The only config format version so far.
 pub const CONFIG_VERSION: u32 = 1;
@@ -118,6 +120,8 @@ pub enum ConfigError {
     NoProbePort { group: String },
     #[error(transparent)]
     Announce(#[from] AnnounceConfigError),
+    #[error(transparent)]
+    Zone(#[from] ZoneConfigError),
 }
 
 /// Largest deregistration delay (seconds), as NLB.
@@ -244,6 +248,12 @@ pub struct Config {
     /// VIP announcement to a routing daemon (docs/scale-out.md).
     #[serde(default)]
     pub announce: Announce,
+    /// This LB node (its zone).
+    #[serde(default)]
+    pub node: Node,
+    /// Zones and the target subnets in each (docs/scale-out.md).
+    #[serde(default)]
+    pub zones: Vec<Zone>,
 }
 
 /// The runtime API (`lb targets ...`, `lb status`, `lb reload`).
@@ -329,6 +339,10 @@ pub struct Listener {
     pub target_group: String,
     #[serde(default)]
     pub hash: HashMode,
+    /// A per-zone address (NLB's one address per zone): announced only by the nodes of
+    /// this zone (`node.zone`). Absent: announced by every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 impl Listener {
@@ -367,6 +381,10 @@ pub struct TargetGroup {
     /// What to do when every target is unhealthy: `fail-open` (default) or `drop`.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
+    /// With `node.zone` set: spread new flows over the healthy targets of every zone
+    /// rather than this node's zone first (NLB's cross-zone load balancing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_zone: bool,
 }
 
 impl TargetGroup {
@@ -451,6 +469,11 @@ impl Config {
             return Err(ConfigError::NewFlowCap { cap: dp.new_flow_cap_per_cpu });
         }
         self.announce.validate()?;
+        zones::validate(
+            &self.zones,
+            &self.node,
+            self.listeners.iter().filter_map(|l| l.zone.as_deref().map(|z| (format!("listener `{}`", l.name), z))),
+        )?;
         if self.listeners.len() > dp.max_vips as usize {
             return Err(ConfigError::TooManyListeners { count: self.listeners.len(), max: dp.max_vips });
         }

@@ -4,7 +4,8 @@
 //! An address is announced while this node can serve it: the agent runs with the
 //! datapath attached (it calls this only then), the node is not drained
 //! (`lb drain-node`), and at least one listener on that address is in the datapath
-//! with a healthy target in its group. A group that fails open forwards what still
+//! with a healthy target in its group. A listener with a `zone` (a per-zone address)
+//! counts only on the nodes of that zone (`node.zone`). A group that fails open forwards what still
 //! arrives but does not attract traffic: a node whose targets are all unhealthy leaves
 //! the flows to nodes that see healthy ones. While the agent is down the routes stay
 //! as they were: the datapath keeps forwarding with the last state.
@@ -33,6 +34,7 @@ pub fn wanted(
         .listeners
         .iter()
         .filter(|l| planned.contains(l.name.as_str()) && healthy_groups.contains(l.target_group.as_str()))
+        .filter(|l| l.zone.is_none() || l.zone == config.node.zone)
         .map(|l| l.address)
         .collect()
 }
@@ -114,5 +116,21 @@ mod tests {
         // A listener not in the datapath yet (waiting for a slot) is not announced.
         assert_eq!(wanted(&c, &planned(&["web", "dns"]), &both, true), ips(&["198.18.1.100"]));
         assert_eq!(wanted(&c, &all, &both, false), ips(&[]), "a drained node announces nothing");
+    }
+
+    #[test]
+    fn a_per_zone_address_is_announced_by_its_zones_nodes_only() {
+        let mut c = config();
+        c.listeners[3].zone = Some("a".into()); // "api", alone on 198.18.1.101
+        let all = planned(&["web", "dns", "web6", "api"]);
+        let both = HashSet::from(["web", "dns"]);
+        let with_zone = |zone: Option<&str>| {
+            let mut c = c.clone();
+            c.node.zone = zone.map(str::to_owned);
+            wanted(&c, &all, &both, true)
+        };
+        assert!(with_zone(Some("a")).contains(&"198.18.1.101".parse().expect("ip")));
+        assert_eq!(with_zone(Some("b")), ips(&["198.18.1.100", "fd00:18:1::100"]), "zone b");
+        assert_eq!(with_zone(None), ips(&["198.18.1.100", "fd00:18:1::100"]), "a node in no zone");
     }
 }

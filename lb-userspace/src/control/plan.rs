@@ -23,7 +23,7 @@ use super::{
     health_state::TargetState,
     maglev::{self, MaglevError},
 };
-use crate::config::{AllUnhealthy, Config, HashMode};
+use crate::config::{AllUnhealthy, Config, HashMode, zones::zone_of};
 
 // What the plan needs to know of the host; `crate::host` finds it out.
 
@@ -87,6 +87,9 @@ pub struct Plan {
     /// Some listeners or targets are left out: the only free ids are ones this plan
     /// frees (see [`Ids`]). Apply it, then build again to add them.
     pub deferred: bool,
+    /// Zonal groups (`node.zone` set, no `cross_zone`) with no healthy target in this
+    /// node's zone, whose new flows spill over to the healthy targets of other zones.
+    pub zone_spill: Vec<String>,
 }
 
 /// A target as the plan sees it: what the agent knows of it now.
@@ -244,16 +247,28 @@ pub fn build_cached(
     let mut backend_groups = BTreeMap::new();
     // Group -> whether it fails open now; its ring is in `cache`.
     let mut fail_open_now: HashMap<&str, bool> = HashMap::new();
+    let mut zone_spill = Vec::new();
     for g in groups {
         let fail_open = config.target_group(&g.name).is_none_or(|c| c.on_all_unhealthy == AllUnhealthy::FailOpen);
         let has_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy);
+        // Zones: new flows go to the healthy targets of this node's zone (targets in no
+        // zone count as local) while it has one; else to every zone's (spill-over).
+        let zonal = config.node.zone.as_deref().filter(|_| !config.target_group(&g.name).is_some_and(|c| c.cross_zone));
+        let local = |ip: IpAddr| zonal.is_none_or(|z| zone_of(&config.zones, ip).is_none_or(|tz| tz == z));
+        let local_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy && local(t.ip));
+        if zonal.is_some() && has_healthy && !local_healthy {
+            zone_spill.push(g.name.clone());
+        }
         let mut in_ring = Vec::new();
         for t in g.targets.iter().filter(|t| t.state != TargetState::Unused) {
             let key = (g.name.clone(), t.ip);
             // No id yet (only quarantined ones are free): in the next plan.
             let Some(&id) = backend_ids.get(&key) else { continue };
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
-            let (ring_member, flags) = role(t, has_healthy, fail_open);
+            let (mut ring_member, flags) = role(t, has_healthy, fail_open);
+            if zonal.is_some() && local_healthy && !local(t.ip) {
+                ring_member = false; // another zone's: keeps its flows, takes no new ones
+            }
             let b = Backend {
                 addr: addr_from_ip(t.ip),
                 dst_mac: r.mac,
@@ -301,14 +316,14 @@ pub fn build_cached(
     }
     next_ids.prune_generations();
     *ids = next_ids;
-    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred })
+    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred, zone_spill })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::host::Interface;
-    use std::{path::Path, time::Instant};
+    use std::{collections::BTreeSet, path::Path, time::Instant};
 
     fn resolved(config: &Config) -> HashMap<IpAddr, Resolved> {
         let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
@@ -704,6 +719,49 @@ mod tests {
         let fewer = node(&[0, 1, 2, 3, 4, 5, 6], 0, false);
         assert_ne!(fewer.vips[0].fingerprint, a.vips[0].fingerprint, "one target less");
         assert_eq!(fewer.vips[2].fingerprint, a.vips[2].fingerprint, "the other group is unchanged");
+    }
+
+    /// Node in zone a, targets .11/.12 in a, .21/.22 in b: new flows go to a's healthy
+    /// targets, spill over to every zone's healthy ones when a has none, and come back;
+    /// `cross_zone` spreads over all; a target in no zone counts as local.
+    #[test]
+    fn zonal_rings_prefer_this_zone_and_spill_over() {
+        use TargetState::*;
+        let mut c =
+            config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }, { ip = "198.18.0.21" }, { ip = "198.18.0.22" }"#);
+        c.node.zone = Some("a".into());
+        let zone = |name: &str, subnet: &str| crate::config::Zone {
+            name: name.into(),
+            subnets: vec![subnet.parse().expect("subnet")],
+        };
+        c.zones = vec![zone("a", "198.18.0.8/29"), zone("b", "198.18.0.16/28")];
+        c.validate().expect("valid zones");
+        let res = resolved(&c);
+        let ring_targets = |c: &Config, states: &[TargetState]| -> (BTreeSet<String>, Vec<String>) {
+            let p = build_with(c, &with_states(c, states), &res, &mut Allocators::new(8)).expect("plan");
+            let ips = p.vips[0].ring.iter().map(|id| p.backends[id].0.to_string()).collect();
+            (ips, p.zone_spill)
+        };
+        let set = |l: &[&str]| -> BTreeSet<String> { l.iter().map(|s| s.to_string()).collect() };
+        let (ring, spill) = ring_targets(&c, &[Healthy; 4]);
+        assert_eq!((ring, spill.len()), (set(&["198.18.0.11", "198.18.0.12"]), 0), "zone a only");
+        let (ring, spill) = ring_targets(&c, &[Healthy, Unhealthy, Healthy, Healthy]);
+        assert_eq!(ring, set(&["198.18.0.11"]), "a's other healthy target");
+        assert!(spill.is_empty());
+        let (ring, spill) = ring_targets(&c, &[Unhealthy, Initial, Healthy, Healthy]);
+        assert_eq!((ring, spill), (set(&["198.18.0.21", "198.18.0.22"]), vec!["g".to_string()]), "spill-over");
+        let (ring, _) = ring_targets(&c, &[Unhealthy, Unhealthy, Unhealthy, Unhealthy]);
+        assert_eq!(ring.len(), 4, "nothing healthy anywhere: fail-open over every zone");
+        let mut cross = c.clone();
+        cross.target_groups[0].cross_zone = true;
+        assert_eq!(ring_targets(&cross, &[Healthy; 4]).0.len(), 4, "cross_zone spreads over both zones");
+        let mut nozone = c.clone();
+        nozone.node.zone = None;
+        assert_eq!(ring_targets(&nozone, &[Healthy; 4]).0.len(), 4, "zones off without node.zone");
+        let mut unzoned = c.clone();
+        unzoned.zones[1].subnets = vec!["198.18.0.21/32".parse().expect("subnet")];
+        let (ring, _) = ring_targets(&unzoned, &[Healthy; 4]);
+        assert_eq!(ring, set(&["198.18.0.11", "198.18.0.12", "198.18.0.22"]), "a target in no zone is local");
     }
 
     #[test]
