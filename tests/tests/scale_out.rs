@@ -377,6 +377,95 @@ fn parse_payload(p: &[u8]) -> Option<(u16, u32)> {
 const FLOWS: u16 = 2000;
 const ROUND: Duration = Duration::from_millis(200);
 
+/// [`FLOWS`] UDP flows from ports `first..`, one datagram per flow every [`ROUND`], to
+/// VIP4, received by a sink on every target.
+struct UdpFlows {
+    stop: StopOnDrop,
+    rounds: Arc<Mutex<Vec<Instant>>>,
+    sender: std::thread::JoinHandle<Result<std::io::Result<()>, lb_userspace::testing::netns::NetnsError>>,
+    sinks: Sinks,
+}
+
+/// What [`UdpFlows`] measured.
+struct FlowReport {
+    /// When each round started.
+    rounds: Vec<Instant>,
+    /// Datagrams of each round that arrived.
+    per_round: Vec<u64>,
+    /// Per flow, the targets that got it.
+    targets: HashMap<u16, BTreeSet<String>>,
+}
+
+impl UdpFlows {
+    fn start(s: &ScaleOut, first: u16) -> UdpFlows {
+        let sinks = sinks(s);
+        let rounds: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let (rounds_t, stop_t) = (rounds.clone(), stop.0.clone());
+        let dst = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
+        let sender = s.client.spawn(move || -> std::io::Result<()> {
+            let socks: Vec<UdpSocket> = (0..FLOWS)
+                .map(|f| UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], first + f))))
+                .collect::<Result<_, _>>()?;
+            let deadline = Instant::now() + Duration::from_secs(90);
+            let mut round = 0u32;
+            while !stop_t.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let start = Instant::now();
+                rounds_t.lock().expect("rounds").push(start);
+                for (f, sock) in socks.iter().enumerate() {
+                    sock.send_to(&payload(f as u16, round), dst)?;
+                }
+                round += 1;
+                std::thread::sleep(ROUND.saturating_sub(start.elapsed()));
+            }
+            Ok(())
+        });
+        UdpFlows { stop, rounds, sender, sinks }
+    }
+
+    fn finish(self) -> FlowReport {
+        self.stop.0.store(true, Ordering::Relaxed);
+        self.sender.join().expect("sender thread").expect("netns").expect("send");
+        std::thread::sleep(Duration::from_millis(300));
+        let got = self.sinks.collect();
+        let rounds = self.rounds.lock().expect("rounds").clone();
+        let mut targets: HashMap<u16, BTreeSet<String>> = HashMap::new();
+        let mut per_round = vec![0u64; rounds.len()];
+        for (target, from, p) in &got {
+            assert_eq!(from.ip(), IpAddr::V4(CLIENT4), "the target sees the client's own address");
+            let (flow, round) = parse_payload(p).expect("payload");
+            targets.entry(flow).or_default().insert(target.clone());
+            if let Some(n) = per_round.get_mut(round as usize) {
+                *n += 1;
+            }
+        }
+        FlowReport { rounds, per_round, targets }
+    }
+}
+
+impl FlowReport {
+    /// Datagrams lost of the rounds that started in `from..to`.
+    fn lost(&self, from: Instant, to: Instant) -> u64 {
+        self.rounds
+            .iter()
+            .zip(&self.per_round)
+            .filter(|(t, _)| **t >= from && **t < to)
+            .map(|(_, n)| u64::from(FLOWS).saturating_sub(*n))
+            .sum()
+    }
+
+    fn lost_rounds(&self) -> Vec<usize> {
+        self.per_round.iter().enumerate().filter(|(_, n)| **n < u64::from(FLOWS)).map(|(i, _)| i).collect()
+    }
+
+    /// Every flow arrived, each at one target only.
+    fn assert_kept_targets(&self) {
+        let multi: Vec<(&u16, &BTreeSet<String>)> = self.targets.iter().filter(|(_, t)| t.len() > 1).collect();
+        assert!(multi.is_empty(), "flows that changed target: {multi:?}");
+        assert_eq!(self.targets.len(), FLOWS as usize, "every flow arrived");
+    }
+}
+
 /// One LB node fails under 8 keep-alive TCP connections and 2,000 UDP flows, then comes
 /// back. The failure is a hung node: its BIRD frozen (sessions open but silent, so the
 /// router notices only at the BGP hold time) and its agent and datapath gone (frames
@@ -454,29 +543,7 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         conns
     });
 
-    // 2,000 UDP flows, one datagram per flow every ROUND; the start of each round kept.
-    let sinks = sinks(s);
-    let rounds: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-    let udp_stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
-    let (rounds_t, udp_stop_t) = (rounds.clone(), udp_stop.0.clone());
-    let dst = SocketAddr::new(IpAddr::V4(VIP4), UDP_PORT);
-    let udp = s.client.spawn(move || -> std::io::Result<()> {
-        let socks: Vec<UdpSocket> = (0..FLOWS)
-            .map(|f| UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 30_000 + f))))
-            .collect::<Result<_, _>>()?;
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut round = 0u32;
-        while !udp_stop_t.load(Ordering::Relaxed) && Instant::now() < deadline {
-            let start = Instant::now();
-            rounds_t.lock().expect("rounds").push(start);
-            for (f, sock) in socks.iter().enumerate() {
-                sock.send_to(&payload(f as u16, round), dst)?;
-            }
-            round += 1;
-            std::thread::sleep(ROUND.saturating_sub(start.elapsed()));
-        }
-        Ok(())
-    });
+    let flows = UdpFlows::start(s, 30_000);
 
     std::thread::sleep(Duration::from_secs(2));
     let udp4 = format!("{VIP4}:{UDP_PORT}/udp");
@@ -501,29 +568,12 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         back - up
     );
     std::thread::sleep(Duration::from_secs(3));
-    udp_stop.0.store(true, Ordering::Relaxed);
-    udp.join().expect("sender thread").expect("netns").expect("send");
-    std::thread::sleep(Duration::from_millis(300));
+    let report = flows.finish();
     stop.store(true, Ordering::Relaxed);
     let conns = tcp.join().expect("tcp thread");
     let n2_after = vip_packets(n2, &udp4);
-    let got = sinks.collect();
 
-    // Per flow: the targets that got it; per round: the datagrams that arrived.
-    let rounds = rounds.lock().expect("rounds").clone();
-    let mut targets: HashMap<u16, BTreeSet<String>> = HashMap::new();
-    let mut per_round = vec![0u64; rounds.len()];
-    for (target, from, p) in &got {
-        assert_eq!(from.ip(), IpAddr::V4(CLIENT4));
-        let (flow, round) = parse_payload(p).expect("payload");
-        targets.entry(flow).or_default().insert(target.clone());
-        if let Some(n) = per_round.get_mut(round as usize) {
-            *n += 1;
-        }
-    }
-    let lost = |from: Instant, to: Instant| -> u64 {
-        rounds.iter().zip(&per_round).filter(|(t, _)| **t >= from && **t < to).map(|(_, n)| u64::from(FLOWS) - n).sum()
-    };
+    let (rounds, lost) = (&report.rounds, |from, to| report.lost(from, to));
     // A round takes up to ~100 ms to send; a datagram sent just before the switch is
     // still in flight: one round of margin on each side of a route change.
     let margin = ROUND * 2;
@@ -535,8 +585,7 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         lost(up, back + margin),
         lost(back + margin, far),
     );
-    let lost_rounds: Vec<usize> =
-        per_round.iter().enumerate().filter(|(_, n)| **n < u64::from(FLOWS)).map(|(i, _)| i).collect();
+    let lost_rounds = report.lost_rounds();
     eprintln!(
         "UDP: {} rounds of {FLOWS} flows every {ROUND:?}; lost before the failure {before}, during convergence {during} \
          ({:?} of traffic to n2's half), after convergence {after}, while n2 came back {returning}, after that {end}; \
@@ -550,9 +599,7 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         moved.load(Ordering::Relaxed),
         resets.load(Ordering::Relaxed)
     );
-    let multi: Vec<(&u16, &BTreeSet<String>)> = targets.iter().filter(|(_, t)| t.len() > 1).collect();
-    assert!(multi.is_empty(), "flows that changed target: {multi:?}");
-    assert_eq!(targets.len(), FLOWS as usize, "every flow arrived");
+    report.assert_kept_targets();
     assert_eq!((before, after, end), (0, 0, 0), "datagrams lost outside convergence");
     assert!(during > 0, "the failure lost datagrams (the test sees a failure)");
     assert!(
@@ -660,5 +707,49 @@ fn zones_keep_flows_in_the_nodes_zone_and_spill_over() {
     r.agents[0].reload().expect("reload with cross_zone");
     assert_eq!(targets_via(s, 1, 46_000, 400), names(&["b1", "b2", "b3", "b4"]), "cross_zone spreads over both");
     drop(servers);
+    drop(r);
+}
+
+/// `lb drain-node` on one node under 2,000 UDP flows: its routes are withdrawn at once,
+/// the router moves its flows to the other node while the drained node still forwards
+/// what arrives, so not one datagram is lost and no flow changes target; after the
+/// drain delay the node reports `drained`; `--cancel` brings its flows back.
+#[test]
+fn a_drained_node_hands_its_flows_over_without_loss() {
+    if !privileged("a_drained_node_hands_its_flows_over_without_loss") {
+        return;
+    }
+    let _lock = traffic_lock();
+    let r = rig();
+    let s = &r.s;
+    let n2 = &s.nodes[1];
+    let flows = UdpFlows::start(s, 50_000);
+    std::thread::sleep(Duration::from_secs(2));
+    let asked = Instant::now();
+    let (code, answer) = api(&n2.socket, "POST", "/v1/node/drain", Some(json!({})));
+    assert_eq!((code, answer["node"].as_str()), (200, Some("draining")), "{answer}");
+    let moved = s.wait_next_hops(IpAddr::V4(VIP4), 1, Duration::from_secs(5)).expect("n2 withdrawn");
+    eprintln!("lb drain-node on n2: the router routes {VIP4} over n1 only {moved:?} after the request");
+    wait_until("drained after the delay", Duration::from_secs(5), || {
+        api(&n2.socket, "GET", "/v1/status", None).1["announce"]["node"] == "drained"
+    });
+    let drained = asked.elapsed();
+    let udp4 = format!("{VIP4}:{UDP_PORT}/udp");
+    let quiet = vip_packets(n2, &udp4);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(vip_packets(n2, &udp4), quiet, "nothing reaches a drained node");
+    let (code, _) = api(&n2.socket, "POST", "/v1/node/drain", Some(json!({ "cancel": true })));
+    assert_eq!(code, 200);
+    let back = s.wait_next_hops(IpAddr::V4(VIP4), 2, Duration::from_secs(5)).expect("n2 announces again");
+    std::thread::sleep(Duration::from_secs(1));
+    let report = flows.finish();
+    assert!(vip_packets(n2, &udp4) > quiet, "flows came back to n2");
+    let lost: u64 = report.lost(report.rounds[0], Instant::now() + Duration::from_secs(3600));
+    eprintln!(
+        "drain: {} rounds of {FLOWS} flows, {lost} datagrams lost; drained {drained:?} after the request, back {back:?} after the cancel",
+        report.rounds.len()
+    );
+    report.assert_kept_targets();
+    assert_eq!(lost, 0, "rounds with loss: {:?}", report.lost_rounds());
     drop(r);
 }
