@@ -292,6 +292,10 @@ enum Command {
         /// (to look around with `ip netns exec` and `lb stats --pin-dir ...`).
         #[arg(long, default_value_t = 0)]
         linger: u64,
+        /// Run that many LB nodes (2..=4) behind an ECMP router instead, each
+        /// announcing the VIPs over BGP through its own BIRD (needs bird2).
+        #[arg(long)]
+        nodes: Option<usize>,
     },
 }
 
@@ -564,9 +568,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "tools")]
-        Command::Demo { udp_flows, linger } => {
-            use lb_userspace::tools::demo;
-            demo::run(demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) })
+        Command::Demo { udp_flows, linger, nodes } => {
+            use lb_userspace::tools::{demo, demo_nodes};
+            let opts = demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) };
+            match nodes {
+                Some(n) => demo_nodes::run(opts, n),
+                None => demo::run(opts),
+            }
         }
     }
 }
