@@ -141,77 +141,33 @@ impl Drop for Bird {
     }
 }
 
-/// The BIRD config of LB node `index` (1-based): import the announcement table
-/// (`kernel table`, `learn`: routes another program added), export it over eBGP to the
-/// router, over IPv4 and IPv6.
+/// The shipped BIRD configs (docs/scale-out.md), which the rig runs.
+const NODE_CONF: &str = include_str!("../../../dist/bird/lb-node.conf");
+const ROUTER_CONF: &str = include_str!("../../../dist/bird/router.conf");
+
+/// The BIRD config of LB node `index` (1-based): `dist/bird/lb-node.conf` (written for
+/// node 1) with this node's addresses, AS number and `table`, logging to stderr.
+/// It imports the announcement table (`kernel table`, `learn`: routes another program
+/// added) and exports it over eBGP to the router, over IPv4 and IPv6.
 pub fn node_bird_config(index: usize, table: u32) -> String {
-    let (up4, up6) = (node_uplink4(index), node_uplink6(index));
-    let (router4, router6) = (router_uplink4(index), router_uplink6(index));
-    let asn = NODE_AS_BASE + index as u32;
-    format!(
-        r#"# LB node {index}: announce the VIPs lb keeps in kernel table {table} to the router.
-router id {up4};
-log stderr all;
-ipv4 table lbvips4;
-ipv6 table lbvips6;
-protocol device {{ scan time 10; }}
-# lb's announcement routes (blackhole, proto 251) into BIRD: `learn` takes routes
-# another program put in the kernel table; BIRD sees changes at once (netlink).
-protocol kernel lbtable4 {{
-    kernel table {table};
-    learn;
-    scan time 10;
-    ipv4 {{ table lbvips4; import all; export none; }};
-}}
-protocol kernel lbtable6 {{
-    kernel table {table};
-    learn;
-    scan time 10;
-    ipv6 {{ table lbvips6; import all; export none; }};
-}}
-template bgp uplink {{
-    local as {asn};
-    neighbor as {ROUTER_AS};
-    hold time {HOLD_SECS};
-    keepalive time {KEEPALIVE_SECS};
-    connect retry time {CONNECT_RETRY_SECS};
-    error wait time {CONNECT_RETRY_SECS}, {CONNECT_RETRY_SECS};
-    graceful restart off;
-}}
-protocol bgp router4 from uplink {{
-    local {up4};
-    neighbor {router4};
-    ipv4 {{ table lbvips4; import none; export all; next hop self; }};
-}}
-protocol bgp router6 from uplink {{
-    local {up6};
-    neighbor {router6};
-    ipv6 {{ table lbvips6; import none; export all; next hop self; }};
-}}
-"#
-    )
+    NODE_CONF
+        .replace("log syslog all;", "log stderr all;")
+        .replace("router id 198.18.4.2;", &format!("router id {};", node_uplink4(index)))
+        .replace("local 198.18.4.2;", &format!("local {};", node_uplink4(index)))
+        .replace("neighbor 198.18.4.1;", &format!("neighbor {};", router_uplink4(index)))
+        .replace("local fd00:18:4::2;", &format!("local {};", node_uplink6(index)))
+        .replace("neighbor fd00:18:4::1;", &format!("neighbor {};", router_uplink6(index)))
+        .replace("local as 65001;", &format!("local as {};", NODE_AS_BASE + index as u32))
+        .replace("neighbor as 65000;", &format!("neighbor as {ROUTER_AS};"))
+        .replace("kernel table 100;", &format!("kernel table {table};"))
 }
 
-/// The router's BIRD config: learn the VIPs from every node and install them in the
-/// kernel as one multipath route (`merge paths`).
+/// The router's BIRD config: `dist/bird/router.conf` (written for 2 nodes) with one
+/// pair of sessions per node, logging to stderr. It learns the VIPs from every node
+/// and installs them in the kernel as one multipath route (`merge paths`).
 pub fn router_bird_config(nodes: usize) -> String {
-    let mut out = format!(
-        r#"# The ECMP router: one eBGP session per LB node (IPv4 and IPv6), equal routes merged.
-router id {ROUTER_ON_TARGETS4};
-log stderr all;
-protocol device {{ scan time 10; }}
-protocol kernel {{ merge paths yes limit 16; ipv4 {{ import none; export all; }}; }}
-protocol kernel {{ merge paths yes limit 16; ipv6 {{ import none; export all; }}; }}
-template bgp lbnode {{
-    local as {ROUTER_AS};
-    hold time {HOLD_SECS};
-    keepalive time {KEEPALIVE_SECS};
-    connect retry time {CONNECT_RETRY_SECS};
-    error wait time {CONNECT_RETRY_SECS}, {CONNECT_RETRY_SECS};
-    graceful restart off;
-}}
-"#
-    );
+    let common = ROUTER_CONF.split("protocol bgp n1v4").next().unwrap_or_default();
+    let mut out = common.replace("log syslog all;", "log stderr all;");
     for i in 1..=nodes {
         let asn = NODE_AS_BASE + i as u32;
         out.push_str(&format!(
@@ -550,4 +506,26 @@ pub fn have_bird() -> bool {
             .args(["-c", "command -v bird >/dev/null 2>&1"])
             .status()
             .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rig_runs_the_shipped_bird_configs() {
+        let log = |s: &str| s.replace("log syslog all;", "log stderr all;");
+        assert_eq!(router_bird_config(2), log(ROUTER_CONF), "dist/bird/router.conf is the 2-node router config");
+        assert_eq!(node_bird_config(1, 100), log(NODE_CONF), "dist/bird/lb-node.conf is node 1's");
+        let n2 = node_bird_config(2, 4100);
+        for line in ["local 198.18.5.2;", "neighbor 198.18.5.1;", "local as 65002;", "kernel table 4100;"] {
+            assert!(n2.contains(line), "{line} missing:\n{n2}");
+        }
+        assert!(!n2.contains("198.18.4."), "{n2}");
+        for conf in [NODE_CONF, ROUTER_CONF] {
+            assert!(conf.contains(&format!("hold time {HOLD_SECS};")), "the timers the docs state");
+            assert!(conf.contains(&format!("keepalive time {KEEPALIVE_SECS};")));
+            assert!(conf.contains(&format!("connect retry time {CONNECT_RETRY_SECS};")));
+        }
+    }
 }
