@@ -164,7 +164,10 @@ impl Agent {
             self.announcer.node = NodeState::Serving;
             self.announcer.drain_until = None;
         } else {
-            std::fs::write(&marker, b"drained by `lb drain-node`; `lb drain-node --cancel` undoes it\n")
+            std::fs::create_dir_all(&self.config.dataplane.state_dir)
+                .and_then(|()| {
+                    std::fs::write(&marker, b"drained by `lb drain-node`; `lb drain-node --cancel` undoes it\n")
+                })
                 .map_err(|e| ApiFailure::internal(format!("writing {}: {e}", marker.display())))?;
             if self.announcer.node == NodeState::Serving {
                 let delay = Duration::from_secs(self.config.announce.drain_delay_secs);

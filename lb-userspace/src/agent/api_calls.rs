@@ -87,6 +87,7 @@ impl Agent {
     }
 
     pub(super) fn status(&self) -> StatusResponse {
+        let rings: HashMap<&str, u64> = self.plan.vips.iter().map(|v| (v.name.as_str(), v.fingerprint)).collect();
         StatusResponse {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -101,12 +102,7 @@ impl Agent {
                     name: l.name.clone(),
                     vip: l.vip_display(),
                     target_group: l.target_group.clone(),
-                    ring_fingerprint: self
-                        .plan
-                        .vips
-                        .iter()
-                        .find(|v| v.name == l.name)
-                        .map(|v| crate::control::fingerprint::display(v.fingerprint)),
+                    ring_fingerprint: rings.get(l.name.as_str()).map(|f| crate::control::fingerprint::display(*f)),
                 })
                 .collect(),
             target_groups: self

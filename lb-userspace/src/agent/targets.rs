@@ -186,19 +186,21 @@ impl Agent {
                 .collect(),
             groups: self.registry.group_counts(&self.config),
             last_datapath_update: self.last_update,
-            rings: self
-                .plan
-                .vips
-                .iter()
-                .map(|v| {
-                    let group = self.config.listeners.iter().find(|l| l.name == v.name);
-                    (
-                        crate::datapath::display_key(&v.key),
-                        group.map(|l| l.target_group.clone()).unwrap_or_default(),
-                        crate::control::fingerprint::display(v.fingerprint),
-                    )
-                })
-                .collect(),
+            rings: {
+                let groups: HashMap<&str, &str> =
+                    self.config.listeners.iter().map(|l| (l.name.as_str(), l.target_group.as_str())).collect();
+                self.plan
+                    .vips
+                    .iter()
+                    .map(|v| {
+                        (
+                            crate::datapath::display_key(&v.key),
+                            groups.get(v.name.as_str()).map(|g| g.to_string()).unwrap_or_default(),
+                            crate::control::fingerprint::display(v.fingerprint),
+                        )
+                    })
+                    .collect()
+            },
             announced: match (&self.announcer.written, self.config.announce.enabled) {
                 (written, true) => {
                     let on = written.as_ref().map(|(_, set)| set.clone()).unwrap_or_default();
