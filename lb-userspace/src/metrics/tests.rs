@@ -172,8 +172,8 @@ fn two_groups() -> (View, Snapshot) {
         ],
         groups: vec![("api".into(), 1, 1), ("spare".into(), 0, 1), ("web".into(), 1, 2)],
         last_datapath_update: Some(Duration::from_micros(1500)),
-        rings: Vec::new(),
-        announced: Vec::new(),
+        rings: vec![("198.18.1.100:80/tcp".into(), "web".into(), "00000000000000ab".into())],
+        announced: vec![("198.18.1.100".into(), true)],
     };
     let backend = |id, addr: &str, packets| BackendStats {
         id,
@@ -383,6 +383,8 @@ fn the_grafana_dashboard_uses_only_exported_metrics() {
         "lb_connection_table_capacity",
         "lb_new_flows_total",
         "lb_datapath_update_latency_seconds",
+        "lb_vip_ring_fingerprint",
+        "lb_vip_announced",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }
