@@ -101,6 +101,12 @@ fn announcement_routes_follow_health_drain_stop_and_detach() {
     agent.stop_leaving_datapath().expect("stop");
     assert_eq!(announced(&topo), both_vips(), "the routes stay while the agent is down");
     let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&cfg.0)).expect("agent again");
+    // The new agent resumes the saved health states: no withdrawal while it starts.
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        assert_eq!(announced(&topo), both_vips(), "a restarted agent keeps announcing");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     agent.stop().expect("detach");
     assert!(announced(&topo).is_empty(), "detach withdraws");
     let out = topo.lb.exec("ip", &["route", "show", "table", &TABLE.to_string()]).expect("ip route");
