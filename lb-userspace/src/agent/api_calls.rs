@@ -110,7 +110,7 @@ impl Agent {
                 .group_counts(&self.config)
                 .into_iter()
                 .map(|(group, healthy, targets)| GroupInfo {
-                    zone_spill: self.plan.zone_spill.contains(&group),
+                    zone_spill: self.zone_spill.contains(&group),
                     group,
                     healthy,
                     targets,

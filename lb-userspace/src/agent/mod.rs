@@ -238,6 +238,9 @@ pub async fn run(
     // that failed, and removes targets whose deregistration delay has ended.
     let mut drains = tokio::time::interval(TICK);
     drains.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // VIP announcement (`announce.rs`): the routes follow what this node can serve.
+    let mut announce_tick = tokio::time::interval(TICK);
+    announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let detach = loop {
         tokio::select! {
             cmd = control.recv() => match cmd {
@@ -251,11 +254,9 @@ pub async fn run(
                 Some(Control::Detach) => break true,
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
+            _ = announce_tick.tick() => agent.announce().await,
             Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
-            _ = drains.tick() => {
-                agent.expire_drains().await;
-                agent.announce().await;
-            }
+            _ = drains.tick() => agent.expire_drains().await,
         }
     };
     let pin_dir = agent.config.dataplane.pin_dir.clone();
@@ -374,6 +375,7 @@ async fn start(
         api_tx: None,
         datapath_status: api::DatapathStatus { maps: origin.as_str().to_string(), previous_agent },
         announcer: announce::Announcer::default(),
+        zone_spill: Vec::new(),
     };
     agent.announcer = announce::Announcer::new(&agent.config);
     agent.sync_monitors();

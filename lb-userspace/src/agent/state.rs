@@ -41,17 +41,8 @@ pub(super) struct Agent {
     pub(super) datapath_status: api::DatapathStatus,
     /// VIP announcement and node drain (`announce.rs`).
     pub(super) announcer: super::announce::Announcer,
-}
-
-/// Logs the groups that start or stop spilling new flows over to other zones.
-fn log_zone_spill(old: &plan::Plan, new: &plan::Plan, zone: Option<&str>) {
-    let zone = zone.unwrap_or_default();
-    for g in new.zone_spill.iter().filter(|g| !old.zone_spill.contains(g)) {
-        warn!(group = %g, zone, "no healthy target in this node's zone: new flows spill over to the other zones");
-    }
-    for g in old.zone_spill.iter().filter(|g| !new.zone_spill.contains(g)) {
-        info!(group = %g, zone, "healthy targets in this node's zone again: new flows stay in the zone");
-    }
+    /// Groups whose new flows spill over to other zones, as last published.
+    pub(super) zone_spill: Vec<String>,
 }
 
 /// Plans written for one change: the second adds what waited for ids the first freed.
@@ -114,7 +105,6 @@ impl Agent {
                 Err(e) => return self.roll_back(ids_before, plan_before, e).await,
             }
             self.ids = ids;
-            log_zone_spill(&self.plan, &plan, self.config.node.zone.as_deref());
             self.plan = plan;
             if !self.plan.deferred {
                 self.save_state(registry, false).await;

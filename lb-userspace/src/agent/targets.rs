@@ -162,6 +162,7 @@ impl Agent {
     /// Publishes every target's state for the metrics endpoint (after a change of the
     /// target set or of any state: O(targets)).
     pub(super) fn publish(&mut self) {
+        self.log_zone_spill();
         let ids: HashMap<(&str, IpAddr), u32> = self
             .plan
             .backends
@@ -234,6 +235,23 @@ impl Agent {
             p.groups = groups;
             p.targets = targets;
         }
+    }
+
+    /// Logs the groups that start or stop spilling new flows over to other zones and
+    /// keeps the list for `lb status`.
+    fn log_zone_spill(&mut self) {
+        if self.config.node.zone.is_none() && self.zone_spill.is_empty() {
+            return;
+        }
+        let now = crate::control::zones::spilling(&self.config, &self.registry.plan_groups(&self.config));
+        let zone = self.config.node.zone.as_deref().unwrap_or_default();
+        for g in now.iter().filter(|g| !self.zone_spill.contains(g)) {
+            warn!(group = %g, zone, "no healthy target in this node's zone: new flows spill over to the other zones");
+        }
+        for g in self.zone_spill.iter().filter(|g| !now.contains(g)) {
+            info!(group = %g, zone, "healthy targets in this node's zone again: new flows stay in the zone");
+        }
+        self.zone_spill = now;
     }
 
     /// Copies one target's probe figures into its entry of the published view, in place.

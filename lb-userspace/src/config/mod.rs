@@ -372,6 +372,10 @@ pub struct TargetGroup {
     pub name: String,
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// With `node.zone` set: spread new flows over the healthy targets of every zone
+    /// rather than this node's zone first (NLB's cross-zone load balancing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_zone: bool,
     /// Health checks. Absent: targets count as healthy once resolved.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -381,10 +385,6 @@ pub struct TargetGroup {
     /// What to do when every target is unhealthy: `fail-open` (default) or `drop`.
     #[serde(default)]
     pub on_all_unhealthy: AllUnhealthy,
-    /// With `node.zone` set: spread new flows over the healthy targets of every zone
-    /// rather than this node's zone first (NLB's cross-zone load balancing).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub cross_zone: bool,
 }
 
 impl TargetGroup {

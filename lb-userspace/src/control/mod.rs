@@ -8,3 +8,4 @@ pub mod ids;
 pub mod maglev;
 pub mod plan;
 pub mod registry;
+pub mod zones;

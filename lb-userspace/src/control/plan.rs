@@ -22,8 +22,9 @@ use super::{
     fingerprint,
     health_state::TargetState,
     maglev::{self, MaglevError},
+    zones::GroupZones,
 };
-use crate::config::{AllUnhealthy, Config, HashMode, zones::zone_of};
+use crate::config::{AllUnhealthy, Config, HashMode};
 
 // What the plan needs to know of the host; `crate::host` finds it out.
 
@@ -87,9 +88,6 @@ pub struct Plan {
     /// Some listeners or targets are left out: the only free ids are ones this plan
     /// frees (see [`Ids`]). Apply it, then build again to add them.
     pub deferred: bool,
-    /// Zonal groups (`node.zone` set, no `cross_zone`) with no healthy target in this
-    /// node's zone, whose new flows spill over to the healthy targets of other zones.
-    pub zone_spill: Vec<String>,
 }
 
 /// A target as the plan sees it: what the agent knows of it now.
@@ -247,28 +245,18 @@ pub fn build_cached(
     let mut backend_groups = BTreeMap::new();
     // Group -> whether it fails open now; its ring is in `cache`.
     let mut fail_open_now: HashMap<&str, bool> = HashMap::new();
-    let mut zone_spill = Vec::new();
     for g in groups {
         let fail_open = config.target_group(&g.name).is_none_or(|c| c.on_all_unhealthy == AllUnhealthy::FailOpen);
         let has_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy);
-        // Zones: new flows go to the healthy targets of this node's zone (targets in no
-        // zone count as local) while it has one; else to every zone's (spill-over).
-        let zonal = config.node.zone.as_deref().filter(|_| !config.target_group(&g.name).is_some_and(|c| c.cross_zone));
-        let local = |ip: IpAddr| zonal.is_none_or(|z| zone_of(&config.zones, ip).is_none_or(|tz| tz == z));
-        let local_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy && local(t.ip));
-        if zonal.is_some() && has_healthy && !local_healthy {
-            zone_spill.push(g.name.clone());
-        }
+        // Zones: new flows go to this node's zone's healthy targets while it has one.
+        let zones = GroupZones::new(config, g);
         let mut in_ring = Vec::new();
         for t in g.targets.iter().filter(|t| t.state != TargetState::Unused) {
             let key = (g.name.clone(), t.ip);
             // No id yet (only quarantined ones are free): in the next plan.
             let Some(&id) = backend_ids.get(&key) else { continue };
             let r = resolved.get(&t.ip).ok_or(PlanError::Unresolved { ip: t.ip })?;
-            let (mut ring_member, flags) = role(t, has_healthy, fail_open);
-            if zonal.is_some() && local_healthy && !local(t.ip) {
-                ring_member = false; // another zone's: keeps its flows, takes no new ones
-            }
+            let (ring_member, flags) = role(t, has_healthy, fail_open);
             let b = Backend {
                 addr: addr_from_ip(t.ip),
                 dst_mac: r.mac,
@@ -279,7 +267,7 @@ pub fn build_cached(
             };
             backends.insert(id, (t.ip, b));
             backend_groups.insert(id, g.name.clone());
-            if ring_member {
+            if ring_member && !zones.other_zone(t.ip) {
                 in_ring.push((id, t.ip, t.weight));
             }
         }
@@ -316,7 +304,7 @@ pub fn build_cached(
     }
     next_ids.prune_generations();
     *ids = next_ids;
-    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred, zone_spill })
+    Ok(Plan { vips, backends, backend_groups, tx_ports, deferred })
 }
 
 #[cfg(test)]
@@ -740,7 +728,7 @@ mod tests {
         let ring_targets = |c: &Config, states: &[TargetState]| -> (BTreeSet<String>, Vec<String>) {
             let p = build_with(c, &with_states(c, states), &res, &mut Allocators::new(8)).expect("plan");
             let ips = p.vips[0].ring.iter().map(|id| p.backends[id].0.to_string()).collect();
-            (ips, p.zone_spill)
+            (ips, crate::control::zones::spilling(c, &with_states(c, states)))
         };
         let set = |l: &[&str]| -> BTreeSet<String> { l.iter().map(|s| s.to_string()).collect() };
         let (ring, spill) = ring_targets(&c, &[Healthy; 4]);
