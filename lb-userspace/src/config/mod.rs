@@ -337,12 +337,12 @@ pub struct Listener {
     pub port: u16,
     pub protocol: Protocol,
     pub target_group: String,
-    #[serde(default)]
-    pub hash: HashMode,
     /// A per-zone address (NLB's one address per zone): announced only by the nodes of
     /// this zone (`node.zone`). Absent: announced by every node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    #[serde(default)]
+    pub hash: HashMode,
 }
 
 impl Listener {
