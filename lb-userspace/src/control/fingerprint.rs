@@ -44,12 +44,22 @@ pub fn of_ring(ring: &[u32], targets: &HashMap<u32, IpAddr>) -> u64 {
     for (id, ip) in targets {
         ids[*id as usize] = identity(*ip);
     }
-    let mut h = mix64(FNV_OFFSET ^ ring.len() as u64);
-    for id in ring {
-        let t = ids.get(*id as usize).copied().unwrap_or(0);
-        h = mix64(h ^ t).wrapping_add(FNV_PRIME);
+    let of = |id: &u32| ids.get(*id as usize).copied().unwrap_or(0);
+    // Four independent lanes (slot `i` in lane `i % 4`), so that a 1M-slot ring takes
+    // about a millisecond: each step `x -> (x ^ t) * prime` is a bijection of the lane,
+    // so two rings that differ in any one slot always differ in that lane's end state.
+    let mut lanes = [0u64, 1, 2, 3].map(|k| mix64(FNV_OFFSET ^ k));
+    let chunks = ring.chunks_exact(4);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (lane, id) in lanes.iter_mut().zip(c) {
+            *lane = (*lane ^ of(id)).wrapping_mul(FNV_PRIME);
+        }
     }
-    h
+    for (lane, id) in lanes.iter_mut().zip(rest) {
+        *lane = (*lane ^ of(id)).wrapping_mul(FNV_PRIME);
+    }
+    lanes.iter().fold(mix64(ring.len() as u64), |h, lane| mix64(h ^ lane))
 }
 
 /// How fingerprints are shown: 16 lower-case hex digits.
@@ -76,5 +86,22 @@ mod tests {
         assert_ne!(one, of_ring(&[1, 2, 1], &HashMap::from([(1, a), (2, b)])), "size");
         assert_ne!(one, of_ring(&[1, 2, 1, 0], &HashMap::from([(1, a), (2, ip("198.18.0.13"))])), "other target");
         assert_eq!(display(0xab), "00000000000000ab");
+    }
+
+    #[test]
+    fn any_one_slot_changed_changes_the_fingerprint() {
+        let targets: HashMap<u32, IpAddr> = (1..=3).map(|i| (i, IpAddr::from([198, 18, 0, 10 + i as u8]))).collect();
+        let ring: Vec<u32> = (0..11).map(|i| 1 + i % 3).collect();
+        let base = of_ring(&ring, &targets);
+        for slot in 0..ring.len() {
+            for other in [0, 1, 2, 3] {
+                let mut changed = ring.clone();
+                if changed[slot] == other {
+                    continue;
+                }
+                changed[slot] = other;
+                assert_ne!(of_ring(&changed, &targets), base, "slot {slot} -> {other}");
+            }
+        }
     }
 }
