@@ -19,6 +19,8 @@ pub const MAX_RING_SIZE: u32 = 1_048_573;
 pub const DEFAULT_MAX_VIPS: u32 = 64;
 /// Hard upper bound for VIP slots (each slot holds two rings: double buffering).
 pub const MAX_VIPS: u32 = 512;
+// A VIP slot fits FlowValue::vip.
+const _: () = assert!(MAX_VIPS <= u16::MAX as u32 + 1);
 /// Backend (target) slots. Id 0 is reserved: it means "no backend" in a ring slot.
 pub const MAX_BACKENDS: u32 = 4_096;
 /// Default size of the connection table (flows remembered, LRU evicted).
@@ -37,7 +39,7 @@ pub const RING_SLOT_STRIDE: usize = 8;
 /// Version of the maps' layout: their set, types, key and value layouts and meaning.
 /// A starting agent adopts pinned maps only with this exact version (and sizes); bump
 /// it with any change a running datapath's maps would not match.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Default `dataplane.new_flow_cap_per_cpu`: new flows per second per CPU that may enter
 /// the connection table (0 = no cap). Generous: normal traffic never reaches it.
@@ -77,7 +79,7 @@ pub mod maps {
     pub const RINGS: &str = "LB_RINGS";
     /// `Array<Backend>`: backend id -> where to send (MAC, interface, flags).
     pub const BACKENDS: &str = "LB_BACKENDS";
-    /// `LruHashMap<FlowKey, FlowValue>` (no common LRU: per-CPU LRU lists): known flows.
+    /// `LruHashMap<FlowKey, FlowValue>` (one LRU for the whole table): known flows.
     pub const CONNS: &str = "LB_CONNS";
     /// `DevMapHash` keyed by ifindex: interfaces that frames can be redirected to.
     pub const TX_PORTS: &str = "LB_TX_PORTS";
@@ -97,9 +99,24 @@ pub mod maps {
     /// `PerCpuArray<AdmissionWindow>` (1 entry): each CPU's current one-second window of
     /// new flows admitted into [`CONNS`] (see [`LB_NEW_FLOW_CAP`](super::globals::NEW_FLOW_CAP)).
     pub const NEW_FLOWS: &str = "LB_NEW_FLOWS";
+    /// `Array<VipFilter>` (1 entry): the VIP epoch and address filter
+    /// ([`VipFilter`](super::VipFilter)).
+    pub const VIP_FILTER: &str = "LB_VIP_FILTER";
     /// Every map, for the load-time presence check and for pinning.
-    pub const ALL: [&str; 11] =
-        [VIPS, RINGS, BACKENDS, CONNS, TX_PORTS, GLOBAL_STATS, VIP_STATS, BACKEND_STATS, LOG_LIMIT, INFO, NEW_FLOWS];
+    pub const ALL: [&str; 12] = [
+        VIPS,
+        RINGS,
+        BACKENDS,
+        CONNS,
+        TX_PORTS,
+        GLOBAL_STATS,
+        VIP_STATS,
+        BACKEND_STATS,
+        LOG_LIMIT,
+        INFO,
+        NEW_FLOWS,
+        VIP_FILTER,
+    ];
 
     /// `Array<GenTemplate>` (1 entry): the packet generator's frame template.
     pub const GEN_TEMPLATE: &str = "LB_GEN_TEMPLATE";
@@ -376,6 +393,65 @@ pub struct FlowValue {
     pub backend: u32,
     /// The backend's [`Backend::generation`] when the flow was pinned to it.
     pub generation: u32,
+    /// [`VipFilter::epoch`] when `vip` and `fail_open` were last read from the VIP's
+    /// [`VipMeta`]: while it is current, a hit needs no VIP lookup.
+    pub vip_epoch: u32,
+    /// The VIP's slot ([`VipMeta::id`]).
+    pub vip: u16,
+    /// 1 if the VIP had [`VipFlags::FAIL_OPEN`].
+    pub fail_open: u8,
+    pub _pad: u8,
+}
+
+/// Words of [`VipFilter::words`]: a 4,096-bit filter.
+pub const VIP_FILTER_WORDS: usize = 64;
+
+/// Value of [`maps::VIP_FILTER`] (1 entry), written by the agent after every change of
+/// [`maps::VIPS`]. It lets a known flow skip the VIP lookup (see ARCHITECTURE.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VipFilter {
+    /// Bumped after every write to [`maps::VIPS`]: a connection-table entry read under
+    /// an older epoch may name a VIP that is gone or has other flags.
+    pub epoch: u32,
+    pub _pad: u32,
+    /// Bit [`vip_filter_bit`] of each VIP address is set. A clear bit means "no VIP has
+    /// this address" (the frame goes to the kernel without a VIP lookup); a set bit may
+    /// be a collision (the VIP lookup decides).
+    pub words: [u64; VIP_FILTER_WORDS],
+}
+
+impl Default for VipFilter {
+    fn default() -> VipFilter {
+        VipFilter { epoch: 0, _pad: 0, words: [0; VIP_FILTER_WORDS] }
+    }
+}
+
+impl VipFilter {
+    /// Sets the bit of `addr`.
+    pub fn insert(&mut self, addr: &Addr) {
+        let bit = vip_filter_bit(addr);
+        self.words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+
+    /// Whether the bit of `addr` is set.
+    #[inline(always)]
+    pub fn may_contain(&self, addr: &Addr) -> bool {
+        let bit = vip_filter_bit(addr);
+        match self.words.get((bit / 64) as usize) {
+            Some(w) => w & (1 << (bit % 64)) != 0,
+            None => true,
+        }
+    }
+}
+
+/// The filter bit of a VIP address, below `64 * VIP_FILTER_WORDS`.
+#[inline(always)]
+pub const fn vip_filter_bit(addr: &Addr) -> u32 {
+    // Cheap on purpose (every frame computes it): the words folded, then Fibonacci
+    // hashing (multiply, keep the top 12 bits).
+    let h = word(addr, 0) ^ word(addr, 4).rotate_left(8) ^ word(addr, 8).rotate_left(16) ^ word(addr, 12);
+    h.wrapping_mul(0x9e37_79b1) >> (32 - 12)
 }
 
 /// Value of [`maps::NEW_FLOWS`]: one CPU's admission window.
@@ -441,6 +517,7 @@ mod pod {
     unsafe impl aya::Pod for super::GenTemplate {}
     unsafe impl aya::Pod for super::DatapathInfo {}
     unsafe impl aya::Pod for super::AdmissionWindow {}
+    unsafe impl aya::Pod for super::VipFilter {}
 }
 
 // ---------------------------------------------------------------------------------------
@@ -545,6 +622,11 @@ global_counters! {
     /// the current second: forwarded by the ring but not inserted into the table (the
     /// frame also counts `conn_miss` and its verdict).
     ConnAdmissionSkipped = "conn_admission_skipped", observation;
+    /// TCP SYNs (without ACK) that missed the connection table: forwarded by the ring,
+    /// not inserted; the connection enters the table with its next segment, which
+    /// counts `conn_miss`. More SYNs than new flows means unfinished handshakes
+    /// (retransmissions, or a SYN flood).
+    ConnSyn = "conn_syn", observation;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -606,13 +688,32 @@ mod tests {
     }
 
     #[test]
+    fn vip_filter_holds_what_was_inserted() {
+        let mut f = VipFilter::default();
+        let vips = [
+            v4_mapped([198, 18, 1, 1]),
+            v4_mapped([198, 18, 1, 2]),
+            [0xfd, 0, 0x18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        ];
+        for a in &vips {
+            assert!(vip_filter_bit(a) < 64 * VIP_FILTER_WORDS as u32);
+            f.insert(a);
+        }
+        assert!(vips.iter().all(|a| f.may_contain(a)));
+        // Few of 1,000 other addresses collide with 3 bits out of 4,096.
+        let hits = (0..1000u32).filter(|i| f.may_contain(&v4_mapped((0xc612_0000 + 1000 + i).to_be_bytes()))).count();
+        assert!(hits < 10, "{hits} false positives");
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<VipKey>(), 16 + 2 + 1 + 1);
         assert_eq!(size_of::<VipMeta>(), 16);
         assert_eq!(size_of::<Backend>(), 16 + 6 + 6 + 4 + 4 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<FlowValue>(), 8);
+        assert_eq!(size_of::<FlowValue>(), 4 + 4 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<VipFilter>(), 8 + 8 * VIP_FILTER_WORDS);
         assert_eq!(size_of::<Counter>(), 16);
     }
 

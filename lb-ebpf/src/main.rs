@@ -1,9 +1,11 @@
 //! The XDP load balancer.
 //!
-//! Packet path: parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP) -> VIP lookup
-//! (exact port, then all-ports) -> connection table -> Maglev ring on a miss -> rewrite
-//! the MACs (L2 direct server return) -> XDP_TX or DevMap redirect. Every exit bumps
-//! exactly one verdict counter. See ARCHITECTURE.md for the why of each choice.
+//! Packet path: parse (Ethernet, one 802.1Q tag, IPv4/IPv6, TCP/UDP) -> known flows
+//! (not SYNs) straight from the connection table while their VIP epoch is current ->
+//! otherwise VIP lookup (exact port, then all-ports) -> connection table -> Maglev ring
+//! on a miss (SYNs not remembered) -> rewrite the MACs (L2 direct server return) ->
+//! XDP_TX or DevMap redirect. Every exit bumps exactly one verdict counter. See
+//! ARCHITECTURE.md for the why of each choice.
 //!
 //! Invariants: no panics (every read is bounds-checked, no indexing), no allocation,
 //! no loops; every name, capacity, flag and counter index comes from `lb_common`.

@@ -2,7 +2,7 @@
 //! `lb_common`; the agent resizes `LB_RINGS` and `LB_CONNS` at load time from its config.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{
     AdmissionWindow, Backend, Counter, DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NEW_FLOW_CAP_PER_CPU,
     DEFAULT_RING_SIZE, DatapathInfo, FlowKey, FlowValue, GlobalCounter, MAX_BACKENDS, MAX_TX_PORTS, MAX_VIPS,
-    NEW_FLOW_WINDOW_NS, RINGS_PER_VIP, VipKey, VipMeta,
+    NEW_FLOW_WINDOW_NS, RINGS_PER_VIP, VipFilter, VipKey, VipMeta,
 };
 
 /// VIPs keyed by (address, port, protocol).
@@ -27,12 +27,21 @@ pub static RINGS: Array<u32> =
 #[map(name = "LB_BACKENDS")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Known flows -> backend id. LRU with per-CPU LRU lists (no common LRU): a CPU evicts
-/// from its own list without touching the other CPUs' locks; the table itself is shared,
-/// so a flow keeps its backend whichever CPU its packets land on.
+/// Known flows -> backend id (and their VIP). One table and one LRU for every CPU: a
+/// flow keeps its backend whichever CPU its packets land on, and any CPU may use the
+/// whole table (per-CPU LRU lists would split it, see ARCHITECTURE.md).
 #[map(name = "LB_CONNS")]
-pub static CONNS: LruHashMap<FlowKey, FlowValue> =
-    LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+pub static CONNS: LruHashMap<FlowKey, FlowValue> = LruHashMap::with_max_entries(DEFAULT_CONN_TABLE_SIZE, 0);
+
+/// The VIP epoch and address filter (1 entry), written by the agent after each change
+/// of `LB_VIPS`.
+#[map(name = "LB_VIP_FILTER")]
+static VIP_FILTER: Array<VipFilter> = Array::with_max_entries(1, 0);
+
+#[inline(always)]
+pub fn vip_filter() -> Option<&'static VipFilter> {
+    VIP_FILTER.get(0)
+}
 
 /// Interfaces (by ifindex) that frames may be redirected to.
 #[map(name = "LB_TX_PORTS")]

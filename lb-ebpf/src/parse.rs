@@ -14,6 +14,10 @@ use network_types::{
     vlan::VlanHdr,
 };
 
+/// TCP flag bits of byte 13 of the header.
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
 /// IPv4 "more fragments" flag and fragment-offset bits.
 const IPV4_MF_OFFSET: u16 = 0x3fff;
 
@@ -29,6 +33,8 @@ pub enum Parsed {
 
 pub struct Flow {
     pub key: FlowKey,
+    /// A TCP SYN without ACK: the first segment of a new connection.
+    pub syn: bool,
 }
 
 /// A pointer to a `T` at `offset` bytes into the frame, if the whole `T` is inside it.
@@ -130,13 +136,15 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
 
     // Both TCP and UDP start with the two ports; require the whole header anyway, and
     // a header consistent with the IP length.
+    let mut syn = false;
     let ports = if key.proto == IPPROTO_TCP {
         let Ok(tcp) = ptr_at::<TcpHdr>(ctx, l4) else { return Parsed::Drop(C::DropTruncL4) };
-        // Data offset: the high nibble of byte 12.
+        // Data offset: the high nibble of byte 12; the flags: byte 13.
         let doff = ((unsafe { *(tcp as *const u8).add(12) } >> 4) as usize) * 4;
         if doff < TcpHdr::LEN || l4 + doff > ip_end {
             return Parsed::Drop(C::DropBadL4);
         }
+        syn = unsafe { *(tcp as *const u8).add(13) } & (TCP_SYN | TCP_ACK) == TCP_SYN;
         unsafe { ((*tcp).source, (*tcp).dest) }
     } else if key.proto == IPPROTO_UDP {
         let Ok(udp) = ptr_at::<UdpHdr>(ctx, l4) else { return Parsed::Drop(C::DropTruncL4) };
@@ -151,5 +159,5 @@ pub fn parse(ctx: &XdpContext) -> Parsed {
     // Ports stay in network byte order, as in the map keys.
     key.sport = u16::from_ne_bytes(ports.0);
     key.dport = u16::from_ne_bytes(ports.1);
-    Parsed::Flow(Flow { key })
+    Parsed::Flow(Flow { key, syn })
 }

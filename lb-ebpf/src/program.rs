@@ -13,7 +13,7 @@ use network_types::eth::EthHdr;
 
 use crate::{
     maps::{BACKENDS, CONNS, RINGS, TX_PORTS, count, ring_size},
-    parse::{Parsed, ptr_at},
+    parse::{Flow, Parsed, ptr_at},
 };
 
 /// A verdict and the counter that records why.
@@ -35,32 +35,64 @@ fn process(ctx: &XdpContext) -> Verdict {
         Parsed::Pass(why) => return (xdp_action::PASS, why),
         Parsed::Drop(why) => return (xdp_action::DROP, why),
     };
+    let frame_len = (ctx.data_end() - ctx.data()) as u64;
+    let filter = maps::vip_filter();
+    let epoch = filter.map_or(0, |f| f.epoch);
+
+    // No VIP has this address (host traffic): to the kernel without a lookup.
+    if filter.is_some_and(|f| !f.may_contain(&flow.key.dst)) {
+        return (xdp_action::PASS, C::PassNotVip);
+    }
+    // Known flows first: a segment other than a SYN is looked up in the connection table
+    // before the VIP; an entry whose VIP facts are of the current epoch needs no VIP
+    // lookup at all.
+    let mut prior = None;
+    if !flow.syn && filter.is_some() {
+        let entry = CONNS.get_ptr_mut(&flow.key);
+        if let Some(p) = entry {
+            // SAFETY: the pointer comes from a successful map lookup.
+            let e = unsafe { *p };
+            if e.vip_epoch == epoch
+                && let Some(b) = usable(&e)
+            {
+                count(C::ConnHit);
+                return deliver(ctx, e.vip as u32, e.fail_open != 0, e.backend, &b, frame_len);
+            }
+        }
+        prior = Some(entry);
+    }
+
     let Some(vip) = lookup_vip(&flow.key.dst, flow.key.dport, flow.key.proto) else {
         return (xdp_action::PASS, C::PassNotVip);
     };
-    let frame_len = (ctx.data_end() - ctx.data()) as u64;
-
-    let Some((id, backend)) = pick_backend(&flow.key, &vip) else {
+    let Some((id, backend)) = pick_backend(&flow, &vip, epoch, prior) else {
         if log::allowed() {
             warn!(ctx, "VIP slot {} has no usable target: frame dropped (drop_no_backend)", vip.id);
         }
         return (xdp_action::DROP, C::DropNoBackend);
     };
-    let verdict = forward(ctx, &backend);
-    if verdict.1 == C::DropRedirectFailed && log::allowed() {
-        warn!(
-            ctx,
-            "redirect of backend {} to ifindex {} failed: frame dropped (drop_redirect_failed); is the interface gone?",
-            id,
-            backend.ifindex
-        );
-    }
-    if verdict.1 != C::DropRedirectFailed {
-        maps::vip_stats(vip.id, frame_len);
-        maps::backend_stats(id, frame_len);
-        if vip.flags.contains(VipFlags::FAIL_OPEN) {
-            count(C::FailOpen);
+    deliver(ctx, vip.id, vip.flags.contains(VipFlags::FAIL_OPEN), id, &backend, frame_len)
+}
+
+/// Forwards to backend `id` and counts the frame for its VIP and backend.
+#[inline(always)]
+fn deliver(ctx: &XdpContext, vip: u32, fail_open: bool, id: u32, backend: &Backend, frame_len: u64) -> Verdict {
+    let verdict = forward(ctx, backend);
+    if verdict.1 == C::DropRedirectFailed {
+        if log::allowed() {
+            warn!(
+                ctx,
+                "redirect of backend {} to ifindex {} failed: frame dropped (drop_redirect_failed); is the interface gone?",
+                id,
+                backend.ifindex
+            );
         }
+        return verdict;
+    }
+    maps::vip_stats(vip, frame_len);
+    maps::backend_stats(id, frame_len);
+    if fail_open {
+        count(C::FailOpen);
     }
     verdict
 }
@@ -84,43 +116,97 @@ fn backend(id: u32) -> Option<Backend> {
     if b.flags.contains(BackendFlags::VALID) { Some(b) } else { None }
 }
 
-/// Known flow: its remembered backend (if that backend is still configured).
-/// New flow: the VIP's Maglev ring at hash % M, remembered in the connection table if
-/// this CPU's new-flow admission cap allows (else counted `conn_admission_skipped`).
-/// A known flow re-picked from the ring overwrites its own entry: no cap, no eviction.
+/// The remembered backend of a connection-table entry, if it is still the same one
+/// (configured, same generation) and not down.
 #[inline(always)]
-fn pick_backend(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
-    let mut known = false;
-    if let Some(v) = CONNS.get_ptr(key) {
-        known = true;
-        // SAFETY: the pointer comes from a successful map lookup.
-        let remembered = unsafe { *v };
-        if let Some(b) = backend(remembered.backend) {
-            if b.generation == remembered.generation {
-                if !b.flags.contains(BackendFlags::DOWN) {
-                    count(C::ConnHit);
-                    return Some((remembered.backend, b));
-                }
-                count(C::ConnRepicked);
-            }
-        }
-        // The remembered backend was removed (its slot may hold another one now):
-        // pick again below.
-    }
-    count(C::ConnMiss);
+fn usable(e: &FlowValue) -> Option<Backend> {
+    let b = backend(e.backend)?;
+    if b.generation == e.generation && !b.flags.contains(BackendFlags::DOWN) { Some(b) } else { None }
+}
+
+/// Backend id of the VIP's ring slot for this flow (`flow_hash % M`).
+#[inline(always)]
+fn ring_pick(key: &lb_common::FlowKey, vip: &VipMeta) -> Option<u32> {
     let m = ring_size();
     if m == 0 {
         return None;
     }
     let hash = flow_hash(key, vip.flags.contains(VipFlags::HASH_SRC_ONLY));
     let slot = vip.ring.wrapping_mul(m).wrapping_add(hash % m);
-    let id = *RINGS.get(slot)?;
-    let b = backend(id)?;
-    if !known && !maps::admit_new_flow() {
-        count(C::ConnAdmissionSkipped);
-        return Some((id, b));
+    let p = RINGS.get_ptr(slot)?;
+    // SAFETY: pointer from a successful array lookup. Volatile: the load must be issued
+    // here, before the connection-table lookup, even though a hit never uses it.
+    Some(unsafe { core::ptr::read_volatile(p) })
+}
+
+/// Known flow: its remembered backend (if that backend is still configured).
+/// New flow: the VIP's Maglev ring at hash % M, remembered in the connection table if
+/// this CPU's new-flow admission cap allows (else counted `conn_admission_skipped`).
+/// A known flow re-picked from the ring overwrites its own entry: no cap, no eviction.
+///
+/// `prior`: the connection-table lookup `process` already made (`None`: not made).
+/// Otherwise the ring slot is read *before* the lookup: for a new flow both are cache
+/// misses, and issued in this order the CPU overlaps them (the ring read would
+/// otherwise wait for the table's chain walk).
+///
+/// A TCP SYN that misses the table is forwarded by the ring but not remembered
+/// (`conn_syn`): the connection enters the table with its next segment (the handshake's
+/// ACK), which misses, picks the same ring slot and is inserted. A flood of SYNs from
+/// spoofed sources, whose handshakes never complete, thus evicts nothing and costs no
+/// insert (see ARCHITECTURE.md, "New flows").
+#[inline(always)]
+fn pick_backend(
+    flow: &Flow,
+    vip: &VipMeta,
+    epoch: u32,
+    prior: Option<Option<*mut FlowValue>>,
+) -> Option<(u32, Backend)> {
+    let key = &flow.key;
+    let (early, entry) = match prior {
+        Some(entry) => (None, entry),
+        None => (Some(ring_pick(key, vip)?), CONNS.get_ptr_mut(key)),
+    };
+    let fail_open = vip.flags.contains(VipFlags::FAIL_OPEN) as u8;
+    let known = entry.is_some();
+    if let Some(p) = entry {
+        // SAFETY: the pointer comes from a successful map lookup.
+        let e = unsafe { *p };
+        if let Some(b) = usable(&e) {
+            count(C::ConnHit);
+            if e.vip_epoch != epoch || e.vip as u32 != vip.id || e.fail_open != fail_open {
+                // SAFETY: as above; a plain store into the entry (its VIP facts).
+                unsafe {
+                    (*p).vip_epoch = epoch;
+                    (*p).vip = vip.id as u16;
+                    (*p).fail_open = fail_open;
+                }
+            }
+            return Some((e.backend, b));
+        }
+        if backend(e.backend).is_some_and(|b| b.generation == e.generation) {
+            count(C::ConnRepicked);
+        }
+        // Otherwise the remembered backend was removed (its slot may hold another one
+        // now): pick again below.
     }
-    if CONNS.insert(key, FlowValue { backend: id, generation: b.generation }, 0).is_err() {
+    count(if known || !flow.syn { C::ConnMiss } else { C::ConnSyn });
+    let id = match early {
+        Some(id) => id,
+        None => ring_pick(key, vip)?,
+    };
+    let b = backend(id)?;
+    if !known {
+        if flow.syn {
+            return Some((id, b));
+        }
+        if !maps::admit_new_flow() {
+            count(C::ConnAdmissionSkipped);
+            return Some((id, b));
+        }
+    }
+    let value =
+        FlowValue { backend: id, generation: b.generation, vip_epoch: epoch, vip: vip.id as u16, fail_open, _pad: 0 };
+    if CONNS.insert(key, value, 0).is_err() {
         count(C::ConnInsertFailed);
     }
     Some((id, b))

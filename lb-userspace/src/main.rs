@@ -249,8 +249,10 @@ enum Command {
     #[cfg(feature = "tools")]
     /// Measure: datapath ns/packet (BPF_PROG_RUN), flatness over backends and VIPs,
     /// end-to-end forwarding rate of the XDP LB and of an nftables baseline on the same
-    /// namespace topology with `lb gen`, and control-plane timings. Prints a table and
-    /// writes JSON. Needs root; takes a few minutes (`--tiny`: seconds).
+    /// namespace topology with `lb gen`, each one's added ns per packet over the
+    /// generator's ceiling (no forwarder) and lb_xdp's own run time (BPF run-time
+    /// stats), and control-plane timings. Prints a table and writes JSON. Needs root;
+    /// takes about a minute (`--tiny`: seconds).
     Bench {
         /// A seconds-long run that exercises every part (numbers are not meaningful).
         #[arg(long)]

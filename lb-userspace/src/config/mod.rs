@@ -308,7 +308,8 @@ pub struct Dataplane {
     pub conn_table_size: u32,
     /// New flows per second per CPU that may enter the connection table; past it, new
     /// flows are forwarded by the ring without being remembered (`conn_admission_skipped`),
-    /// so a flood of new flows cannot evict established ones. 0 = no cap.
+    /// so a flood of new flows cannot evict established ones (TCP SYNs are never
+    /// inserted, so this is for floods of other segments and UDP). 0 = no cap.
     pub new_flow_cap_per_cpu: u32,
 }
 

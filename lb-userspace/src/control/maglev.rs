@@ -118,9 +118,9 @@ pub fn populate(perms: &[Perm], m: u32) -> Vec<Option<usize>> {
 /// same; only how a backend finds its next free preferred slot differs):
 ///
 /// - Walking: a backend tests its preferences in chunks of `K` at once (`K` independent
-///   bit tests and one branch per chunk), `K` growing from 1 to 16 as the table fills and
-///   walks get longer. The free slots are a bitset kept twice (`slot` and `slot + m`), so
-///   that `pos + k * skip % m`, below `2m`, is tested without reducing it.
+///   tests and one branch per chunk), `K` growing from 1 to 16 as the table fills and
+///   walks get longer. The free slots are a byte map kept twice (`slot` and `slot + m`),
+///   so that `pos + k * skip % m`, below `2m`, is tested without reducing it.
 /// - Tail: when at most about `sqrt(m) / 2` slots are free, walking costs about
 ///   `m / free` probes per turn; instead the backend's next free preferred slot is found
 ///   by computing, for each free slot, how many steps of its permutation away it is, and
@@ -145,7 +145,7 @@ fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<V
     if max_weight == 0 {
         return Some(vec![FREE; m as usize]);
     }
-    let mut fill = FullCycles::new(perms, labels, m, max_weight);
+    let mut fill = FullCycles::new(perms, labels, m, max_weight, FREE_MAP.take());
     let equal = perms.iter().all(|p| p.weight == max_weight);
     let size = m as usize;
     let tail = ((f64::from(m).sqrt() / 2.0) as usize).min(size);
@@ -167,8 +167,22 @@ fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<V
         }
     }
     fill.finish_nearest();
-    Some(fill.table)
+    let FullCycles { table, free, .. } = fill;
+    if free.len() <= KEEP_FREE_MAP {
+        FREE_MAP.set(free);
+    }
+    Some(table)
 }
+
+thread_local! {
+    /// [`FullCycles::free`], kept between the builds of a thread. A new map each build
+    /// (2m bytes: above malloc's mmap threshold for m = 65,537) is fresh memory each
+    /// build, and faulting its pages in cost more than the byte map saves (measured).
+    static FREE_MAP: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The largest [`FREE_MAP`] kept (m = 65,537 needs 256 KiB).
+const KEEP_FREE_MAP: usize = 1 << 19;
 
 /// The largest chunk [`FullCycles::walk`] tests at once.
 const MAX_CHUNK: usize = 16;
@@ -182,9 +196,14 @@ struct FullCycles<'a> {
     max_weight: u64,
     /// Per slot the label of the backend that took it, or [`FREE`].
     table: Vec<u32>,
-    /// Bit `s` and bit `s + m` are set while slot `s` is free. The length is a power of
-    /// two, so that masking an index keeps it in bounds without a check.
-    free: Vec<u64>,
+    /// Byte `s` and byte `s + m` are 1 while slot `s` is free, 0 once taken. A byte per
+    /// slot, not a bit: a probe is then an addition, a load and an `or` (a bit needs a
+    /// shift, a mask and a second shift more), and taking a slot two plain stores. The
+    /// length is a power of two at least `fmask + 1` (a map kept from an earlier build
+    /// may be longer), so that masking an index keeps it in bounds without a check.
+    free: Vec<u8>,
+    /// `(2m).next_power_of_two() - 1`.
+    fmask: usize,
     /// Free slots left.
     left: usize,
     /// Per backend: the slot its next preference is (`< m`).
@@ -201,11 +220,15 @@ struct FullCycles<'a> {
 }
 
 impl<'a> FullCycles<'a> {
-    fn new(perms: &'a [Perm], labels: &'a [u32], m: u32, max_weight: u32) -> FullCycles<'a> {
+    /// `free`: a map to reuse (any length and contents).
+    fn new(perms: &'a [Perm], labels: &'a [u32], m: u32, max_weight: u32, mut free: Vec<u8>) -> FullCycles<'a> {
         let size = m as usize;
-        let words = (2 * size).div_ceil(64).next_power_of_two();
-        // Bits at and above 2m are never tested.
-        let free = vec![u64::MAX; words];
+        let len = (2 * size).next_power_of_two();
+        if free.len() < len {
+            free = vec![0; len];
+        }
+        // Bytes at and above 2m are never tested.
+        free[..2 * size].fill(1);
         let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
         let strides = skip
             .iter()
@@ -224,6 +247,7 @@ impl<'a> FullCycles<'a> {
             max_weight: u64::from(max_weight),
             table: vec![FREE; size],
             free,
+            fmask: len - 1,
             left: size,
             pos: perms.iter().map(|p| p.offset % m).collect(),
             skip,
@@ -254,11 +278,18 @@ impl<'a> FullCycles<'a> {
     fn walk<const K: usize, const EQUAL: bool>(&mut self, until: usize) {
         let m = self.m;
         let n = self.perms.len();
-        let wmask = self.free.len() - 1;
-        let (free, table) = (&mut self.free[..], &mut self.table[..]);
+        let fmask = self.fmask;
+        // Exactly `fmask + 1` long, so that masked indices need no check.
+        let (free, table) = (&mut self.free[..=fmask], &mut self.table[..]);
         let (pos, credit, perms) = (&mut self.pos[..n], &mut self.credit[..n], &self.perms[..n]);
         let labels = &self.labels[..n];
-        let is_free = |free: &[u64], q: u32| (free[(q >> 6) as usize & wmask] >> (q & 63)) as u32 & 1;
+        // Probes are most of the work: no bounds check, not even a mask.
+        let is_free = |free: &[u8], q: u32| {
+            debug_assert!((q as usize) < free.len());
+            // SAFETY: every probe is `pos + strides[k]` with both below m, so q < 2m, and
+            // `free` holds at least 2m bytes (see `new`).
+            u32::from(unsafe { *free.get_unchecked(q as usize) })
+        };
         let strides = &self.strides[..n];
         let (mut b, mut left) = (self.next, self.left);
         while left > until {
@@ -277,9 +308,8 @@ impl<'a> FullCycles<'a> {
                     }
                     p = reduce_once(p + st[K], m);
                 };
-                free[(slot >> 6) as usize & wmask] &= !(1 << (slot & 63));
-                let mirror = slot + m;
-                free[(mirror >> 6) as usize & wmask] &= !(1 << (mirror & 63));
+                free[slot as usize & fmask] = 0;
+                free[(slot + m) as usize & fmask] = 0;
                 table[slot as usize] = labels[b];
                 pos[b] = reduce_once(slot + st[1], m);
                 left -= 1;
@@ -299,16 +329,18 @@ impl<'a> FullCycles<'a> {
     fn finish_nearest(&mut self) {
         let m = self.m;
         let mut free: Vec<u32> = Vec::with_capacity(self.left);
-        for (w, &word) in self.free[..(m as usize).div_ceil(64)].iter().enumerate() {
-            let mut bits = word;
+        // Eight slots at a time: most are taken by now.
+        let chunks = self.free[..m as usize].chunks_exact(8);
+        let rest = chunks.remainder().iter().enumerate().filter(|&(_, &f)| f != 0);
+        let base = m & !7;
+        for (w, bytes) in chunks.enumerate() {
+            let mut bits = u64::from_le_bytes(bytes.try_into().unwrap_or_default());
             while bits != 0 {
-                let slot = (w as u32) * 64 + bits.trailing_zeros();
-                if slot < m {
-                    free.push(slot);
-                }
+                free.push((w as u32) * 8 + bits.trailing_zeros() / 8);
                 bits &= bits - 1;
             }
         }
+        free.extend(rest.map(|(i, _)| base + i as u32));
         let m64 = u64::from(m);
         // Barrett reduction: for a < 2^64, a - ((a * r) >> 64) * m is in 0..2m.
         let r = u64::MAX / m64;
@@ -368,9 +400,9 @@ fn inverse_mod(a: u32, m: u32) -> u32 {
 }
 
 /// [`populate`] on a compact table: per slot the index into `perms` as `u32`, or
-/// [`FREE`]. Which slots are taken is a bitset (16 KiB for m = 65,537 in
-/// [`fill_full_cycles`], so the probes, most of the work, stay in the L1 cache); a probe
-/// is an addition and a bit test, never a division.
+/// [`FREE`]. Which slots are taken is a byte per slot in [`fill_full_cycles`] (a probe,
+/// most of the work, is an addition, a load and an `or`) and a bitset in [`fill_any`];
+/// a probe never divides.
 fn fill(perms: &[Perm], m: u32) -> Vec<u32> {
     fill_full_cycles(perms, m).unwrap_or_else(|| fill_any(perms, m))
 }
@@ -456,6 +488,22 @@ fn perm_for(backend: &Backend<'_>, m: u32) -> Perm {
     Perm { offset, skip, weight: backend.weight }
 }
 
+/// `backends` in the order of their keys. Compared first by their first 16 bytes as one
+/// big-endian number (zero-padded), then, only when those are equal, as strings: the
+/// same order as comparing the strings (a zero-padded prefix is never above the string
+/// it pads), at a fraction of the cost for keys such as IP addresses.
+fn sorted_by_key<'b, 'k>(backends: &'b [Backend<'k>]) -> Vec<&'b Backend<'k>> {
+    let prefix = |key: &str| {
+        let mut bytes = [0u8; 16];
+        let n = key.len().min(16);
+        bytes[..n].copy_from_slice(&key.as_bytes()[..n]);
+        u128::from_be_bytes(bytes)
+    };
+    let mut keyed: Vec<(u128, &Backend<'_>)> = backends.iter().map(|b| (prefix(b.key), b)).collect();
+    keyed.sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.key.cmp(b.1.key)));
+    keyed.into_iter().map(|(_, b)| b).collect()
+}
+
 /// Builds the Maglev table of backend ids for a prime table size `m`.
 ///
 /// The result depends only on the set of backends, not their order (they are sorted by
@@ -473,8 +521,7 @@ pub fn build(backends: &[Backend<'_>], m: u32) -> Result<Vec<u32>, MaglevError> 
     if let Some(b) = backends.iter().find(|b| b.id == EMPTY_SLOT) {
         return Err(MaglevError::ZeroId { key: b.key.to_owned() });
     }
-    let mut sorted: Vec<&Backend<'_>> = backends.iter().collect();
-    sorted.sort_unstable_by_key(|b| b.key);
+    let sorted = sorted_by_key(backends);
     if let Some(pair) = sorted.windows(2).find(|pair| pair[0].key == pair[1].key) {
         return Err(MaglevError::DuplicateKey { key: pair[0].key.to_owned() });
     }
@@ -715,6 +762,17 @@ mod tests {
                  new min {new_min:.3} median {new_median:.3} ms; median ratio {:.2}x",
                 old_median / new_median
             );
+        }
+    }
+
+    /// The free-slot map a thread keeps between builds: a longer one left by a larger
+    /// table, with stale contents, gives the same tables.
+    #[test]
+    fn a_kept_free_map_from_a_larger_table_changes_nothing() {
+        let keys: Vec<String> = (0..37).map(|i| format!("198.18.0.{i}")).collect();
+        let list = backends(&keys, |i| 1 + (i % 3) as u32);
+        for &m in &[65_537u32, 1009, 37, 65_537, 101] {
+            assert_eq!(build(&list, m).expect("valid"), build_reference(&list, m), "m = {m}");
         }
     }
 

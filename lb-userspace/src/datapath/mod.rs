@@ -23,7 +23,7 @@ use aya::{
     },
 };
 use aya_log::EbpfLogger;
-use lb_common::{Backend, RINGS_PER_VIP, VipKey, VipMeta, globals, maps, programs};
+use lb_common::{Backend, RINGS_PER_VIP, VipFilter, VipKey, VipMeta, globals, maps, programs};
 use tracing::{debug, info, warn};
 
 pub mod pins;
@@ -185,6 +185,8 @@ struct Applied {
     sources: HashMap<u32, std::sync::Arc<[u32]>>,
     backends: BTreeMap<u32, Backend>,
     tx_ports: BTreeSet<u32>,
+    /// The [`VipFilter`] epoch last written.
+    vip_epoch: u32,
     /// VIP slots and backend ids the last apply took out of the datapath, and when.
     freed: Option<(std::time::Instant, BTreeSet<u32>, BTreeSet<u32>)>,
 }
@@ -385,6 +387,9 @@ impl Dataplane {
             let (key, meta) = entry.map_err(err(maps::VIPS))?;
             applied.vips.insert(key, meta);
         }
+        let filter: Array<&MapData, VipFilter> =
+            Array::try_from(self.map(maps::VIP_FILTER)?).map_err(err(maps::VIP_FILTER))?;
+        applied.vip_epoch = filter.get(&0, 0).map_err(err(maps::VIP_FILTER))?.epoch;
         let backends: Array<&MapData, Backend> =
             Array::try_from(self.map(maps::BACKENDS)?).map_err(err(maps::BACKENDS))?;
         for id in 1..backends.len() {
@@ -686,6 +691,12 @@ impl Dataplane {
             }
         }
 
+        // 3b. After any change of LB_VIPS: a new epoch (entries read under the old one
+        // look their VIP up again) and the filter of the VIP addresses now configured.
+        if report.vips_switched > 0 || report.vips_removed > 0 {
+            self.write_vip_filter(self.applied.vip_epoch.wrapping_add(1))?;
+        }
+
         // 4. Backends no longer configured: no ring points at them any more. A packet
         // that read a VIP's old ring just before the switch may still be about to read
         // one: program runs last microseconds, so a short grace period lets them finish.
@@ -723,6 +734,19 @@ impl Dataplane {
     }
 
     /// Sets a per-CPU `Counter` entry to zero on every CPU.
+    /// Writes [`maps::VIP_FILTER`]: `epoch` and the addresses of the applied VIPs.
+    fn write_vip_filter(&mut self, epoch: u32) -> Result<(), DataplaneError> {
+        let mut filter = VipFilter { epoch, ..VipFilter::default() };
+        for key in self.applied.vips.keys() {
+            filter.insert(&key.addr);
+        }
+        let mut map: Array<&mut MapData, VipFilter> = typed(self.ebpf.map_mut(maps::VIP_FILTER), maps::VIP_FILTER)?;
+        map.set(0, filter, 0)
+            .map_err(|source| DataplaneError::Map { name: maps::VIP_FILTER, source: Box::new(source) })?;
+        self.applied.vip_epoch = epoch;
+        Ok(())
+    }
+
     fn zero_counter(&mut self, name: &'static str, index: u32) -> Result<(), DataplaneError> {
         let err = |source| DataplaneError::Map { name, source: Box::new(source) };
         let cpus = aya::util::nr_cpus().map_err(|(_, io)| {

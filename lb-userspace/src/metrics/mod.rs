@@ -305,6 +305,11 @@ impl Collector for Scrape {
                     "New flows over new_flow_cap_per_cpu: forwarded by the Maglev table, not remembered.",
                 ),
                 (
+                    "lb_connection_table_syns",
+                    GlobalCounter::ConnSyn,
+                    "TCP SYNs not in the connection table: forwarded by the Maglev table, not remembered until the connection's next segment.",
+                ),
+                (
                     "lb_fail_open_frames",
                     GlobalCounter::FailOpen,
                     "Frames forwarded while every target of their group was unhealthy (fail-open).",

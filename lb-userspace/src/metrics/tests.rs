@@ -97,6 +97,7 @@ fn renders_datapath_counters_as_counters() {
         format!("lb_connection_table_misses_total {}", value(GlobalCounter::ConnMiss)),
         format!("lb_connection_table_repicks_total {}", value(GlobalCounter::ConnRepicked)),
         format!("lb_connection_table_insert_failures_total {}", value(GlobalCounter::ConnInsertFailed)),
+        format!("lb_connection_table_syns_total {}", value(GlobalCounter::ConnSyn)),
         format!("lb_fail_open_frames_total {}", value(GlobalCounter::FailOpen)),
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");

@@ -11,6 +11,12 @@
 //!    redirect) -> two backend namespaces whose XDP sinks count, 64 and 1500 bytes.
 //! 4. Baseline on the same topology and generator: the kernel forwarding with an
 //!    nftables DNAT load balancer (jhash over source address and port), XDP LB off.
+//!    Beside both, in the same run, the ceiling: the same generator straight into the
+//!    same sinks, no forwarder between them (it sends out of the LB's own ends of the
+//!    sinks' veths). Each forwarder's added cost per packet is `1/rate - 1/ceiling`
+//!    (on veth the generator, the forwarder and the sink run on one CPU one after the
+//!    other, so the costs add up), and lb_xdp's own run time per packet comes from the
+//!    kernel's BPF run-time stats over a separate run (enabled for that run only).
 //! 5. Control plane: Maglev table build time; time from a target change to the new
 //!    table being in the map.
 
@@ -24,6 +30,7 @@ use std::{
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::{GlobalCounter, programs};
 use serde::Serialize;
+use std::os::fd::OwnedFd;
 
 use crate::{
     agent::RunOptions,
@@ -67,7 +74,7 @@ pub struct BenchOptions {
 }
 
 impl BenchOptions {
-    /// The full run (a few minutes on 2 cores).
+    /// The full run (about a minute on 2 cores).
     pub fn full() -> Self {
         BenchOptions {
             repeat: 2_000_000,
@@ -83,7 +90,7 @@ impl BenchOptions {
         BenchOptions {
             repeat: 10_000,
             single_runs: 200,
-            e2e_seconds: 0.3,
+            e2e_seconds: 0.5,
             backend_counts: vec![1, 10],
             vip_counts: vec![1, 4],
         }
@@ -122,6 +129,45 @@ pub struct E2eResult {
     pub loss: f64,
 }
 
+/// What one forwarder adds per packet over the ceiling (no forwarder).
+#[derive(Debug, Clone, Serialize)]
+pub struct AddedCost {
+    pub forwarder: &'static str,
+    pub frame_len: usize,
+    /// `1e9 / delivered pps - 1e9 / ceiling's delivered pps`.
+    pub ns: f64,
+}
+
+/// The ceiling: generator straight into the sinks.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ceiling {
+    pub frame_len: usize,
+    pub delivered_mpps: f64,
+}
+
+/// lb-xdp's added cost over nftables' at one frame length.
+#[derive(Debug, Clone, Serialize)]
+pub struct CostRatio {
+    pub frame_len: usize,
+    /// lb-xdp's added ns per packet / nftables' (the goal is at most 0.2).
+    pub lb_over_nftables: f64,
+}
+
+/// lb_xdp's own run time from the kernel's BPF run-time stats (`run_time_ns / run_cnt`
+/// of its `bpf_prog_info`) over one end-to-end run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramTime {
+    pub frame_len: usize,
+    /// Program runs during the measured run.
+    pub runs: u64,
+    /// Frames the sinks counted in that run (each went through lb_xdp once).
+    pub delivered: u64,
+    pub ns_per_packet: f64,
+    /// The sinks' `lb_sink` in the same run, ns per run: a program that does next to
+    /// nothing, so about what the stats' own clock reads add to every figure.
+    pub sink_ns_per_packet: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ControlResult {
     pub what: String,
@@ -143,6 +189,15 @@ pub struct BenchReport {
     pub end_to_end: Vec<E2eResult>,
     /// (frame length, XDP LB delivered pps / nftables delivered pps).
     pub lb_vs_nftables: Vec<(usize, f64)>,
+    /// Per frame length, the generator straight into the sinks (also in `end_to_end`,
+    /// forwarder `ceiling`).
+    pub ceiling: Vec<Ceiling>,
+    /// Per forwarder and frame length, ns per packet over the ceiling.
+    pub added_cost_ns: Vec<AddedCost>,
+    /// Per frame length, lb-xdp's added cost / nftables'.
+    pub added_cost_ratio: Vec<CostRatio>,
+    /// Per frame length, lb_xdp's own run time per packet (BPF run-time stats).
+    pub lb_program_ns_per_packet: Vec<ProgramTime>,
     pub control_plane: Vec<ControlResult>,
 }
 
@@ -154,18 +209,50 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     let (datapath, flatness) =
         ns.run(|| -> Result<_, BenchError> { Ok((datapath(opts)?, flatness(opts)?)) }).map_err(setup("netns"))??;
     drop(ns);
-    let end_to_end = end_to_end(opts)?;
+    let (end_to_end, lb_program_ns_per_packet) = end_to_end(opts)?;
     let mut lb_vs_nftables = Vec::new();
-    for len in [64, 1500] {
+    let (mut ceiling, mut added_cost_ns, mut added_cost_ratio) = (Vec::new(), Vec::new(), Vec::new());
+    for len in FRAME_LENS {
         let get =
             |f: &str| end_to_end.iter().find(|r| r.forwarder == f && r.frame_len == len).map(|r| r.delivered_mpps);
-        if let (Some(lb), Some(nft)) = (get("lb-xdp"), get("nftables")) {
+        if let (Some(lb), Some(nft)) = (get(LB_XDP), get(NFTABLES)) {
             lb_vs_nftables.push((len, if nft > 0.0 { lb / nft } else { f64::INFINITY }));
         }
+        let Some(top) = get(CEILING).filter(|&c| c > 0.0) else { continue };
+        ceiling.push(Ceiling { frame_len: len, delivered_mpps: top });
+        // Mpps -> ns per packet: 1e3 / Mpps.
+        let added = |f: &'static str| {
+            get(f).filter(|&r| r > 0.0).map(|r| AddedCost { forwarder: f, frame_len: len, ns: 1e3 / r - 1e3 / top })
+        };
+        let (lb, nft) = (added(LB_XDP), added(NFTABLES));
+        if let (Some(lb), Some(nft)) = (&lb, &nft)
+            && nft.ns > 0.0
+        {
+            added_cost_ratio.push(CostRatio { frame_len: len, lb_over_nftables: lb.ns / nft.ns });
+        }
+        added_cost_ns.extend(lb.into_iter().chain(nft));
     }
     let control_plane = control_plane(opts)?;
-    Ok(BenchReport { machine: machine(), datapath, flatness, end_to_end, lb_vs_nftables, control_plane })
+    Ok(BenchReport {
+        machine: machine(),
+        datapath,
+        flatness,
+        end_to_end,
+        lb_vs_nftables,
+        ceiling,
+        added_cost_ns,
+        added_cost_ratio,
+        lb_program_ns_per_packet,
+        control_plane,
+    })
 }
+
+/// The end-to-end frame lengths.
+const FRAME_LENS: [usize; 2] = [64, 1500];
+/// The end-to-end configurations, as `E2eResult::forwarder` names them.
+const LB_XDP: &str = "lb-xdp";
+const NFTABLES: &str = "nftables";
+const CEILING: &str = "ceiling";
 
 /// The CPU model, CPU count and kernel release of this machine.
 pub fn machine() -> Machine {
@@ -347,17 +434,58 @@ fn flatness(opts: &BenchOptions) -> Result<Vec<FlatResult>, BenchError> {
     Ok(out)
 }
 
-fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
+fn end_to_end(opts: &BenchOptions) -> Result<(Vec<E2eResult>, Vec<ProgramTime>), BenchError> {
     let topo = BenchTopology::build(2).map_err(setup("bench topology"))?;
     let mut out = Vec::new();
+
+    // The ceiling: nothing between generator and sinks.
+    for len in FRAME_LENS {
+        out.push(ceiling_run(&topo, len, opts.e2e_seconds)?);
+    }
 
     // The load balancer: the agent on the LB's eth0, backends behind b1/b2 (redirect).
     let pin_dir = topo.pin_dir();
     let file = TempFile::write(&format!("{}-bench.toml", topo.id), &topo.agent_config()).map_err(setup("config"))?;
+    let mut program = Vec::new();
     {
         let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).map_err(setup("agent"))?;
-        for len in [64, 1500] {
-            out.push(e2e_run(&topo, "lb-xdp", len, opts.e2e_seconds)?);
+        for len in FRAME_LENS {
+            out.push(e2e_run(&topo, LB_XDP, len, opts.e2e_seconds)?);
+        }
+        // The program's own time, over runs of their own: the stats add two clock reads
+        // to every BPF program run (generator's and sinks' too), so the rates above are
+        // measured without them.
+        let id = topo
+            .lb
+            .run(|| crate::host::blocking::interface("eth0").map(|i| i.xdp_prog))
+            .map_err(setup("netns"))?
+            .map_err(setup("LB interface"))?
+            .filter(|&id| id != 0)
+            .ok_or_else(|| setup("lb_xdp's program id")("eth0 reports no XDP program id"))?;
+        let mut sinks = Vec::new();
+        for (_, _, _, sink) in &topo.sinks {
+            let info = sink.program().map_err(setup("sink program"))?.info().map_err(setup("sink program"))?;
+            sinks.push(info.id());
+        }
+        for len in FRAME_LENS {
+            let stats = RunTimeStats::enable()?;
+            let read_sinks = |stats: &RunTimeStats| -> Result<(u64, u64), BenchError> {
+                sinks.iter().try_fold((0, 0), |(t, c), &id| stats.read(id).map(|(t2, c2)| (t + t2, c + c2)))
+            };
+            let (before, sinks_before) = (stats.read(id)?, read_sinks(&stats)?);
+            let delivered = e2e_run(&topo, LB_XDP, len, opts.e2e_seconds)?.delivered;
+            let (after, sinks_after) = (stats.read(id)?, read_sinks(&stats)?);
+            drop(stats);
+            let per_run = |before: (u64, u64), after: (u64, u64)| {
+                after.0.saturating_sub(before.0) as f64 / after.1.saturating_sub(before.1).max(1) as f64
+            };
+            program.push(ProgramTime {
+                frame_len: len,
+                runs: after.1.saturating_sub(before.1),
+                delivered,
+                ns_per_packet: per_run(before, after),
+                sink_ns_per_packet: per_run(sinks_before, sinks_after),
+            });
         }
         let s = Snapshot::read_pinned(&pin_dir).map_err(setup("stats"))?;
         if s.global(GlobalCounter::DropRedirectFailed) > 0 || s.global(GlobalCounter::DropNoBackend) > 0 {
@@ -382,10 +510,80 @@ fn end_to_end(opts: &BenchOptions) -> Result<Vec<E2eResult>, BenchError> {
     );
     let rules_file = TempFile::write(&format!("{}-nft.conf", topo.id), &rules).map_err(setup("nft rules"))?;
     topo.lb.exec("nft", &["-f", &rules_file.0.display().to_string()]).map_err(setup("nft (install nftables)"))?;
-    for len in [64, 1500] {
-        out.push(e2e_run(&topo, "nftables", len, opts.e2e_seconds)?);
+    for len in FRAME_LENS {
+        out.push(e2e_run(&topo, NFTABLES, len, opts.e2e_seconds)?);
     }
-    Ok(out)
+    Ok((out, program))
+}
+
+/// The kernel's BPF run-time stats (`run_time_ns`, `run_cnt` in `bpf_prog_info`), on
+/// while this value lives: BPF_ENABLE_STATS gives a file descriptor that keeps them on
+/// until it is closed, so dropping this (on every path, errors included) restores the
+/// kernel's state; `kernel.bpf_stats_enabled` itself is never written.
+struct RunTimeStats(#[expect(dead_code, reason = "held for its lifetime: closing it turns the stats off")] OwnedFd);
+
+impl RunTimeStats {
+    fn enable() -> Result<RunTimeStats, BenchError> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).map(RunTimeStats).map_err(setup("BPF_ENABLE_STATS"))
+    }
+
+    /// (run_time_ns, run_cnt) of the program with this id.
+    fn read(&self, id: u32) -> Result<(u64, u64), BenchError> {
+        for info in aya::programs::loaded_programs() {
+            let info = info.map_err(setup("BPF program info"))?;
+            if info.id() == id {
+                return Ok((info.run_time().as_nanos() as u64, info.run_count()));
+            }
+        }
+        Err(setup("BPF program info")(format!("no loaded program has id {id}")))
+    }
+}
+
+/// The ceiling at one frame length: the generator in the LB's namespace sending out of
+/// b1, then b2 (half the time each, as the forwarders spread the flows over both), whose
+/// peers are the sinks' eth0. The same frames as for the forwarders, with the MACs of
+/// that link.
+fn ceiling_run(topo: &BenchTopology, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
+    let before = topo.sink_packets().map_err(setup("sink counters"))?;
+    let share = Duration::from_secs_f64(seconds / topo.sinks.len().max(1) as f64);
+    let (mut generated, mut secs) = (0, 0.0);
+    for (i, (_, _, sink_mac, _)) in topo.sinks.iter().enumerate() {
+        let name = format!("b{}", i + 1);
+        let opts = topo.gen_options(len, 1024, share);
+        let report = topo
+            .lb
+            .run(move || -> Result<_, BenchError> {
+                let dev = crate::host::blocking::interface(&name).map_err(setup("sink link"))?;
+                let opts = generator::GenOptions {
+                    ifindex: dev.ifindex,
+                    interface: name,
+                    src_mac: dev.mac,
+                    dst_mac: *sink_mac,
+                    ..opts
+                };
+                generator::run(Engine::Xdp, &opts).map_err(setup("generator"))
+            })
+            .map_err(setup("netns"))??;
+        generated += report.sent;
+        secs += report.seconds;
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let delivered = topo.sink_packets().map_err(setup("sink counters"))? - before;
+    Ok(e2e_result(CEILING, len, secs, generated, delivered))
+}
+
+fn e2e_result(forwarder: &'static str, len: usize, seconds: f64, generated: u64, delivered: u64) -> E2eResult {
+    let seconds = seconds.max(1e-9);
+    E2eResult {
+        forwarder,
+        frame_len: len,
+        seconds,
+        generated,
+        generated_mpps: generated as f64 / seconds / 1e6,
+        delivered,
+        delivered_mpps: delivered as f64 / seconds / 1e6,
+        loss: if generated > 0 { 1.0 - delivered as f64 / generated as f64 } else { 0.0 },
+    }
 }
 
 fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
@@ -399,16 +597,7 @@ fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f
     // Let queues drain.
     std::thread::sleep(Duration::from_millis(200));
     let delivered = topo.sink_packets().map_err(setup("sink counters"))? - before;
-    Ok(E2eResult {
-        forwarder,
-        frame_len: len,
-        seconds: report.seconds,
-        generated: report.sent,
-        generated_mpps: report.pps / 1e6,
-        delivered,
-        delivered_mpps: delivered as f64 / report.seconds / 1e6,
-        loss: if report.sent > 0 { 1.0 - delivered as f64 / report.sent as f64 } else { 0.0 },
-    })
+    Ok(e2e_result(forwarder, len, report.seconds, report.sent, delivered))
 }
 
 fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> {
@@ -540,7 +729,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "\n3./4. End to end (lb gen -> forwarder -> 2 XDP sinks, 1024 flows)\n{:<10} {:>6} {:>12} {:>12} {:>12} {:>8}",
+            "\n3./4. End to end (lb gen -> forwarder -> 2 XDP sinks, 1024 flows; ceiling: no forwarder)\n{:<10} {:>6} {:>12} {:>12} {:>12} {:>8}",
             "forwarder", "bytes", "generated", "gen Mpps", "deliv Mpps", "loss"
         );
         for e in &self.end_to_end {
@@ -558,6 +747,42 @@ impl BenchReport {
         for (len, r) in &self.lb_vs_nftables {
             let _ = writeln!(s, "lb-xdp / nftables at {len} B: {r:.2}x");
         }
+        let _ = writeln!(
+            s,
+            "\nAdded cost per packet over the ceiling (1/rate - 1/ceiling; ceiling: the generator straight into the sinks)\n{:>6} {:>13} {:>13} {:>13} {:>16} {:>22}",
+            "bytes", "ceiling Mpps", "lb-xdp ns", "nftables ns", "lb / nftables", "lb_xdp (lb_sink) run ns"
+        );
+        for c in &self.ceiling {
+            let len = c.frame_len;
+            let added = |f: &str| {
+                self.added_cost_ns
+                    .iter()
+                    .find(|a| a.forwarder == f && a.frame_len == len)
+                    .map_or("-".to_string(), |a| format!("{:.1}", a.ns))
+            };
+            let ratio = self
+                .added_cost_ratio
+                .iter()
+                .find(|r| r.frame_len == len)
+                .map_or("-".to_string(), |r| format!("{:.3}", r.lb_over_nftables));
+            let run = self
+                .lb_program_ns_per_packet
+                .iter()
+                .find(|p| p.frame_len == len)
+                .map_or("-".to_string(), |p| format!("{:.1} ({:.1})", p.ns_per_packet, p.sink_ns_per_packet));
+            let _ = writeln!(
+                s,
+                "{len:>6} {:>13.3} {:>13} {:>13} {ratio:>16} {run:>22}",
+                c.delivered_mpps,
+                added(LB_XDP),
+                added(NFTABLES)
+            );
+        }
+        let _ = writeln!(
+            s,
+            "(goal: lb / nftables <= 0.20; run ns: a program's own time, BPF run-time stats over runs of their own;\n \
+             lb_sink does next to nothing: its figure is about what the stats themselves add)"
+        );
         let _ = writeln!(s, "\n5. Control plane");
         for c in &self.control_plane {
             let _ = writeln!(s, "{:<72} {:>9.2} ms", c.what, c.ms);
