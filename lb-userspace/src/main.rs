@@ -142,7 +142,8 @@ enum Command {
     },
     /// Remove the datapath a stopped agent left running: detach the XDP program from
     /// every interface and remove the pinned maps. Refused while an agent runs on the
-    /// pin directory (stop it first: SIGTERM, or `systemctl stop lb`).
+    /// pin directory (stop it first: SIGTERM, or `systemctl stop lb`). With `--config`
+    /// and `announce.enabled`, the VIP routes are withdrawn first.
     Detach {
         /// The agent's pin directory (`dataplane.pin_dir`).
         #[arg(long, default_value = config::DEFAULT_PIN_DIR)]
@@ -243,6 +244,20 @@ enum Command {
         #[command(flatten)]
         api: ApiArgs,
     },
+    /// Take this LB node out of service without dropping flows: withdraw every VIP
+    /// announcement (`[announce]`) at once, keep forwarding what still arrives for
+    /// `announce.drain_delay_secs`, then report `drained` (safe to stop or detach).
+    /// Remembered across agent restarts; `--cancel` announces again.
+    DrainNode {
+        /// Undo a drain: announce again what this node can serve.
+        #[arg(long)]
+        cancel: bool,
+        /// Wait until the drain delay is over (the node is `drained`).
+        #[arg(long, conflicts_with = "cancel")]
+        wait: bool,
+        #[command(flatten)]
+        api: ApiArgs,
+    },
     /// Make a running agent re-read its config file: applied whole, or rejected with the
     /// reason and nothing changed. Runtime registrations and deregistrations are kept.
     Reload {
@@ -309,6 +324,10 @@ enum Command {
         /// (to look around with `ip netns exec` and `lb stats --pin-dir ...`).
         #[arg(long, default_value_t = 0)]
         linger: u64,
+        /// Run that many LB nodes (2..=4) behind an ECMP router instead, each
+        /// announcing the VIPs over BGP through its own BIRD (needs bird2).
+        #[arg(long)]
+        nodes: Option<usize>,
     },
 }
 
@@ -386,14 +405,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             decap(&iface, &address, gue_port, xdp_mode, stats_interval)
         }
         Command::Detach { pin_dir, config: from } => {
-            let pin_dir = match from {
+            let (pin_dir, announce) = match from {
                 Some(path) => {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|source| config::ConfigError::Read { path: path.clone(), source })?;
-                    Config::parse(&text, &path)?.dataplane.pin_dir
+                    let c = Config::parse(&text, &path)?;
+                    (c.dataplane.pin_dir, c.announce)
                 }
-                None => pin_dir,
+                None => (pin_dir, config::Announce::default()),
             };
+            // Withdrawn first, so the routers stop sending before the program goes.
+            if announce.enabled {
+                let changes = lb_userspace::host::routes::blocking::sync(announce.table, &Default::default())
+                    .with_context(|| format!("withdrawing the VIP routes from table {}", announce.table))?;
+                if !changes.removed.is_empty() {
+                    let list: Vec<String> = changes.removed.iter().map(ToString::to_string).collect();
+                    println!("withdrew {} from table {}", list.join(", "), announce.table);
+                }
+            }
             let removed = lb_userspace::datapath::pins::detach_pinned(&pin_dir)
                 .with_context(|| format!("removing the datapath pinned under {}", pin_dir.display()))?;
             if removed.links.is_empty() && removed.maps == 0 {
@@ -465,15 +494,56 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     _ => println!("datapath created by this agent"),
                 }
                 for l in &answer.listeners {
-                    println!("listener {:<16} {:<32} -> {}", l.name, l.vip, l.target_group);
+                    let ring = l.ring_fingerprint.as_deref().unwrap_or("-");
+                    println!("listener {:<16} {:<32} -> {:<16} ring {ring}", l.name, l.vip, l.target_group);
                 }
                 if let Some(ms) = answer.last_datapath_update_ms {
                     println!("last health/drain change reached the datapath in {ms:.2} ms");
                 }
                 for g in &answer.target_groups {
-                    println!("group    {:<16} {}/{} targets healthy", g.group, g.healthy, g.targets);
+                    let spill = if g.zone_spill { ", none in this zone: spilling over to other zones" } else { "" };
+                    println!("group    {:<16} {}/{} targets healthy{spill}", g.group, g.healthy, g.targets);
+                }
+                if let Some(a) = &answer.announce {
+                    let list: Vec<String> = a.announced.iter().map(ToString::to_string).collect();
+                    let left = a.drain_remaining_secs.map(|s| format!(" ({s:.0} s left)")).unwrap_or_default();
+                    println!(
+                        "node     {}{left}, announcing in table {}: {}",
+                        a.node,
+                        a.table,
+                        if list.is_empty() { "nothing".to_string() } else { list.join(", ") }
+                    );
+                    if let Some(e) = &a.error {
+                        println!("node     announcement failing: {e}");
+                    }
                 }
             })?;
+            Ok(())
+        }
+        Command::DrainNode { cancel, wait, api } => {
+            let client = Client::new(&api.socket);
+            let answer = block_on(client.drain_node(&lb_userspace::api::DrainRequest { cancel }))?;
+            print_answer(&answer, api.json, |a| match a.drain_remaining_secs {
+                Some(left) => println!(
+                    "{}: every VIP withdrawn from table {}; forwarding what still arrives for {left:.0} s",
+                    a.node, a.table
+                ),
+                None => println!("{}: announcing {} address(es) in table {}", a.node, a.announced.len(), a.table),
+            })?;
+            if wait && let Some(left) = answer.drain_remaining_secs {
+                std::thread::sleep(Duration::from_secs_f64(left));
+                loop {
+                    let status = block_on(client.status())?;
+                    match status.announce.map(|a| a.node) {
+                        Some(lb_userspace::api::NodeState::Draining) => std::thread::sleep(Duration::from_millis(200)),
+                        Some(state) => {
+                            println!("{state}");
+                            break;
+                        }
+                        None => anyhow::bail!("the agent no longer announces VIPs (was it reloaded?)"),
+                    }
+                }
+            }
             Ok(())
         }
         Command::Reload { api } => {
@@ -547,9 +617,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         #[cfg(feature = "tools")]
-        Command::Demo { udp_flows, linger } => {
-            use lb_userspace::tools::demo;
-            demo::run(demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) })
+        Command::Demo { udp_flows, linger, nodes } => {
+            use lb_userspace::tools::{demo, demo_nodes};
+            let opts = demo::DemoOptions { udp_flows, linger: Duration::from_secs(linger) };
+            match nodes {
+                Some(n) => demo_nodes::run(opts, n),
+                None => demo::run(opts),
+            }
         }
     }
 }

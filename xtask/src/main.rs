@@ -101,6 +101,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("python3", "python3"),
     ("procps", "sysctl"),
     ("nftables", "nft"),
+    // The routing daemon of the scale-out tests (tests/tests/scale_out.rs) and
+    // `lb demo --nodes 2`: BGP announcement of the VIPs to an ECMP router.
+    ("bird2", "bird"),
     // `cargo xtask deb`: the package's Depends (dpkg-deb itself is in dpkg).
     ("dpkg-dev", "dpkg-shlibdeps"),
     // The pseudo-terminal `lb top` runs under in its test.

@@ -20,6 +20,7 @@ pub(super) enum ApiCall {
     Register(RegisterRequest, Reply<RegisterResponse>),
     Deregister(DeregisterRequest, Reply<DeregisterResponse>),
     Reload(Reply<ReloadResponse>),
+    DrainNode(api::DrainRequest, Reply<api::AnnounceStatus>),
 }
 
 /// The control API's handler.
@@ -53,6 +54,9 @@ impl api::Handler for ApiHandler {
     async fn reload(&self) -> Result<ReloadResponse, ApiFailure> {
         self.ask(ApiCall::Reload).await
     }
+    async fn drain_node(&self, req: api::DrainRequest) -> Result<api::AnnounceStatus, ApiFailure> {
+        self.ask(|r| ApiCall::DrainNode(req, r)).await
+    }
 }
 
 impl Agent {
@@ -69,6 +73,9 @@ impl Agent {
             ApiCall::Deregister(req, reply) => {
                 let _ = reply.send(self.deregister(req).await);
             }
+            ApiCall::DrainNode(req, reply) => {
+                let _ = reply.send(self.drain_node(req).await);
+            }
             ApiCall::Reload(reply) => {
                 let outcome = self.reload().await;
                 let _ = reply.send(match outcome {
@@ -80,6 +87,7 @@ impl Agent {
     }
 
     pub(super) fn status(&self) -> StatusResponse {
+        let rings: HashMap<&str, u64> = self.plan.vips.iter().map(|v| (v.name.as_str(), v.fingerprint)).collect();
         StatusResponse {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -94,13 +102,19 @@ impl Agent {
                     name: l.name.clone(),
                     vip: l.vip_display(),
                     target_group: l.target_group.clone(),
+                    ring_fingerprint: rings.get(l.name.as_str()).map(|f| crate::control::fingerprint::display(*f)),
                 })
                 .collect(),
             target_groups: self
                 .registry
                 .group_counts(&self.config)
                 .into_iter()
-                .map(|(group, healthy, targets)| GroupInfo { group, healthy, targets })
+                .map(|(group, healthy, targets)| GroupInfo {
+                    zone_spill: self.zone_spill.contains(&group),
+                    group,
+                    healthy,
+                    targets,
+                })
                 .collect(),
             last_datapath_update_ms: self.last_update.map(|d| d.as_secs_f64() * 1e3),
             datapath: self.datapath_status.clone(),
@@ -108,6 +122,7 @@ impl Agent {
                 .last_change
                 .as_ref()
                 .map(|(change, at)| api::LastChange { change: change.clone(), secs_ago: at.elapsed().as_secs_f64() }),
+            announce: self.announce_status(),
         }
     }
 

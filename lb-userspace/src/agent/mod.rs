@@ -13,7 +13,8 @@
 //!   with rollback, replan), the map writes themselves on the datapath thread;
 //! - `targets.rs`: health monitors, probe results, drains, publishing;
 //! - `api_calls.rs`: the control API's requests: changes on the loop, reads off it;
-//! - `published.rs`: the snapshot the API's reads are answered from.
+//! - `published.rs`: the snapshot the API's reads are answered from;
+//! - `announce.rs`: the VIP announcement routes and `lb drain-node`.
 
 use std::{
     collections::HashMap,
@@ -42,6 +43,7 @@ use crate::{
     metrics::{TargetView, View},
 };
 
+mod announce;
 mod api_calls;
 mod published;
 mod state;
@@ -261,6 +263,9 @@ pub async fn run(
     // that failed, and removes targets whose deregistration delay has ended.
     let mut drains = tokio::time::interval(TICK);
     drains.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // VIP announcement (`announce.rs`): the routes follow what this node can serve.
+    let mut announce_tick = tokio::time::interval(TICK);
+    announce_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let detach = loop {
         tokio::select! {
             cmd = control.recv() => match cmd {
@@ -274,6 +279,7 @@ pub async fn run(
                 Some(Control::Detach) => break true,
             },
             Some(call) = api_rx.recv() => agent.api(call).await,
+            _ = announce_tick.tick() => agent.announce().await,
             Some(event) = health_rx.recv() => agent.on_probes(event, &mut health_rx).await,
             _ = drains.tick() => agent.expire_drains().await,
             Some(()) = changes_rx.recv() => {
@@ -310,6 +316,15 @@ pub async fn run(
     }
     let _ = std::fs::remove_file(&socket);
     if detach {
+        // Withdrawn first: the routers stop sending before the program goes.
+        if !agent.withdraw_all().await {
+            warn!(
+                table = agent.config.announce.table,
+                "the VIP routes could not be withdrawn: remove them with `ip route flush table {} proto {}`",
+                agent.config.announce.table,
+                host::routes::RTPROT_LB
+            );
+        }
         let removed = agent.dp.run(|dp| dp.detach()).await??;
         info!(interfaces = ?removed.links, maps = removed.maps, "datapath removed");
     } else {
@@ -395,10 +410,15 @@ async fn start(
         log_task,
         api_tx: None,
         datapath_status: api::DatapathStatus { maps: origin.as_str().to_string(), previous_agent },
+        announcer: announce::Announcer::default(),
+        zone_spill: Vec::new(),
     };
+    agent.announcer = announce::Announcer::new(&agent.config);
     agent.sync_monitors();
     agent.save_state(&agent.registry.clone(), false).await;
     agent.publish();
+    // Attached and filled: announce what this node can serve.
+    agent.announce().await;
     Ok(agent)
 }
 

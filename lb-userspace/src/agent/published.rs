@@ -21,6 +21,8 @@ pub(super) struct Published {
     pub(super) targets: Vec<(TargetInfo, Option<Instant>)>,
     /// When `status.last_change` happened; its `secs_ago` is filled in when answered.
     pub(super) last_change_at: Option<Instant>,
+    /// When this node's drain delay ends (`status.announce.drain_remaining_secs`).
+    pub(super) drain_until: Option<Instant>,
 }
 
 impl Published {
@@ -32,6 +34,7 @@ impl Published {
             groups: Vec::new(),
             targets: Vec::new(),
             last_change_at: None,
+            drain_until: None,
         }
     }
 
@@ -39,6 +42,9 @@ impl Published {
         let mut status = StatusResponse { uptime_secs: self.started.elapsed().as_secs(), ..self.status.clone() };
         if let (Some(change), Some(at)) = (status.last_change.as_mut(), self.last_change_at) {
             change.secs_ago = at.elapsed().as_secs_f64();
+        }
+        if let (Some(a), Some(until)) = (status.announce.as_mut(), self.drain_until) {
+            a.drain_remaining_secs = Some(until.saturating_duration_since(Instant::now()).as_secs_f64());
         }
         status
     }

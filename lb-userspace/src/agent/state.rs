@@ -39,6 +39,10 @@ pub(super) struct Agent {
     pub(super) log_task: Option<tokio::task::JoinHandle<()>>,
     /// How this agent found the datapath (for `GET /v1/status`).
     pub(super) datapath_status: api::DatapathStatus,
+    /// VIP announcement and node drain (`announce.rs`).
+    pub(super) announcer: super::announce::Announcer,
+    /// Groups whose new flows spill over to other zones, as last published.
+    pub(super) zone_spill: Vec<String>,
 }
 
 /// Plans written for one change: the second adds what waited for ids the first freed.

@@ -176,6 +176,7 @@ impl Agent {
     /// Publishes every target's state for the metrics endpoint (after a change of the
     /// target set or of any state: O(targets)).
     pub(super) fn publish(&mut self) {
+        self.log_zone_spill();
         let ids: HashMap<(&str, IpAddr), u32> = self
             .plan
             .backends
@@ -200,6 +201,30 @@ impl Agent {
                 .collect(),
             groups: self.registry.group_counts(&self.config),
             last_datapath_update: self.last_update,
+            rings: {
+                let groups: HashMap<&str, &str> =
+                    self.config.listeners.iter().map(|l| (l.name.as_str(), l.target_group.as_str())).collect();
+                self.plan
+                    .vips
+                    .iter()
+                    .map(|v| {
+                        (
+                            crate::datapath::display_key(&v.key),
+                            groups.get(v.name.as_str()).map(|g| g.to_string()).unwrap_or_default(),
+                            crate::control::fingerprint::display(v.fingerprint),
+                        )
+                    })
+                    .collect()
+            },
+            announced: match (&self.announcer.written, self.config.announce.enabled) {
+                (written, true) => {
+                    let on = written.as_ref().map(|(_, set)| set.clone()).unwrap_or_default();
+                    let all: std::collections::BTreeSet<IpAddr> =
+                        self.config.listeners.iter().map(|l| l.address).collect();
+                    all.into_iter().map(|a| (a.to_string(), on.contains(&a))).collect()
+                }
+                (_, false) => Vec::new(),
+            },
         };
         self.view_index = self.registry.entries().keys().enumerate().map(|(i, key)| (key.clone(), i)).collect();
         if let Ok(mut v) = self.view.lock() {
@@ -220,9 +245,27 @@ impl Agent {
         if let Ok(mut p) = self.published.lock() {
             p.status = status;
             p.last_change_at = self.last_change.as_ref().map(|(_, at)| *at);
+            p.drain_until = self.announcer.drain_until;
             p.groups = groups;
             p.targets = targets;
         }
+    }
+
+    /// Logs the groups that start or stop spilling new flows over to other zones and
+    /// keeps the list for `lb status`.
+    fn log_zone_spill(&mut self) {
+        if self.config.node.zone.is_none() && self.zone_spill.is_empty() {
+            return;
+        }
+        let now = crate::control::zones::spilling(&self.config, &self.registry.plan_groups(&self.config));
+        let zone = self.config.node.zone.as_deref().unwrap_or_default();
+        for g in now.iter().filter(|g| !self.zone_spill.contains(g)) {
+            warn!(group = %g, zone, "no healthy target in this node's zone: new flows spill over to the other zones");
+        }
+        for g in self.zone_spill.iter().filter(|g| !now.contains(g)) {
+            info!(group = %g, zone, "healthy targets in this node's zone again: new flows stay in the zone");
+        }
+        self.zone_spill = now;
     }
 
     /// Copies one target's probe figures into its entry of the published view, in place.

@@ -16,8 +16,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
 use super::{
-    ApiError, DeregisterRequest, DeregisterResponse, ErrorBody, RegisterRequest, RegisterResponse, ReloadResponse,
-    StatusResponse, TargetList,
+    AnnounceStatus, ApiError, DeregisterRequest, DeregisterResponse, DrainRequest, ErrorBody, RegisterRequest,
+    RegisterResponse, ReloadResponse, StatusResponse, TargetList,
 };
 
 /// Largest answer the client reads.
@@ -76,6 +76,11 @@ impl Client {
     /// `POST /v1/reload`.
     pub async fn reload(&self) -> Result<ReloadResponse, ApiError> {
         self.typed(Method::POST, "/v1/reload", None::<&()>).await
+    }
+
+    /// `POST /v1/node/drain`.
+    pub async fn drain_node(&self, req: &DrainRequest) -> Result<AnnounceStatus, ApiError> {
+        self.typed(Method::POST, "/v1/node/drain", Some(req)).await
     }
 
     /// One request; a 2xx answer is read as `T`, any other as [`ApiError::Refused`].

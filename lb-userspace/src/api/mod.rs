@@ -164,6 +164,8 @@ pub trait Handler: Send + Sync + 'static {
     -> impl Future<Output = Result<DeregisterResponse, ApiFailure>> + Send;
     /// `POST /v1/reload`.
     fn reload(&self) -> impl Future<Output = Result<ReloadResponse, ApiFailure>> + Send;
+    /// `POST /v1/node/drain`.
+    fn drain_node(&self, req: DrainRequest) -> impl Future<Output = Result<AnnounceStatus, ApiFailure>> + Send;
 }
 
 /// Binds the control socket at `path`, mode 0600 (owned by the calling user).

@@ -15,7 +15,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixListener;
 use tracing::debug;
 
-use super::{ApiFailure, DeregisterRequest, Handler, RegisterRequest, TargetsQuery};
+use super::{ApiFailure, DeregisterRequest, DrainRequest, Handler, RegisterRequest, TargetsQuery};
 use crate::http::{Limits, serve};
 
 /// Largest request body the control API reads.
@@ -52,6 +52,7 @@ pub(crate) fn router<H: Handler>(handler: Arc<H>) -> Router {
                 .fallback(not_allowed("GET, POST, DELETE")),
         )
         .route("/v1/reload", post(reload::<H>).fallback(not_allowed("POST")))
+        .route("/v1/node/drain", post(drain_node::<H>).fallback(not_allowed("POST")))
         .fallback(|uri: Uri| async move { ApiFailure::not_found(format!("no such endpoint {}", uri.path())) })
         .layer(middleware::from_fn(log_request))
         .with_state(handler)
@@ -96,6 +97,10 @@ async fn deregister<H: Handler>(State(handler): State<Arc<H>>, JsonBody(req): Js
 
 async fn reload<H: Handler>(State(handler): State<Arc<H>>) -> Response {
     answer(async move { handler.reload().await }).await
+}
+
+async fn drain_node<H: Handler>(State(handler): State<Arc<H>>, JsonBody(req): JsonBody<DrainRequest>) -> Response {
+    answer(async move { handler.drain_node(req).await }).await
 }
 
 /// Runs a handler call in its own task (a panic becomes a 500) and sends its answer.

@@ -80,11 +80,13 @@ fn status_answer() -> StatusResponse {
             name: "web".into(),
             vip: "198.18.1.100:80/tcp".into(),
             target_group: "web".into(),
+            ring_fingerprint: Some("00000000000000ab".into()),
         }],
-        target_groups: vec![GroupInfo { group: "web".into(), healthy: 1, targets: 2 }],
+        target_groups: vec![GroupInfo { group: "web".into(), healthy: 1, targets: 2, zone_spill: false }],
         last_datapath_update_ms: None,
         datapath: DatapathStatus { maps: "adopted".into(), previous_agent: None },
         last_change: None,
+        announce: None,
     }
 }
 
@@ -141,6 +143,11 @@ impl Handler for Fake {
     async fn reload(&self) -> Result<ReloadResponse, ApiFailure> {
         self.record("reload".into());
         Ok(ReloadResponse { reloaded: true })
+    }
+    async fn drain_node(&self, req: DrainRequest) -> Result<AnnounceStatus, ApiFailure> {
+        self.record(format!("drain cancel={}", req.cancel));
+        let node = if req.cancel { NodeState::Serving } else { NodeState::Draining };
+        Ok(AnnounceStatus { table: 100, node, drain_remaining_secs: Some(30.0), ..AnnounceStatus::default() })
     }
 }
 
@@ -219,11 +226,15 @@ async fn status_route() {
         json!({
             "pid": 42, "uptime_secs": 7, "config": "/etc/lb/lb.toml", "interfaces": ["eth0"],
             "pin_dir": "/sys/fs/bpf/lb",
-            "listeners": [{ "name": "web", "vip": "198.18.1.100:80/tcp", "target_group": "web" }],
-            "target_groups": [{ "group": "web", "healthy": 1, "targets": 2 }],
+            "listeners": [{
+                "name": "web", "vip": "198.18.1.100:80/tcp", "target_group": "web",
+                "ring_fingerprint": "00000000000000ab",
+            }],
+            "target_groups": [{ "group": "web", "healthy": 1, "targets": 2, "zone_spill": false }],
             "last_datapath_update_ms": null,
             "datapath": { "maps": "adopted", "previous_agent": null },
             "last_change": null,
+            "announce": null,
         })
     );
     assert_eq!(server.calls(), ["status", "status"]);
@@ -310,6 +321,22 @@ async fn reload_route() {
     assert_eq!(server.client().reload().await.expect("reload"), ReloadResponse { reloaded: true });
     assert_eq!(server.call("POST", "/v1/reload", None).await, (200, json!({ "reloaded": true })));
     assert_eq!(server.calls(), ["reload", "reload"]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn drain_node_route() {
+    let server = Server::start();
+    let answer = server.client().drain_node(&DrainRequest { cancel: false }).await.expect("drain");
+    assert_eq!(answer.node, NodeState::Draining);
+    let (status, body) = server.call("POST", "/v1/node/drain", Some(json!({ "cancel": true }))).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({ "table": 100, "node": "serving", "drain_remaining_secs": 30.0, "announced": [], "error": null })
+    );
+    assert_eq!(server.call("GET", "/v1/node/drain", None).await.0, 405);
+    assert_eq!(server.calls(), ["drain cancel=false", "drain cancel=true"]);
     server.stop().await;
 }
 

@@ -55,6 +55,55 @@ pub struct StatusResponse {
     /// before the first one (and from agents without this field).
     #[serde(default)]
     pub last_change: Option<LastChange>,
+    /// VIP announcement (`[announce]`): `null` when off (and from older agents).
+    #[serde(default)]
+    pub announce: Option<AnnounceStatus>,
+}
+
+/// `announce` in [`StatusResponse`], and the answer of `POST /v1/node/drain`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AnnounceStatus {
+    /// The kernel routing table the routes are in (`announce.table`).
+    pub table: u32,
+    /// `serving` (announcing what it can serve), `draining` (routes withdrawn, still
+    /// forwarding what arrives until the drain delay ends) or `drained` (the delay is
+    /// over: safe to stop or detach).
+    pub node: NodeState,
+    /// While draining: seconds until the drain delay ends; else `null`.
+    pub drain_remaining_secs: Option<f64>,
+    /// The VIP addresses announced now (routes in `table`).
+    pub announced: Vec<IpAddr>,
+    /// The last failure to write the routes (retried every 100 ms); `null` if none.
+    pub error: Option<String>,
+}
+
+/// A node's part in announcing VIPs, see [`AnnounceStatus`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    #[default]
+    Serving,
+    Draining,
+    Drained,
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Serving => "serving",
+            NodeState::Draining => "draining",
+            NodeState::Drained => "drained",
+        })
+    }
+}
+
+/// Body of `POST /v1/node/drain`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainRequest {
+    /// Undo a drain: announce again what this node can serve.
+    #[serde(default)]
+    pub cancel: bool,
 }
 
 /// `last_change` in [`StatusResponse`].
@@ -85,6 +134,12 @@ pub struct ListenerInfo {
     /// `address:port/protocol`, e.g. `198.18.1.100:80/tcp`.
     pub vip: String,
     pub target_group: String,
+    /// Fingerprint of the Maglev ring its new flows are hashed on, over target
+    /// identities (16 hex digits): equal on every LB node that sends each flow to the
+    /// same target. `null` while the listener is not in the datapath (and from older
+    /// agents).
+    #[serde(default)]
+    pub ring_fingerprint: Option<String>,
 }
 
 /// A target group in [`StatusResponse`].
@@ -95,6 +150,10 @@ pub struct GroupInfo {
     pub healthy: usize,
     /// Its targets in any state.
     pub targets: usize,
+    /// With zones (`node.zone`): this node's zone has no healthy target of the group,
+    /// so its new flows spill over to the other zones. Absent from older agents.
+    #[serde(default)]
+    pub zone_spill: bool,
 }
 
 /// Answer of `GET /v1/targets`.

@@ -11,7 +11,9 @@ use std::{
     str::FromStr,
 };
 
+pub mod announce;
 pub mod health_check;
+pub mod zones;
 
 use lb_common::{
     DEFAULT_CONN_TABLE_SIZE, DEFAULT_MAX_VIPS, DEFAULT_NEW_FLOW_CAP_PER_CPU, DEFAULT_RING_SIZE, MAX_BACKENDS,
@@ -23,7 +25,9 @@ use lb_common::{
 pub const MAX_NEW_FLOW_CAP_PER_CPU: u32 = 100_000_000;
 use serde::{Deserialize, Serialize};
 
+pub use self::announce::{Announce, AnnounceConfigError};
 pub use self::health_check::{HealthCheck, HealthConfigError};
+pub use self::zones::{Node, Subnet, Zone, ZoneConfigError};
 
 /// The only config format version so far.
 pub const CONFIG_VERSION: u32 = 1;
@@ -120,6 +124,10 @@ pub enum ConfigError {
         "target group `{group}` is health checked but has no port to probe: its listeners are UDP or all-ports; set `health_check.port` (NLB checks UDP targets over TCP or HTTP on a health port)"
     )]
     NoProbePort { group: String },
+    #[error(transparent)]
+    Announce(#[from] AnnounceConfigError),
+    #[error(transparent)]
+    Zone(#[from] ZoneConfigError),
 }
 
 /// Largest deregistration delay (seconds), as NLB.
@@ -286,6 +294,15 @@ pub struct Config {
     pub control: ControlConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// VIP announcement to a routing daemon (docs/scale-out.md).
+    #[serde(default)]
+    pub announce: Announce,
+    /// This LB node (its zone).
+    #[serde(default)]
+    pub node: Node,
+    /// Zones and the target subnets in each (docs/scale-out.md).
+    #[serde(default)]
+    pub zones: Vec<Zone>,
 }
 
 /// The runtime API (`lb targets ...`, `lb status`, `lb reload`).
@@ -370,6 +387,10 @@ pub struct Listener {
     pub port: u16,
     pub protocol: Protocol,
     pub target_group: String,
+    /// A per-zone address (NLB's one address per zone): announced only by the nodes of
+    /// this zone (`node.zone`). Absent: announced by every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
     #[serde(default)]
     pub hash: HashMode,
     /// Whether the LB answers ICMP / ICMPv6 echo requests (ping) to this address.
@@ -409,6 +430,10 @@ pub struct TargetGroup {
     pub name: String,
     #[serde(default)]
     pub targets: Vec<Target>,
+    /// With `node.zone` set: spread new flows over the healthy targets of every zone
+    /// rather than this node's zone first (NLB's cross-zone load balancing).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cross_zone: bool,
     /// Health checks. Absent: targets count as healthy once resolved.
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -570,6 +595,12 @@ impl Config {
         if dp.new_flow_cap_per_cpu > MAX_NEW_FLOW_CAP_PER_CPU {
             return Err(ConfigError::NewFlowCap { cap: dp.new_flow_cap_per_cpu });
         }
+        self.announce.validate()?;
+        zones::validate(
+            &self.zones,
+            &self.node,
+            self.listeners.iter().filter_map(|l| l.zone.as_deref().map(|z| (format!("listener `{}`", l.name), z))),
+        )?;
         if self.listeners.len() > dp.max_vips as usize {
             return Err(ConfigError::TooManyListeners { count: self.listeners.len(), max: dp.max_vips });
         }

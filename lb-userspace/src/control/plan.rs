@@ -19,8 +19,10 @@ use lb_common::{Backend, BackendFlags, VipFlags, VipKey, addr_from_ip};
 
 pub use super::ids::{Allocators, Ids};
 use super::{
+    fingerprint,
     health_state::TargetState,
     maglev::{self, MaglevError},
+    zones::GroupZones,
 };
 use crate::config::{AllUnhealthy, Config, HashMode, TargetGroup};
 
@@ -86,6 +88,9 @@ pub struct PlannedVip {
     /// Backend ids, `ring_size` of them; 0 where there is no backend.
     /// Shared by every VIP of the group (and with the group's `RingCache` entry).
     pub ring: Arc<[u32]>,
+    /// [`fingerprint::of_ring`] of `ring`: equal on every node whose ring sends each
+    /// slot to the same target, whatever ids the nodes gave their targets.
+    pub fingerprint: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -174,7 +179,8 @@ struct RingInputs {
 /// built without. Keep one per agent and pass it to every [`build_cached`].
 #[derive(Debug, Clone, Default)]
 pub struct RingCache {
-    groups: HashMap<String, (RingInputs, Arc<[u32]>)>,
+    /// Group -> the inputs, the ring and its fingerprint.
+    groups: HashMap<String, (RingInputs, Arc<[u32]>, u64)>,
     builds: u64,
     reused: u64,
 }
@@ -193,7 +199,7 @@ impl RingCache {
     /// Makes sure `group`'s cached ring is the one for `inputs`, building it if needed.
     /// On error the group's entry is unchanged.
     fn update(&mut self, group: &str, inputs: RingInputs) -> Result<(), PlanError> {
-        if self.groups.get(group).is_some_and(|(cached, _)| *cached == inputs) {
+        if self.groups.get(group).is_some_and(|(cached, ..)| *cached == inputs) {
             self.reused += 1;
             return Ok(());
         }
@@ -207,12 +213,14 @@ impl RingCache {
         let ring = maglev::build(&mb, inputs.ring_size)
             .map_err(|source| PlanError::Maglev { group: group.to_owned(), source })?;
         self.builds += 1;
-        self.groups.insert(group.to_owned(), (inputs, ring.into()));
+        let targets: HashMap<u32, IpAddr> = inputs.members.iter().map(|(id, ip, _)| (*id, *ip)).collect();
+        let fingerprint = fingerprint::of_ring(&ring, &targets);
+        self.groups.insert(group.to_owned(), (inputs, ring.into(), fingerprint));
         Ok(())
     }
 
-    fn ring(&self, group: &str) -> Option<&Arc<[u32]>> {
-        self.groups.get(group).map(|(_, ring)| ring)
+    fn ring(&self, group: &str) -> Option<(&Arc<[u32]>, u64)> {
+        self.groups.get(group).map(|(_, ring, fingerprint)| (ring, *fingerprint))
     }
 }
 
@@ -264,6 +272,8 @@ pub fn build_cached(
     for g in groups {
         let fail_open = config.target_group(&g.name).is_none_or(|c| c.on_all_unhealthy == AllUnhealthy::FailOpen);
         let has_healthy = g.targets.iter().any(|t| t.state == TargetState::Healthy);
+        // Zones: new flows go to this node's zone's healthy targets while it has one.
+        let zones = GroupZones::new(config, g);
         let mut in_ring = Vec::new();
         for t in g.targets.iter().filter(|t| t.state != TargetState::Unused) {
             let key = (g.name.clone(), t.ip);
@@ -288,7 +298,7 @@ pub fn build_cached(
             }
             backends.insert(id, (t.ip, b));
             backend_groups.insert(id, g.name.clone());
-            if ring_member {
+            if ring_member && !zones.other_zone(t.ip) {
                 in_ring.push((id, t.ip, t.weight));
             }
         }
@@ -304,9 +314,13 @@ pub fn build_cached(
     let mut vips = Vec::with_capacity(config.listeners.len());
     for (l, key) in config.listeners.iter().zip(keys) {
         let group = l.target_group.as_str();
-        let (ring, fail_open) = match (cache.ring(group), fail_open_now.get(group)) {
-            (Some(ring), Some(fail_open)) => (ring.clone(), fail_open),
-            _ => (Arc::from(vec![0; ring_size as usize]), &false),
+        let (ring, fingerprint, fail_open) = match (cache.ring(group), fail_open_now.get(group)) {
+            (Some((ring, fingerprint)), Some(fail_open)) => (ring.clone(), fingerprint, fail_open),
+            _ => {
+                let empty = vec![0; ring_size as usize];
+                let fingerprint = fingerprint::of_ring(&empty, &HashMap::new());
+                (Arc::from(empty), fingerprint, &false)
+            }
         };
         let mut flags = match l.hash {
             HashMode::FiveTuple => VipFlags::empty(),
@@ -317,7 +331,7 @@ pub fn build_cached(
         }
         // No slot yet (only quarantined ones are free): in the next plan.
         let Some(&slot) = slots.get(&key) else { continue };
-        vips.push(PlannedVip { name: l.name.clone(), key, slot, flags, ring });
+        vips.push(PlannedVip { name: l.name.clone(), key, slot, flags, ring, fingerprint });
     }
     next_ids.prune_generations();
     *ids = next_ids;
@@ -368,7 +382,7 @@ pub fn outer_src_mask(host_bits: u32) -> u32 {
 mod tests {
     use super::*;
     use crate::host::Interface;
-    use std::path::Path;
+    use std::{collections::BTreeSet, path::Path, time::Instant};
 
     fn resolved(config: &Config) -> HashMap<IpAddr, Resolved> {
         let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
@@ -773,6 +787,114 @@ mod tests {
         build_cached(&small, &only_g, &resolved, &mut cached_ids, &mut cache).expect("plan");
         assert_eq!(cache.groups.keys().collect::<Vec<_>>(), vec!["g"]);
         assert!(cache.reused() > 0);
+    }
+
+    /// Two nodes with one config: node B learnt other targets first (so its ids
+    /// differ), lists the group's targets in another order and registered them in
+    /// another order through a registry. Each VIP's ring sends every slot to the same
+    /// target on both, and the fingerprints agree; a change of membership changes them.
+    #[test]
+    fn rings_and_fingerprints_agree_across_nodes_whatever_the_ids_and_orders() {
+        use crate::control::registry::Registry;
+        let c = two_groups(1009);
+        let mut res = resolved(&c);
+        let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
+        let runtime: Vec<IpAddr> = (31..39).map(|i| format!("198.18.0.{i}").parse().expect("ip")).collect();
+        for ip in &runtime {
+            res.insert(*ip, Resolved { ip: *ip, dev: dev.clone(), mac: [2, 0, 0, 0, 1, 1] });
+        }
+        let now = Instant::now();
+        let node = |order: &[usize], burn_ids: usize, reverse_groups: bool| {
+            let mut ids = Allocators::new(8);
+            if burn_ids > 0 {
+                // Ids taken by targets this node saw first and that left since.
+                let other = PlanGroup {
+                    name: "g".into(),
+                    targets: runtime[..burn_ids]
+                        .iter()
+                        .map(|ip| PlanTarget { ip: *ip, weight: 1, state: TargetState::Healthy, down: false })
+                        .collect(),
+                };
+                build_with(&c, &[other], &res, &mut ids).expect("plan");
+                build_with(&c, &[], &res, &mut ids).expect("plan");
+            }
+            let mut registry = Registry::default();
+            registry.sync(&c, now);
+            for &i in order {
+                registry.register(("g".into(), runtime[i]), 1 + (i as u32 % 3), None);
+                registry.sync(&c, now);
+            }
+            let mut groups = registry.plan_groups(&c);
+            if reverse_groups {
+                groups.reverse();
+                for g in &mut groups {
+                    g.targets.reverse();
+                }
+            }
+            build_with(&c, &groups, &res, &mut ids).expect("plan")
+        };
+        let by_target = |p: &Plan, v: &PlannedVip| -> Vec<Option<IpAddr>> {
+            v.ring.iter().map(|id| p.backends.get(id).map(|(ip, _)| *ip)).collect()
+        };
+        let a = node(&[0, 1, 2, 3, 4, 5, 6, 7], 0, false);
+        assert_eq!(a.backends.len(), 5 + 8, "the registered targets are in the plan");
+        assert!(a.vips[0].ring.iter().any(|id| a.backends[id].0 == runtime[7]), "and in the ring");
+        let b = node(&[7, 3, 5, 1, 0, 6, 2, 4], 5, true);
+        let ids_of = |p: &Plan| p.backends.iter().map(|(id, (ip, _))| (*ip, *id)).collect::<BTreeMap<_, _>>();
+        assert_ne!(ids_of(&a), ids_of(&b), "the nodes gave their targets other ids");
+        for (va, vb) in a.vips.iter().zip(&b.vips) {
+            assert_eq!(va.name, vb.name);
+            assert_eq!(by_target(&a, va), by_target(&b, vb), "VIP {}: every slot, the same target", va.name);
+            assert_eq!(va.fingerprint, vb.fingerprint, "VIP {}", va.name);
+        }
+        assert_eq!(a.vips[0].fingerprint, a.vips[1].fingerprint, "two VIPs of one group share the ring");
+        assert_ne!(a.vips[0].fingerprint, a.vips[2].fingerprint, "another group, another ring");
+        let fewer = node(&[0, 1, 2, 3, 4, 5, 6], 0, false);
+        assert_ne!(fewer.vips[0].fingerprint, a.vips[0].fingerprint, "one target less");
+        assert_eq!(fewer.vips[2].fingerprint, a.vips[2].fingerprint, "the other group is unchanged");
+    }
+
+    /// Node in zone a, targets .11/.12 in a, .21/.22 in b: new flows go to a's healthy
+    /// targets, spill over to every zone's healthy ones when a has none, and come back;
+    /// `cross_zone` spreads over all; a target in no zone counts as local.
+    #[test]
+    fn zonal_rings_prefer_this_zone_and_spill_over() {
+        use TargetState::*;
+        let mut c =
+            config(r#"{ ip = "198.18.0.11" }, { ip = "198.18.0.12" }, { ip = "198.18.0.21" }, { ip = "198.18.0.22" }"#);
+        c.node.zone = Some("a".into());
+        let zone = |name: &str, subnet: &str| crate::config::Zone {
+            name: name.into(),
+            subnets: vec![subnet.parse().expect("subnet")],
+        };
+        c.zones = vec![zone("a", "198.18.0.8/29"), zone("b", "198.18.0.16/28")];
+        c.validate().expect("valid zones");
+        let res = resolved(&c);
+        let ring_targets = |c: &Config, states: &[TargetState]| -> (BTreeSet<String>, Vec<String>) {
+            let p = build_with(c, &with_states(c, states), &res, &mut Allocators::new(8)).expect("plan");
+            let ips = p.vips[0].ring.iter().map(|id| p.backends[id].0.to_string()).collect();
+            (ips, crate::control::zones::spilling(c, &with_states(c, states)))
+        };
+        let set = |l: &[&str]| -> BTreeSet<String> { l.iter().map(|s| s.to_string()).collect() };
+        let (ring, spill) = ring_targets(&c, &[Healthy; 4]);
+        assert_eq!((ring, spill.len()), (set(&["198.18.0.11", "198.18.0.12"]), 0), "zone a only");
+        let (ring, spill) = ring_targets(&c, &[Healthy, Unhealthy, Healthy, Healthy]);
+        assert_eq!(ring, set(&["198.18.0.11"]), "a's other healthy target");
+        assert!(spill.is_empty());
+        let (ring, spill) = ring_targets(&c, &[Unhealthy, Initial, Healthy, Healthy]);
+        assert_eq!((ring, spill), (set(&["198.18.0.21", "198.18.0.22"]), vec!["g".to_string()]), "spill-over");
+        let (ring, _) = ring_targets(&c, &[Unhealthy, Unhealthy, Unhealthy, Unhealthy]);
+        assert_eq!(ring.len(), 4, "nothing healthy anywhere: fail-open over every zone");
+        let mut cross = c.clone();
+        cross.target_groups[0].cross_zone = true;
+        assert_eq!(ring_targets(&cross, &[Healthy; 4]).0.len(), 4, "cross_zone spreads over both zones");
+        let mut nozone = c.clone();
+        nozone.node.zone = None;
+        assert_eq!(ring_targets(&nozone, &[Healthy; 4]).0.len(), 4, "zones off without node.zone");
+        let mut unzoned = c.clone();
+        unzoned.zones[1].subnets = vec!["198.18.0.21/32".parse().expect("subnet")];
+        let (ring, _) = ring_targets(&unzoned, &[Healthy; 4]);
+        assert_eq!(ring, set(&["198.18.0.11", "198.18.0.12", "198.18.0.22"]), "a target in no zone is local");
     }
 
     #[test]

@@ -36,6 +36,8 @@ use crate::config::MacAddr;
 
 pub use crate::control::plan::{Interface, Resolved};
 
+pub mod routes;
+
 /// How long the kernel may take to answer one netlink request (it answers at once; this
 /// only keeps a lost answer from hanging the agent's start-up).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -251,7 +253,7 @@ pub mod blocking {
         run(super::next_hop(ip, wait))
     }
 
-    fn run<T: Send>(lookup: impl Future<Output = Result<T, NetError>> + Send) -> Result<T, NetError> {
+    pub(crate) fn run<T: Send>(lookup: impl Future<Output = Result<T, NetError>> + Send) -> Result<T, NetError> {
         fn on_this_thread<T>(lookup: impl Future<Output = Result<T, NetError>>) -> Result<T, NetError> {
             tokio::runtime::Builder::new_current_thread()
                 .enable_io()

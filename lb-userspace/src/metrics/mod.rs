@@ -57,6 +57,11 @@ pub struct View {
     pub groups: Vec<(String, usize, usize)>,
     /// How long the last health/drain-driven datapath update took (decision to maps).
     pub last_datapath_update: Option<Duration>,
+    /// Per VIP in the datapath: (VIP as `lb stats` shows it, its group, its ring's
+    /// fingerprint as `lb status` shows it).
+    pub rings: Vec<(String, String, String)>,
+    /// With `[announce]` on: every listener address and whether it is announced now.
+    pub announced: Vec<(String, bool)>,
 }
 
 const STATES: [TargetState; 5] =
@@ -391,6 +396,22 @@ impl Collector for Scrape {
             "Duration of the last health- or drain-driven datapath update, from the decision to the maps written.",
             Some(&Unit::Seconds),
             view.last_datapath_update.map(|d| ([], d.as_secs_f64())),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_vip_ring_fingerprint",
+            "1, labelled with the fingerprint of the VIP's Maglev ring over target identities: equal on LB nodes that send each flow to the same target.",
+            None,
+            view.rings.iter().map(|(vip, group, fp)| {
+                ([("vip", vip.as_str()), ("group", group.as_str()), ("fingerprint", fp.as_str())], 1u64)
+            }),
+        )?;
+        gauges(
+            &mut enc,
+            "lb_vip_announced",
+            "1 while this node announces the VIP address to its routing daemon, 0 while it is withdrawn ([announce] on only).",
+            None,
+            view.announced.iter().map(|(addr, on)| ([("address", addr.as_str())], u64::from(*on))),
         )?;
         let checked = || targets().filter(|(t, _)| t.checked);
         gauges(

@@ -22,6 +22,8 @@ fn view(group: &str) -> View {
         }],
         groups: vec![(group.into(), 0, 1)],
         last_datapath_update: None,
+        rings: vec![("198.18.1.100:80/tcp".into(), group.into(), "00000000000000ab".into())],
+        announced: vec![("198.18.1.100".into(), true), ("fd00:18:1::100".into(), false)],
     }
 }
 
@@ -64,6 +66,9 @@ fn renders_health_and_groups_in_the_prometheus_format() {
         "# HELP lb_health_checks_total Health checks run, by result.",
         "# TYPE lb_health_checks_total counter",
         "# TYPE lb_target_health_state gauge",
+        "lb_vip_announced{address=\"198.18.1.100\"} 1",
+        "lb_vip_announced{address=\"fd00:18:1::100\"} 0",
+        "lb_vip_ring_fingerprint{vip=\"198.18.1.100:80/tcp\",group=\"web\",fingerprint=\"00000000000000ab\"} 1",
         "# TYPE lb_health_check_latency_seconds gauge",
     ] {
         assert!(text.lines().any(|l| l == line), "{line:?} missing from\n{text}");
@@ -168,6 +173,8 @@ fn two_groups() -> (View, Snapshot) {
         ],
         groups: vec![("api".into(), 1, 1), ("spare".into(), 0, 1), ("web".into(), 1, 2)],
         last_datapath_update: Some(Duration::from_micros(1500)),
+        rings: vec![("198.18.1.100:80/tcp".into(), "web".into(), "00000000000000ab".into())],
+        announced: vec![("198.18.1.100".into(), true)],
     };
     let backend = |id, addr: &str, packets| BackendStats {
         id,
@@ -377,6 +384,8 @@ fn the_grafana_dashboard_uses_only_exported_metrics() {
         "lb_connection_table_capacity",
         "lb_new_flows_total",
         "lb_datapath_update_latency_seconds",
+        "lb_vip_ring_fingerprint",
+        "lb_vip_announced",
     ] {
         assert!(used.contains(name), "the dashboard does not show {name}");
     }

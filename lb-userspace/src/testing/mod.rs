@@ -6,4 +6,5 @@ pub mod netns;
 pub mod packet;
 pub mod programs;
 pub mod routed;
+pub mod scale_out;
 pub mod topology;

@@ -29,11 +29,20 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 }
 
 /// Fails once Ctrl-C was pressed, so that the caller unwinds and everything is dropped.
-fn check_interrupt() -> anyhow::Result<()> {
+pub(super) fn check_interrupt() -> anyhow::Result<()> {
     if INTERRUPTED.load(Ordering::Relaxed) {
         bail!("interrupted: cleaning up");
     }
     Ok(())
+}
+
+/// Ctrl-C and SIGTERM set a flag that [`check_interrupt`] turns into an error.
+pub(super) fn install_interrupt() {
+    // SAFETY: installs an async-signal-safe handler (one atomic store).
+    unsafe {
+        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
+    }
 }
 
 pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
@@ -45,11 +54,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
         .ok()
         .filter(|f| (1..=20_000).contains(f))
         .context("--udp-flows must be 1..=20000")?;
-    // SAFETY: installs an async-signal-safe handler (one atomic store).
-    unsafe {
-        libc::signal(libc::SIGINT, on_interrupt as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_interrupt as *const () as libc::sighandler_t);
-    }
+    install_interrupt();
     let lb = std::env::current_exe().context("finding the lb binary")?;
 
     println!("== Building the demo topology: client, LB and 3 backends on one L2 segment");

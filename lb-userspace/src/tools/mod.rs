@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod demo_nodes;
 pub mod encap_bench;
 pub mod generator;
 pub mod health_load;

@@ -329,6 +329,7 @@ mod tests {
                 name: "udp".into(),
                 vip: "198.18.1.100:9000/udp".into(),
                 target_group: "web".into(),
+                ring_fingerprint: None,
             }],
             ..StatusResponse::default()
         };
