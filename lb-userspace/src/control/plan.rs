@@ -801,7 +801,7 @@ mod tests {
         let dev = Interface { name: "eth0".into(), ifindex: 2, mac: [2, 0, 0, 0, 0, 1], xdp_prog: None };
         let runtime: Vec<IpAddr> = (31..39).map(|i| format!("198.18.0.{i}").parse().expect("ip")).collect();
         for ip in &runtime {
-            res.insert(*ip, Resolved { ip: *ip, dev: dev.clone(), mac: [2, 0, 0, 0, 1, 1] });
+            res.insert(*ip, Resolved::on_link(*ip, dev.clone(), [2, 0, 0, 0, 1, 1]));
         }
         let now = Instant::now();
         let node = |order: &[usize], burn_ids: usize, reverse_groups: bool| {
