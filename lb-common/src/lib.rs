@@ -722,8 +722,9 @@ global_counters! {
     /// VIP frames whose flow was in the connection table.
     ConnHit = "conn_hit", observation;
     /// VIP frames whose backend was picked from the Maglev ring: flows not in the
-    /// connection table, and flows whose remembered backend was removed, re-used by
-    /// another target (other generation) or is down (these also count `conn_repicked`).
+    /// connection table (except TCP SYNs, which count `conn_syn`), and flows whose
+    /// remembered backend was removed, re-used by another target (other generation) or
+    /// is down (these also count `conn_repicked`).
     /// A miss whose ring slot is empty also counts `drop_no_backend`.
     ConnMiss = "conn_miss", observation;
     /// Connection-table insert failed (the flow still goes to the picked backend).

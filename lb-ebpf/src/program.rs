@@ -128,11 +128,16 @@ fn backend(id: u32) -> Option<Backend> {
 }
 
 /// The remembered backend of a connection-table entry, if it is still the same one
-/// (configured, same generation) and not down.
+/// (configured, same generation), down or not.
+#[inline(always)]
+fn remembered(e: &FlowValue) -> Option<Backend> {
+    backend(e.backend).filter(|b| b.generation == e.generation)
+}
+
+/// [`remembered`], if not down.
 #[inline(always)]
 fn usable(e: &FlowValue) -> Option<Backend> {
-    let b = backend(e.backend)?;
-    if b.generation == e.generation && !b.flags.contains(BackendFlags::DOWN) { Some(b) } else { None }
+    remembered(e).filter(|b| !b.flags.contains(BackendFlags::DOWN))
 }
 
 /// Backend id of the VIP's ring slot for this flow (`flow_hash % M`).
@@ -182,23 +187,24 @@ fn pick_backend(
     if let Some(p) = entry {
         // SAFETY: the pointer comes from a successful map lookup.
         let e = unsafe { *p };
-        if let Some(b) = usable(&e) {
-            count(C::ConnHit);
-            if e.vip_epoch != epoch || e.vip as u32 != vip.id || e.fail_open != fail_open {
-                // SAFETY: as above; a plain store into the entry (its VIP facts).
-                unsafe {
-                    (*p).vip_epoch = epoch;
-                    (*p).vip = vip.id as u16;
-                    (*p).fail_open = fail_open;
+        match remembered(&e) {
+            Some(b) if !b.flags.contains(BackendFlags::DOWN) => {
+                count(C::ConnHit);
+                if e.vip_epoch != epoch || e.vip as u32 != vip.id || e.fail_open != fail_open {
+                    // SAFETY: as above; a plain store into the entry (its VIP facts).
+                    unsafe {
+                        (*p).vip_epoch = epoch;
+                        (*p).vip = vip.id as u16;
+                        (*p).fail_open = fail_open;
+                    }
                 }
+                return Some((e.backend, b));
             }
-            return Some((e.backend, b));
+            Some(_) => count(C::ConnRepicked),
+            // The remembered backend was removed (its slot may hold another one now).
+            None => {}
         }
-        if backend(e.backend).is_some_and(|b| b.generation == e.generation) {
-            count(C::ConnRepicked);
-        }
-        // Otherwise the remembered backend was removed (its slot may hold another one
-        // now): pick again below.
+        // Pick again below.
     }
     count(if known || !flow.syn { C::ConnMiss } else { C::ConnSyn });
     let id = match early {

@@ -54,7 +54,7 @@ pub enum BenchError {
     Setup { what: &'static str, detail: String },
 }
 
-fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BenchError {
+pub(crate) fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BenchError {
     move |e| BenchError::Setup { what, detail: e.to_string() }
 }
 
@@ -358,7 +358,7 @@ fn repeat_ns(prog: &Xdp, frame: &[u8], repeat: u32) -> Result<f64, BenchError> {
 }
 
 /// Average ns of one run per frame, over distinct frames.
-fn single_ns(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64, BenchError> {
+pub(crate) fn single_ns(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64, BenchError> {
     let mut total = 0u128;
     let mut out = vec![0u8; 2048];
     for f in frames {

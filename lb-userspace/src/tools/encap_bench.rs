@@ -15,7 +15,6 @@ use std::{
     path::Path,
 };
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::programs;
 use serde::Serialize;
 
@@ -28,7 +27,7 @@ use crate::{
         packet::{Frame, tcp_flags},
         programs::AuxProgram,
     },
-    tools::bench::BenchError,
+    tools::bench::{BenchError, setup as err, single_ns},
 };
 
 const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
@@ -44,10 +43,6 @@ pub struct EncapCase {
     pub vs_empty: f64,
     /// ns_per_packet / L2 DSR's for the same kind of flow (known or new, same family).
     pub vs_l2: f64,
-}
-
-fn err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BenchError {
-    move |e| BenchError::Setup { what, detail: e.to_string() }
 }
 
 const CONFIG: &str = r#"
@@ -128,19 +123,6 @@ targets = [{ ip = "fd00:19:1::3" }, { ip = "fd00:19:2::3" }]
 fn frame(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
     // 64 bytes of payload: a small data segment, so the GUE checksum reads real headers.
     Frame::tcp(src, dst, flags).with_payload(vec![0x5a; 64]).with_macs(LB_MAC, CLIENT_MAC).build().unwrap_or_default()
-}
-
-/// Average ns of one run per frame.
-fn single_ns(prog: &Xdp, frames: &[Vec<u8>]) -> Result<f64, BenchError> {
-    let mut total = 0u128;
-    let mut out = vec![0u8; 2048];
-    for f in frames {
-        let mut o = TestRunOptions::new();
-        o.data_in = Some(f);
-        o.data_out = Some(&mut out);
-        total += prog.test_run(o).map_err(err("BPF_PROG_RUN"))?.duration.as_nanos();
-    }
-    Ok(total as f64 / frames.len().max(1) as f64)
 }
 
 /// Measures every mode with `runs` frames per case.
