@@ -497,6 +497,9 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
     let echo_vip = format!("{VIP4}:{ECHO_PORT}/tcp");
     let vip = SocketAddr::new(IpAddr::V4(VIP4), ECHO_PORT);
     let mut by_node: [Vec<Conn>; 2] = [Vec::new(), Vec::new()];
+    // Connections beyond 4 on a node stay open until the loop ends: closing one would
+    // send its FIN through its node while the next connection is being told apart.
+    let mut spare = Vec::new();
     for i in 0..40 {
         if by_node.iter().all(|c| c.len() >= 4) {
             break;
@@ -519,8 +522,11 @@ fn a_failed_node_moves_its_flows_without_moving_targets() {
         };
         if by_node[node].len() < 4 {
             by_node[node].push(Conn { reader, target });
+        } else {
+            spare.push(reader);
         }
     }
+    drop(spare);
     assert!(by_node.iter().all(|c| c.len() == 4), "4 connections through each node");
     let conns: Vec<Conn> = by_node.into_iter().flatten().collect();
 
