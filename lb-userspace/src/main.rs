@@ -283,8 +283,9 @@ enum Command {
         /// A seconds-long run that exercises every part (numbers are not meaningful).
         #[arg(long)]
         tiny: bool,
-        /// Where to write the JSON results [default: lb-bench.json; with --restart:
-        /// target/bench/restart.json].
+        /// Where to write the JSON results [default: target/bench/bench.json; with
+        /// --restart, --encap or --health-load: restart.json, encap.json or
+        /// health-load.json there].
         #[arg(long)]
         out: Option<PathBuf>,
         /// Instead: what a restart or an upgrade costs. (a) Time from `lb run` starting
@@ -558,28 +559,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lb = std::env::current_exe().context("finding the lb binary")?;
             let report = restart_bench::run(&opts, &lb).context("restart benchmark")?;
             print!("{}", report.render());
-            let out = out.unwrap_or_else(|| PathBuf::from("target/bench/restart.json"));
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
-            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("JSON results: {}", out.display());
-            Ok(())
+            write_results(out, "restart.json", &report)
         }
         #[cfg(feature = "tools")]
         Command::Bench { tiny, out, encap: true, .. } => {
             let cases =
                 lb_userspace::tools::encap_bench::run(if tiny { 200 } else { 20_000 }).context("tunnel benchmark")?;
             print!("{}", lb_userspace::tools::encap_bench::render(&cases));
-            let out = out.unwrap_or_else(|| PathBuf::from("target/bench/encap.json"));
-            if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            }
-            std::fs::write(&out, serde_json::to_string_pretty(&cases)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("JSON results: {}", out.display());
-            Ok(())
+            write_results(out, "encap.json", &cases)
         }
         #[cfg(feature = "tools")]
         Command::Bench { tiny, out, health_load: true, targets, seconds, http, .. } => {
@@ -595,11 +582,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let lb = std::env::current_exe().context("finding the lb binary")?;
             let report = health_load::run(&opts, &lb).context("health-check load benchmark")?;
             print!("{}", report.render());
-            let out = out.unwrap_or_else(|| PathBuf::from("lb-bench.json"));
-            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("JSON results: {}", out.display());
-            Ok(())
+            write_results(out, "health-load.json", &report)
         }
         #[cfg(feature = "tools")]
         Command::Bench { tiny, out, .. } => {
@@ -610,11 +593,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let report = lb_userspace::tools::bench::run(&opts).context("benchmark")?;
             print!("{}", report.render());
-            let out = out.unwrap_or_else(|| PathBuf::from("lb-bench.json"));
-            std::fs::write(&out, serde_json::to_string_pretty(&report)?)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("\nJSON results: {}", out.display());
-            Ok(())
+            write_results(out, "bench.json", &report)
         }
         #[cfg(feature = "tools")]
         Command::Demo { udp_flows, linger, nodes } => {
@@ -654,6 +633,19 @@ async fn serve(opts: RunOptions) -> anyhow::Result<()> {
     let path = opts.config_path.clone();
     agent::run(opts, rx, None).await.with_context(|| format!("agent with config {}", path.display()))?;
     warn!("agent stopped");
+    Ok(())
+}
+
+/// Writes a benchmark's JSON to `out`, or to `target/bench/<default_name>`.
+#[cfg(feature = "tools")]
+fn write_results(out: Option<PathBuf>, default_name: &str, report: &impl serde::Serialize) -> anyhow::Result<()> {
+    let out = out.unwrap_or_else(|| PathBuf::from("target/bench").join(default_name));
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!("\nJSON results: {}", out.display());
     Ok(())
 }
 

@@ -371,11 +371,23 @@ fn the_benchmark_harness_runs() {
         lb_userspace::tools::bench::run(&lb_userspace::tools::bench::BenchOptions::tiny()).expect("bench runs");
     assert!(report.datapath.len() >= 6 && report.datapath.iter().all(|c| c.ns_per_packet > 0.0), "{report:?}");
     assert_eq!(report.flatness.len(), 3);
-    // lb-xdp, nftables and the ceiling (no forwarder), each at 64 and 1500 bytes.
-    assert_eq!(report.end_to_end.len(), 6, "{:?}", report.end_to_end);
+    // lb in L2 DSR, IPIP and GUE, nftables and the ceiling (no forwarder), each at 64
+    // and 1500 bytes.
+    assert_eq!(report.end_to_end.len(), 10, "{:?}", report.end_to_end);
     for e in &report.end_to_end {
         assert!(e.generated > 0 && e.delivered > 0, "{e:?}");
         assert!(e.delivered <= e.generated, "sinks count only what was generated: {e:?}");
+    }
+    // The tunnels' frames reach the sinks wrapped: 20 bytes of outer IPv4 header, 28
+    // with GUE's UDP header.
+    let frame = |f: &str, len: usize| {
+        report.end_to_end.iter().find(|e| e.forwarder == f && e.frame_len == len).expect(f).delivered_frame_bytes
+    };
+    for len in [64, 1500] {
+        let plain = frame("lb-xdp", len);
+        assert!((frame("ceiling", len) - plain).abs() < 1.0, "L2 DSR changes no length: {:?}", report.end_to_end);
+        assert!((frame("lb-ipip", len) - plain - 20.0).abs() < 1.0, "IPIP adds 20 bytes: {:?}", report.end_to_end);
+        assert!((frame("lb-gue", len) - plain - 28.0).abs() < 1.0, "GUE adds 28 bytes: {:?}", report.end_to_end);
     }
     assert_eq!(report.lb_vs_nftables.len(), 2);
     // The ceiling is above every forwarder's rate. Within noise: the tiny runs last
@@ -389,7 +401,7 @@ fn the_benchmark_harness_runs() {
             assert!(c.delivered_mpps * 1.25 >= e.delivered_mpps, "ceiling {c:?} below a forwarder {e:?}");
         }
     }
-    assert_eq!(report.added_cost_ns.len(), 4, "{:?}", report.added_cost_ns);
+    assert_eq!(report.added_cost_ns.len(), 8, "{:?}", report.added_cost_ns);
     for a in &report.added_cost_ns {
         assert!(a.ns.is_finite(), "{a:?}");
         let ceiling_ns =
@@ -400,8 +412,8 @@ fn the_benchmark_harness_runs() {
             assert!(a.ns > 0.0, "nftables adds a cost: {a:?}");
         }
     }
-    assert_eq!(report.added_cost_ratio.len(), 2, "{:?}", report.added_cost_ratio);
-    assert!(report.added_cost_ratio.iter().all(|r| r.lb_over_nftables.is_finite()), "{:?}", report.added_cost_ratio);
+    assert_eq!(report.added_cost_ratio.len(), 6, "{:?}", report.added_cost_ratio);
+    assert!(report.added_cost_ratio.iter().all(|r| r.over_nftables.is_finite()), "{:?}", report.added_cost_ratio);
     // lb_xdp's own time from BPF run-time stats: it ran once for each frame the sinks
     // counted (plus the odd ARP frame, and frames a full veth ring dropped after it),
     // and took a plausible time.

@@ -30,6 +30,7 @@ use std::{
 };
 
 use crate::{
+    config::Forwarding,
     datapath::DataplaneError,
     host,
     testing::netns::{self, Netns, NetnsError},
@@ -48,6 +49,9 @@ pub const ECHO_PORT: u16 = 7;
 pub const UDP_PORT: u16 = 9000;
 /// Namespace name prefix (followed by the pid).
 pub const NS_PREFIX: &str = "lbt";
+/// MTU of the benchmark topology's sink links: room for a 1,500-byte frame and a
+/// tunnel header.
+pub const SINK_MTU: u32 = 1600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -590,7 +594,9 @@ pub fn tcp_echo(
 /// ```
 ///
 /// Backends sit behind their own LB interfaces, so the LB redirects (DevMap); each
-/// backend's eth0 runs `lb_sink`, which counts and drops.
+/// backend's eth0 runs `lb_sink`, which counts and drops. The sinks' links have an MTU
+/// of [`SINK_MTU`], so that a 1,500-byte frame still fits once tunnelled (IPIP adds 20
+/// bytes, GUE 28).
 pub struct BenchTopology {
     pub id: String,
     pub sinks: Vec<(Netns, Ipv4Addr, [u8; 6], AuxProgram)>,
@@ -635,6 +641,9 @@ impl BenchTopology {
             let mac = [2, 0, 0, 0, 0x11, i as u8];
             let lb_side = format!("b{i}");
             wire(&topo.lb, &lb_side, [2, 0, 0, 0, 0x10, i as u8], &ns, "eth0", mac)?;
+            let mtu = SINK_MTU.to_string();
+            topo.lb.ip(&["link", "set", &lb_side, "mtu", &mtu])?;
+            ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
             let ip = Ipv4Addr::new(198, 18, 10 + i as u8, 2);
             topo.lb.ip(&["addr", "add", &format!("198.18.{}.1/24", 10 + i), "dev", &lb_side])?;
             ns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
@@ -660,18 +669,28 @@ impl BenchTopology {
     }
 
     /// An agent config: the LB on eth0, one UDP VIP (VIP4:UDP_PORT) over the sinks,
-    /// which sit behind their own LB interfaces (the LB redirects).
+    /// which sit behind their own LB interfaces (the LB redirects), in L2 DSR.
     pub fn agent_config(&self) -> String {
+        self.agent_config_for(Forwarding::L2Dsr)
+    }
+
+    /// [`Self::agent_config`] with the group forwarding as `forwarding` says. L2 DSR
+    /// names the sinks' MACs; a tunnel finds them in the LB's neighbour table (set
+    /// permanent by [`Self::build`]), as it would a router's.
+    pub fn agent_config_for(&self, forwarding: Forwarding) -> String {
         let targets: Vec<String> = self
             .sinks
             .iter()
-            .map(|(_, ip, mac, _)| format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)))
+            .map(|(_, ip, mac, _)| match forwarding {
+                Forwarding::L2Dsr => format!("{{ ip = \"{ip}\", mac = \"{}\" }}", crate::config::MacAddr(*mac)),
+                _ => format!("{{ ip = \"{ip}\" }}"),
+            })
             .collect();
         format!(
             "[dataplane]\ninterfaces = [\"eth0\"]\npin_dir = \"{}\"\nstate_dir = \"{}\"\nmax_vips = 1\n\
              [control]\nsocket = \"/run/lb/{}.sock\"\n\
              [[listeners]]\nname = \"udp\"\naddress = \"{VIP4}\"\nport = {UDP_PORT}\nprotocol = \"udp\"\ntarget_group = \"g\"\n\
-             [[target_groups]]\nname = \"g\"\ntargets = [{}]\n",
+             [[target_groups]]\nname = \"g\"\nforwarding = \"{forwarding}\"\ntargets = [{}]\n",
             self.pin_dir().display(),
             state_dir_for(&self.pin_dir()).display(),
             self.id,
@@ -703,9 +722,16 @@ impl BenchTopology {
 
     /// Frames counted by all sinks.
     pub fn sink_packets(&self) -> Result<u64, TopologyError> {
-        let mut total = 0;
+        Ok(self.sink_counts()?.packets)
+    }
+
+    /// Frames and bytes counted by all sinks.
+    pub fn sink_counts(&self) -> Result<lb_common::Counter, TopologyError> {
+        let mut total = lb_common::Counter::default();
         for (_, _, _, sink) in &self.sinks {
-            total += sink.sink_count()?.packets;
+            let c = sink.sink_count()?;
+            total.packets += c.packets;
+            total.bytes += c.bytes;
         }
         Ok(total)
     }

@@ -9,6 +9,8 @@
 //! 2. Flatness: the same with 1..1000 backends and 1..512 VIPs.
 //! 3. End to end: `lb gen` (live frames) in a client namespace -> LB (native XDP,
 //!    redirect) -> two backend namespaces whose XDP sinks count, 64 and 1500 bytes.
+//!    The same with the target group in `ipip` and in `gue`: the sinks then receive
+//!    the frames tunnelled (20 and 28 bytes longer).
 //! 4. Baseline on the same topology and generator: the kernel forwarding with an
 //!    nftables DNAT load balancer (jhash over source address and port), XDP LB off.
 //!    Beside both, in the same run, the ceiling: the same generator straight into the
@@ -34,7 +36,7 @@ use std::os::fd::OwnedFd;
 
 use crate::{
     agent::RunOptions,
-    config::Config,
+    config::{Config, Forwarding},
     control::maglev,
     control::plan::{self, Allocators},
     datapath::stats::Snapshot,
@@ -125,6 +127,9 @@ pub struct E2eResult {
     /// Frames the backends' sinks counted.
     pub delivered: u64,
     pub delivered_mpps: f64,
+    /// Average length of a delivered frame as the sinks saw it (a tunnel's header
+    /// included).
+    pub delivered_frame_bytes: f64,
     /// 1 - delivered / generated.
     pub loss: f64,
 }
@@ -145,12 +150,14 @@ pub struct Ceiling {
     pub delivered_mpps: f64,
 }
 
-/// lb-xdp's added cost over nftables' at one frame length.
+/// One of lb's modes' added cost over nftables' at one frame length.
 #[derive(Debug, Clone, Serialize)]
 pub struct CostRatio {
+    /// `lb-xdp` (L2 DSR), `lb-ipip` or `lb-gue`.
+    pub forwarder: &'static str,
     pub frame_len: usize,
-    /// lb-xdp's added ns per packet / nftables' (the goal is at most 0.2).
-    pub lb_over_nftables: f64,
+    /// The forwarder's added ns per packet / nftables' (the goal is at most 0.2).
+    pub over_nftables: f64,
 }
 
 /// lb_xdp's own run time from the kernel's BPF run-time stats (`run_time_ns / run_cnt`
@@ -194,7 +201,7 @@ pub struct BenchReport {
     pub ceiling: Vec<Ceiling>,
     /// Per forwarder and frame length, ns per packet over the ceiling.
     pub added_cost_ns: Vec<AddedCost>,
-    /// Per frame length, lb-xdp's added cost / nftables'.
+    /// Per lb mode and frame length, its added cost / nftables'.
     pub added_cost_ratio: Vec<CostRatio>,
     /// Per frame length, lb_xdp's own run time per packet (BPF run-time stats).
     pub lb_program_ns_per_packet: Vec<ProgramTime>,
@@ -224,13 +231,15 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         let added = |f: &'static str| {
             get(f).filter(|&r| r > 0.0).map(|r| AddedCost { forwarder: f, frame_len: len, ns: 1e3 / r - 1e3 / top })
         };
-        let (lb, nft) = (added(LB_XDP), added(NFTABLES));
-        if let (Some(lb), Some(nft)) = (&lb, &nft)
-            && nft.ns > 0.0
-        {
-            added_cost_ratio.push(CostRatio { frame_len: len, lb_over_nftables: lb.ns / nft.ns });
+        let nft = added(NFTABLES);
+        for (mode, _) in LB_MODES {
+            let Some(lb) = added(mode) else { continue };
+            if let Some(nft) = nft.as_ref().filter(|n| n.ns > 0.0) {
+                added_cost_ratio.push(CostRatio { forwarder: mode, frame_len: len, over_nftables: lb.ns / nft.ns });
+            }
+            added_cost_ns.push(lb);
         }
-        added_cost_ns.extend(lb.into_iter().chain(nft));
+        added_cost_ns.extend(nft);
     }
     let control_plane = control_plane(opts)?;
     Ok(BenchReport {
@@ -251,8 +260,13 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
 const FRAME_LENS: [usize; 2] = [64, 1500];
 /// The end-to-end configurations, as `E2eResult::forwarder` names them.
 const LB_XDP: &str = "lb-xdp";
+const LB_IPIP: &str = "lb-ipip";
+const LB_GUE: &str = "lb-gue";
 const NFTABLES: &str = "nftables";
 const CEILING: &str = "ceiling";
+/// lb's runs: the forwarder's name and its target group's forwarding.
+const LB_MODES: [(&str, Forwarding); 3] =
+    [(LB_XDP, Forwarding::L2Dsr), (LB_IPIP, Forwarding::Ipip), (LB_GUE, Forwarding::Gue)];
 
 /// The CPU model, CPU count and kernel release of this machine.
 pub fn machine() -> Machine {
@@ -447,53 +461,23 @@ fn end_to_end(opts: &BenchOptions) -> Result<(Vec<E2eResult>, Vec<ProgramTime>),
         out.push(ceiling_run(&topo, len, opts.e2e_seconds)?);
     }
 
-    // The load balancer: the agent on the LB's eth0, backends behind b1/b2 (redirect).
+    // The load balancer: the agent on the LB's eth0, backends behind b1/b2 (redirect),
+    // once per forwarding mode.
     let pin_dir = topo.pin_dir();
-    let file = TempFile::write(&format!("{}-bench.toml", topo.id), &topo.agent_config()).map_err(setup("config"))?;
     let mut program = Vec::new();
-    {
+    for (name, forwarding) in LB_MODES {
+        let file = TempFile::write(&format!("{}-bench.toml", topo.id), &topo.agent_config_for(forwarding))
+            .map_err(setup("config"))?;
         let agent = AgentHandle::start_in(&topo.lb, RunOptions::new(&file.0)).map_err(setup("agent"))?;
         for len in FRAME_LENS {
-            out.push(e2e_run(&topo, LB_XDP, len, opts.e2e_seconds)?);
+            out.push(e2e_run(&topo, name, len, opts.e2e_seconds)?);
         }
-        // The program's own time, over runs of their own: the stats add two clock reads
-        // to every BPF program run (generator's and sinks' too), so the rates above are
-        // measured without them.
-        let id = topo
-            .lb
-            .run(|| crate::host::blocking::interface("eth0").map(|i| i.xdp_prog))
-            .map_err(setup("netns"))?
-            .map_err(setup("LB interface"))?
-            .filter(|&id| id != 0)
-            .ok_or_else(|| setup("lb_xdp's program id")("eth0 reports no XDP program id"))?;
-        let mut sinks = Vec::new();
-        for (_, _, _, sink) in &topo.sinks {
-            let info = sink.program().map_err(setup("sink program"))?.info().map_err(setup("sink program"))?;
-            sinks.push(info.id());
-        }
-        for len in FRAME_LENS {
-            let stats = RunTimeStats::enable()?;
-            let read_sinks = |stats: &RunTimeStats| -> Result<(u64, u64), BenchError> {
-                sinks.iter().try_fold((0, 0), |(t, c), &id| stats.read(id).map(|(t2, c2)| (t + t2, c + c2)))
-            };
-            let (before, sinks_before) = (stats.read(id)?, read_sinks(&stats)?);
-            let delivered = e2e_run(&topo, LB_XDP, len, opts.e2e_seconds)?.delivered;
-            let (after, sinks_after) = (stats.read(id)?, read_sinks(&stats)?);
-            drop(stats);
-            let per_run = |before: (u64, u64), after: (u64, u64)| {
-                after.0.saturating_sub(before.0) as f64 / after.1.saturating_sub(before.1).max(1) as f64
-            };
-            program.push(ProgramTime {
-                frame_len: len,
-                runs: after.1.saturating_sub(before.1),
-                delivered,
-                ns_per_packet: per_run(before, after),
-                sink_ns_per_packet: per_run(sinks_before, sinks_after),
-            });
+        if forwarding == Forwarding::L2Dsr {
+            program = program_times(&topo, opts)?;
         }
         let s = Snapshot::read_pinned(&pin_dir).map_err(setup("stats"))?;
         if s.global(GlobalCounter::DropRedirectFailed) > 0 || s.global(GlobalCounter::DropNoBackend) > 0 {
-            tracing::warn!("the LB dropped frames during the benchmark");
+            tracing::warn!(forwarder = name, "the LB dropped frames during the benchmark");
         }
         agent.stop().map_err(setup("agent stop"))?;
         let _ = std::fs::remove_dir_all(crate::testing::topology::state_dir_for(&pin_dir));
@@ -518,6 +502,46 @@ fn end_to_end(opts: &BenchOptions) -> Result<(Vec<E2eResult>, Vec<ProgramTime>),
         out.push(e2e_run(&topo, NFTABLES, len, opts.e2e_seconds)?);
     }
     Ok((out, program))
+}
+
+/// lb_xdp's own time (L2 DSR, agent running), over runs of their own: the stats add two
+/// clock reads to every BPF program run (generator's and sinks' too), so the rates are
+/// measured without them.
+fn program_times(topo: &BenchTopology, opts: &BenchOptions) -> Result<Vec<ProgramTime>, BenchError> {
+    let id = topo
+        .lb
+        .run(|| crate::host::blocking::interface("eth0").map(|i| i.xdp_prog))
+        .map_err(setup("netns"))?
+        .map_err(setup("LB interface"))?
+        .filter(|&id| id != 0)
+        .ok_or_else(|| setup("lb_xdp's program id")("eth0 reports no XDP program id"))?;
+    let mut sinks = Vec::new();
+    for (_, _, _, sink) in &topo.sinks {
+        let info = sink.program().map_err(setup("sink program"))?.info().map_err(setup("sink program"))?;
+        sinks.push(info.id());
+    }
+    let mut program = Vec::new();
+    for len in FRAME_LENS {
+        let stats = RunTimeStats::enable()?;
+        let read_sinks = |stats: &RunTimeStats| -> Result<(u64, u64), BenchError> {
+            sinks.iter().try_fold((0, 0), |(t, c), &id| stats.read(id).map(|(t2, c2)| (t + t2, c + c2)))
+        };
+        let (before, sinks_before) = (stats.read(id)?, read_sinks(&stats)?);
+        let delivered = e2e_run(topo, LB_XDP, len, opts.e2e_seconds)?.delivered;
+        let (after, sinks_after) = (stats.read(id)?, read_sinks(&stats)?);
+        drop(stats);
+        let per_run = |before: (u64, u64), after: (u64, u64)| {
+            after.0.saturating_sub(before.0) as f64 / after.1.saturating_sub(before.1).max(1) as f64
+        };
+        program.push(ProgramTime {
+            frame_len: len,
+            runs: after.1.saturating_sub(before.1),
+            delivered,
+            ns_per_packet: per_run(before, after),
+            sink_ns_per_packet: per_run(sinks_before, sinks_after),
+        });
+    }
+    Ok(program)
 }
 
 /// The kernel's BPF run-time stats (`run_time_ns`, `run_cnt` in `bpf_prog_info`), on
@@ -548,7 +572,7 @@ impl RunTimeStats {
 /// peers are the sinks' eth0. The same frames as for the forwarders, with the MACs of
 /// that link.
 fn ceiling_run(topo: &BenchTopology, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
-    let before = topo.sink_packets().map_err(setup("sink counters"))?;
+    let before = topo.sink_counts().map_err(setup("sink counters"))?;
     let share = Duration::from_secs_f64(seconds / topo.sinks.len().max(1) as f64);
     let (mut generated, mut secs) = (0, 0.0);
     for (i, (_, _, sink_mac, _)) in topo.sinks.iter().enumerate() {
@@ -572,12 +596,25 @@ fn ceiling_run(topo: &BenchTopology, len: usize, seconds: f64) -> Result<E2eResu
         secs += report.seconds;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = topo.sink_packets().map_err(setup("sink counters"))? - before;
+    let delivered = delivered_since(topo, &before)?;
     Ok(e2e_result(CEILING, len, secs, generated, delivered))
 }
 
-fn e2e_result(forwarder: &'static str, len: usize, seconds: f64, generated: u64, delivered: u64) -> E2eResult {
+/// What the sinks counted since `before`.
+fn delivered_since(topo: &BenchTopology, before: &lb_common::Counter) -> Result<lb_common::Counter, BenchError> {
+    let now = topo.sink_counts().map_err(setup("sink counters"))?;
+    Ok(lb_common::Counter { packets: now.packets - before.packets, bytes: now.bytes - before.bytes })
+}
+
+fn e2e_result(
+    forwarder: &'static str,
+    len: usize,
+    seconds: f64,
+    generated: u64,
+    delivered: lb_common::Counter,
+) -> E2eResult {
     let seconds = seconds.max(1e-9);
+    let (delivered, bytes) = (delivered.packets, delivered.bytes);
     E2eResult {
         forwarder,
         frame_len: len,
@@ -586,12 +623,13 @@ fn e2e_result(forwarder: &'static str, len: usize, seconds: f64, generated: u64,
         generated_mpps: generated as f64 / seconds / 1e6,
         delivered,
         delivered_mpps: delivered as f64 / seconds / 1e6,
+        delivered_frame_bytes: bytes as f64 / delivered.max(1) as f64,
         loss: if generated > 0 { 1.0 - delivered as f64 / generated as f64 } else { 0.0 },
     }
 }
 
 fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f64) -> Result<E2eResult, BenchError> {
-    let before = topo.sink_packets().map_err(setup("sink counters"))?;
+    let before = topo.sink_counts().map_err(setup("sink counters"))?;
     let opts = topo.gen_options(len, 1024, Duration::from_secs_f64(seconds));
     let report = topo
         .client
@@ -600,7 +638,7 @@ fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f
         .map_err(setup("generator"))?;
     // Let queues drain.
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = topo.sink_packets().map_err(setup("sink counters"))? - before;
+    let delivered = delivered_since(topo, &before)?;
     Ok(e2e_result(forwarder, len, report.seconds, report.sent, delivered))
 }
 
@@ -733,19 +771,20 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "\n3./4. End to end (lb gen -> forwarder -> 2 XDP sinks, 1024 flows; ceiling: no forwarder)\n{:<10} {:>6} {:>12} {:>12} {:>12} {:>8}",
-            "forwarder", "bytes", "generated", "gen Mpps", "deliv Mpps", "loss"
+            "\n3./4. End to end (lb gen -> forwarder -> 2 XDP sinks, 1024 flows; ceiling: no forwarder)\n{:<10} {:>6} {:>12} {:>12} {:>12} {:>8} {:>12}",
+            "forwarder", "bytes", "generated", "gen Mpps", "deliv Mpps", "loss", "sink B/frame"
         );
         for e in &self.end_to_end {
             let _ = writeln!(
                 s,
-                "{:<10} {:>6} {:>12} {:>12.3} {:>12.3} {:>7.1}%",
+                "{:<10} {:>6} {:>12} {:>12.3} {:>12.3} {:>7.1}% {:>12.1}",
                 e.forwarder,
                 e.frame_len,
                 e.generated,
                 e.generated_mpps,
                 e.delivered_mpps,
-                e.loss * 100.0
+                e.loss * 100.0,
+                e.delivered_frame_bytes
             );
         }
         for (len, r) in &self.lb_vs_nftables {
@@ -753,38 +792,33 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "\nAdded cost per packet over the ceiling (1/rate - 1/ceiling; ceiling: the generator straight into the sinks)\n{:>6} {:>13} {:>13} {:>13} {:>16} {:>22}",
-            "bytes", "ceiling Mpps", "lb-xdp ns", "nftables ns", "lb / nftables", "lb_xdp (lb_sink) run ns"
+            "\nAdded cost per packet over the ceiling (1/rate - 1/ceiling; ceiling: the generator straight into the sinks)\n{:>6} {:>13} {:<10} {:>10} {:>14}",
+            "bytes", "ceiling Mpps", "forwarder", "added ns", "/ nftables'"
         );
         for c in &self.ceiling {
-            let len = c.frame_len;
-            let added = |f: &str| {
-                self.added_cost_ns
+            for a in self.added_cost_ns.iter().filter(|a| a.frame_len == c.frame_len) {
+                let ratio = self
+                    .added_cost_ratio
                     .iter()
-                    .find(|a| a.forwarder == f && a.frame_len == len)
-                    .map_or("-".to_string(), |a| format!("{:.1}", a.ns))
-            };
-            let ratio = self
-                .added_cost_ratio
-                .iter()
-                .find(|r| r.frame_len == len)
-                .map_or("-".to_string(), |r| format!("{:.3}", r.lb_over_nftables));
-            let run = self
-                .lb_program_ns_per_packet
-                .iter()
-                .find(|p| p.frame_len == len)
-                .map_or("-".to_string(), |p| format!("{:.1} ({:.1})", p.ns_per_packet, p.sink_ns_per_packet));
+                    .find(|r| r.frame_len == c.frame_len && r.forwarder == a.forwarder)
+                    .map_or("-".to_string(), |r| format!("{:.3}", r.over_nftables));
+                let _ = writeln!(
+                    s,
+                    "{:>6} {:>13.3} {:<10} {:>10.1} {ratio:>14}",
+                    c.frame_len, c.delivered_mpps, a.forwarder, a.ns
+                );
+            }
+        }
+        for p in &self.lb_program_ns_per_packet {
             let _ = writeln!(
                 s,
-                "{len:>6} {:>13.3} {:>13} {:>13} {ratio:>16} {run:>22}",
-                c.delivered_mpps,
-                added(LB_XDP),
-                added(NFTABLES)
+                "lb_xdp's own run time at {} B: {:.1} ns/packet (lb_sink's: {:.1})",
+                p.frame_len, p.ns_per_packet, p.sink_ns_per_packet
             );
         }
         let _ = writeln!(
             s,
-            "(goal: lb / nftables <= 0.20; run ns: a program's own time, BPF run-time stats over runs of their own;\n \
+            "(goal: lb-xdp / nftables' <= 0.20; run time: BPF run-time stats over runs of their own;\n \
              lb_sink does next to nothing: its figure is about what the stats themselves add)"
         );
         let _ = writeln!(s, "\n5. Control plane");
