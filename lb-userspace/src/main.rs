@@ -274,11 +274,11 @@ enum Command {
     Gen(GenArgs),
     #[cfg(feature = "tools")]
     /// Measure: datapath ns/packet (BPF_PROG_RUN), flatness over backends and VIPs,
-    /// end-to-end forwarding rate of the XDP LB and of an nftables baseline on the same
-    /// namespace topology with `lb gen`, each one's added ns per packet over the
-    /// generator's ceiling (no forwarder) and lb_xdp's own run time (BPF run-time
-    /// stats), and control-plane timings. Prints a table and writes JSON. Needs root;
-    /// takes about a minute (`--tiny`: seconds).
+    /// end-to-end forwarding rate of the XDP LB (in `l2-dsr`, `ipip` and `gue`) and of
+    /// an nftables baseline on the same namespace topology with `lb gen`, each one's
+    /// added ns per packet over the generator's ceiling (no forwarder) and lb_xdp's own
+    /// run time (BPF run-time stats), and control-plane timings. Prints a table and
+    /// writes JSON. Needs root; takes about a minute and a half (`--tiny`: seconds).
     Bench {
         /// A seconds-long run that exercises every part (numbers are not meaningful).
         #[arg(long)]
