@@ -866,9 +866,20 @@ where
 
 pub(crate) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), DataplaneError> {
     xdp_mut(ebpf, name)?.load().map_err(|source| {
-        let hint = permission_hint(&source);
+        let hint = verify_hint(&source);
         DataplaneError::Verify { name, source: Box::new(source), hint }
     })
+}
+
+/// Why a program load failed. The verifier refuses a program with EACCES, as a missing
+/// capability does: with a verifier log, the log is the cause, not a permission.
+fn verify_hint(e: &aya::programs::ProgramError) -> &'static str {
+    match e {
+        aya::programs::ProgramError::LoadError { verifier_log, .. } if !verifier_log.to_string().trim().is_empty() => {
+            " (the verifier refused it, see its log: is the program built for this kernel?)"
+        }
+        _ => permission_hint(e),
+    }
 }
 
 fn attach_hint(e: &aya::programs::ProgramError) -> &'static str {
@@ -924,4 +935,26 @@ pub fn open_pinned(dir: &Path, name: &'static str) -> Result<Map, DataplaneError
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
     Map::from_map_data(data).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aya::programs::ProgramError;
+
+    fn load_error(errno: i32, log: &str) -> ProgramError {
+        ProgramError::LoadError {
+            io_error: std::io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(log.into()),
+        }
+    }
+
+    #[test]
+    fn a_refusal_by_the_verifier_is_not_called_a_permission_problem() {
+        let refused = verify_hint(&load_error(libc::EACCES, "combined stack size of 2 calls is 576. Too large\n"));
+        assert!(refused.contains("verifier refused"), "{refused}");
+        assert_eq!(verify_hint(&load_error(libc::EPERM, "")), PERMISSION_HINT);
+        assert_eq!(verify_hint(&load_error(libc::EACCES, "  \n")), PERMISSION_HINT);
+        assert_eq!(verify_hint(&load_error(libc::EINVAL, "")), "");
+    }
 }
