@@ -588,6 +588,23 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+impl Counter {
+    /// The sum of both fields (per-CPU values into one).
+    #[inline(always)]
+    pub const fn plus(self, other: Counter) -> Counter {
+        Counter { packets: self.packets + other.packets, bytes: self.bytes + other.bytes }
+    }
+
+    /// What was counted since `earlier` (0 for a field that went down: a reset).
+    #[inline(always)]
+    pub const fn since(self, earlier: Counter) -> Counter {
+        Counter {
+            packets: self.packets.saturating_sub(earlier.packets),
+            bytes: self.bytes.saturating_sub(earlier.bytes),
+        }
+    }
+}
+
 /// Header bytes the generator restores on every frame (live-frames mode recycles pages
 /// without re-initialising them, so whatever a device under test rewrote comes back).
 pub const GEN_HDR_MAX: usize = 80;
@@ -866,6 +883,15 @@ pub const fn flow_hash(key: &FlowKey, src_only: bool) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_add_and_take_deltas() {
+        let (a, b) = (Counter { packets: 2, bytes: 128 }, Counter { packets: 3, bytes: 1500 });
+        assert_eq!(a.plus(b), Counter { packets: 5, bytes: 1628 });
+        assert_eq!(a.plus(b).since(a), b);
+        // A counter that went down (a reset) counts from zero, never wraps.
+        assert_eq!(a.since(b), Counter { packets: 0, bytes: 0 });
+    }
 
     #[test]
     fn counter_table_is_dense_and_ordered() {

@@ -269,9 +269,7 @@ impl Snapshot {
 }
 
 fn sum(values: &aya::maps::PerCpuValues<Counter>) -> Counter {
-    values
-        .iter()
-        .fold(Counter::default(), |acc, c| Counter { packets: acc.packets + c.packets, bytes: acc.bytes + c.bytes })
+    values.iter().fold(Counter::default(), |acc, c| acc.plus(*c))
 }
 
 /// How full the connection table ([`maps::CONNS`]) is.

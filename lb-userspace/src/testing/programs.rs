@@ -62,9 +62,6 @@ impl AuxProgram {
         let arr: aya::maps::PerCpuArray<&MapData, lb_common::Counter> =
             map.try_into().map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
         let v = arr.get(&0, 0).map_err(|source| DataplaneError::Map { name, source: Box::new(source) })?;
-        Ok(v.iter().fold(lb_common::Counter::default(), |a, c| lb_common::Counter {
-            packets: a.packets + c.packets,
-            bytes: a.bytes + c.bytes,
-        }))
+        Ok(v.iter().fold(lb_common::Counter::default(), |a, c| a.plus(*c)))
     }
 }

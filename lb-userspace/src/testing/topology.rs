@@ -729,9 +729,7 @@ impl BenchTopology {
     pub fn sink_counts(&self) -> Result<lb_common::Counter, TopologyError> {
         let mut total = lb_common::Counter::default();
         for (_, _, _, sink) in &self.sinks {
-            let c = sink.sink_count()?;
-            total.packets += c.packets;
-            total.bytes += c.bytes;
+            total = total.plus(sink.sink_count()?);
         }
         Ok(total)
     }

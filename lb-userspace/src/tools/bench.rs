@@ -242,7 +242,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         }
         added_cost_ns.extend(nft);
     }
-    let control_plane = control_plane(opts, maglev)?;
+    let mut control = maglev;
+    control.extend(control_plane(opts)?);
     Ok(BenchReport {
         machine: machine(),
         datapath,
@@ -253,7 +254,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, BenchError> {
         added_cost_ns,
         added_cost_ratio,
         lb_program_ns_per_packet,
-        control_plane,
+        control_plane: control,
     })
 }
 
@@ -597,14 +598,8 @@ fn ceiling_run(topo: &BenchTopology, len: usize, seconds: f64) -> Result<E2eResu
         secs += report.seconds;
     }
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = delivered_since(topo, &before)?;
+    let delivered = topo.sink_counts().map_err(setup("sink counters"))?.since(before);
     Ok(e2e_result(CEILING, len, secs, generated, delivered))
-}
-
-/// What the sinks counted since `before`.
-fn delivered_since(topo: &BenchTopology, before: &lb_common::Counter) -> Result<lb_common::Counter, BenchError> {
-    let now = topo.sink_counts().map_err(setup("sink counters"))?;
-    Ok(lb_common::Counter { packets: now.packets - before.packets, bytes: now.bytes - before.bytes })
 }
 
 fn e2e_result(
@@ -639,7 +634,7 @@ fn e2e_run(topo: &BenchTopology, forwarder: &'static str, len: usize, seconds: f
         .map_err(setup("generator"))?;
     // Let queues drain.
     std::thread::sleep(Duration::from_millis(200));
-    let delivered = delivered_since(topo, &before)?;
+    let delivered = topo.sink_counts().map_err(setup("sink counters"))?.since(before);
     Ok(e2e_result(forwarder, len, report.seconds, report.sent, delivered))
 }
 
@@ -673,9 +668,9 @@ fn maglev_builds() -> Result<Vec<ControlResult>, BenchError> {
     Ok(out)
 }
 
-/// The rest of the control-plane figures, after `maglev` (the Maglev rows).
-fn control_plane(opts: &BenchOptions, maglev: Vec<ControlResult>) -> Result<Vec<ControlResult>, BenchError> {
-    let mut out = maglev;
+/// The control-plane figures other than the Maglev builds.
+fn control_plane(opts: &BenchOptions) -> Result<Vec<ControlResult>, BenchError> {
+    let mut out = Vec::new();
 
     // A target leaves a 100-target group: new plan (Maglev) + only the changed slots
     // written to the spare ring + the VIP switched.
