@@ -119,8 +119,7 @@ pub fn populate(perms: &[Perm], m: u32) -> Vec<Option<usize>> {
 ///
 /// - Walking: a backend tests its preferences in chunks of `K` at once (`K` independent
 ///   tests and one branch per chunk), `K` growing from 1 to 16 as the table fills and
-///   walks get longer. The free slots are a byte map kept twice (`slot` and `slot + m`),
-///   so that `pos + k * skip % m`, below `2m`, is tested without reducing it.
+///   walks get longer. The free slots are a byte map, one byte per slot.
 /// - Tail: when at most about `sqrt(m) / 2` slots are free, walking costs about
 ///   `m / free` probes per turn; instead the backend's next free preferred slot is found
 ///   by computing, for each free slot, how many steps of its permutation away it is, and
@@ -150,7 +149,7 @@ fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<V
     let size = m as usize;
     let tail = ((f64::from(m).sqrt() / 2.0) as usize).min(size);
     // (chunk size, walk while more than this many slots are free), chosen by measurement.
-    let schedule = [(1, size / 10 * 9), (2, size / 8 * 5), (4, size / 4), (8, size / 16), (16, tail)];
+    let schedule = [(1, size / 20 * 19), (2, size / 10 * 7), (4, size / 20 * 7), (8, size / 10), (16, tail)];
     for (k, until) in schedule {
         let until = until.max(tail);
         match (k, equal) {
@@ -176,12 +175,12 @@ fn fill_full_cycles_labelled(perms: &[Perm], m: u32, labels: &[u32]) -> Option<V
 
 thread_local! {
     /// [`FullCycles::free`], kept between the builds of a thread. A new map each build
-    /// (2m bytes: above malloc's mmap threshold for m = 65,537) is fresh memory each
+    /// (above malloc's mmap threshold for m = 65,537) is fresh memory each
     /// build, and faulting its pages in cost more than the byte map saves (measured).
     static FREE_MAP: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The largest [`FREE_MAP`] kept (m = 65,537 needs 256 KiB).
+/// The largest [`FREE_MAP`] kept (m = 65,537 needs 128 KiB).
 const KEEP_FREE_MAP: usize = 1 << 19;
 
 /// The largest chunk [`FullCycles::walk`] tests at once.
@@ -196,13 +195,16 @@ struct FullCycles<'a> {
     max_weight: u64,
     /// Per slot the label of the backend that took it, or [`FREE`].
     table: Vec<u32>,
-    /// Byte `s` and byte `s + m` are 1 while slot `s` is free, 0 once taken. A byte per
-    /// slot, not a bit: a probe is then an addition, a load and an `or` (a bit needs a
-    /// shift, a mask and a second shift more), and taking a slot two plain stores. The
-    /// length is a power of two at least `fmask + 1` (a map kept from an earlier build
-    /// may be longer), so that masking an index keeps it in bounds without a check.
+    /// Byte `s` is 1 while slot `s` is free, 0 once taken. A byte per slot, not a bit: a
+    /// probe is then a load and an `or` (a bit needs a shift, a mask and a second shift
+    /// more), and taking a slot a plain store, not a read-modify-write of a word the next
+    /// probes read (a bitmap measured 1.7x slower). Once, not twice (`s` and `s + m`, to
+    /// test `pos + stride < 2m` unreduced): half the memory and one store per slot taken
+    /// outweigh the reduction per probe (1.2-1.3x faster, measured). The length is a power
+    /// of two at least `fmask + 1` (a map kept from an earlier build may be longer), so
+    /// that masking an index keeps it in bounds without a check.
     free: Vec<u8>,
-    /// `(2m).next_power_of_two() - 1`.
+    /// `m.next_power_of_two() - 1`.
     fmask: usize,
     /// Free slots left.
     left: usize,
@@ -211,7 +213,7 @@ struct FullCycles<'a> {
     /// Per backend: its `skip`, reduced below `m`.
     skip: Vec<u32>,
     /// Per backend `k * skip % m` for `k` in `0..=MAX_CHUNK`: preference `j + k` is
-    /// `pos + strides[k]` (below `2m`) when `pos` is preference `j`.
+    /// `(pos + strides[k]) % m` when `pos` is preference `j`.
     strides: Vec<[u32; MAX_CHUNK + 1]>,
     /// Per backend: weight accumulated but not yet spent on a slot.
     credit: Vec<u64>,
@@ -223,12 +225,12 @@ impl<'a> FullCycles<'a> {
     /// `free`: a map to reuse (any length and contents).
     fn new(perms: &'a [Perm], labels: &'a [u32], m: u32, max_weight: u32, mut free: Vec<u8>) -> FullCycles<'a> {
         let size = m as usize;
-        let len = (2 * size).next_power_of_two();
+        let len = size.next_power_of_two();
         if free.len() < len {
             free = vec![0; len];
         }
-        // Bytes at and above 2m are never tested.
-        free[..2 * size].fill(1);
+        // Bytes at and above m are never tested.
+        free[..size].fill(1);
         let skip: Vec<u32> = perms.iter().map(|p| p.skip % m).collect();
         let strides = skip
             .iter()
@@ -274,7 +276,9 @@ impl<'a> FullCycles<'a> {
     }
 
     /// Gives turns until at most `until` slots are free; each taking backend tests `K`
-    /// (`<= MAX_CHUNK`) preferences per step. Returns at once if `left <= until`.
+    /// (`<= MAX_CHUNK`) preferences per step. Returns at once if `left <= until`. Not
+    /// inlined: one compiled loop per `K`, each with its own registers (measured faster).
+    #[inline(never)]
     fn walk<const K: usize, const EQUAL: bool>(&mut self, until: usize) {
         let m = self.m;
         let n = self.perms.len();
@@ -286,8 +290,8 @@ impl<'a> FullCycles<'a> {
         // Probes are most of the work: no bounds check, not even a mask.
         let is_free = |free: &[u8], q: u32| {
             debug_assert!((q as usize) < free.len());
-            // SAFETY: every probe is `pos + strides[k]` with both below m, so q < 2m, and
-            // `free` holds at least 2m bytes (see `new`).
+            // SAFETY: every probe is `(pos + strides[k]) % m`, so q < m, and `free` holds
+            // at least m bytes (see `new`).
             u32::from(unsafe { *free.get_unchecked(q as usize) })
         };
         let strides = &self.strides[..n];
@@ -298,10 +302,10 @@ impl<'a> FullCycles<'a> {
                 let mut p = pos[b];
                 // Terminates: the permutation is a full cycle and a slot is free.
                 let slot = loop {
-                    // Bit k: preference `p + k * skip` is free (all offsets `< 2m`).
+                    // Bit k: preference `p + k * skip` is free.
                     let mut mask = 0;
                     for (k, &stride) in st[..K].iter().enumerate() {
-                        mask |= is_free(free, p + stride) << k;
+                        mask |= is_free(free, reduce_once(p + stride, m)) << k;
                     }
                     if mask != 0 {
                         break reduce_once(p + st[mask.trailing_zeros() as usize % K], m);
@@ -309,7 +313,6 @@ impl<'a> FullCycles<'a> {
                     p = reduce_once(p + st[K], m);
                 };
                 free[slot as usize & fmask] = 0;
-                free[(slot + m) as usize & fmask] = 0;
                 table[slot as usize] = labels[b];
                 pos[b] = reduce_once(slot + st[1], m);
                 left -= 1;
