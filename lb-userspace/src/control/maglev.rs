@@ -200,7 +200,7 @@ struct FullCycles<'a> {
     /// more), and taking a slot a plain store, not a read-modify-write of a word the next
     /// probes read (a bitmap measured 1.7x slower). Once, not twice (`s` and `s + m`, to
     /// test `pos + stride < 2m` unreduced): half the memory and one store per slot taken
-    /// outweigh the reduction per probe (1.2-1.3x faster, measured). The length is a power
+    /// outweigh the reduction per probe (1.15-1.3x faster, measured). The length is a power
     /// of two at least `fmask + 1` (a map kept from an earlier build may be longer), so
     /// that masking an index keeps it in bounds without a check.
     free: Vec<u8>,
@@ -404,8 +404,8 @@ fn inverse_mod(a: u32, m: u32) -> u32 {
 
 /// [`populate`] on a compact table: per slot the index into `perms` as `u32`, or
 /// [`FREE`]. Which slots are taken is a byte per slot in [`fill_full_cycles`] (a probe,
-/// most of the work, is an addition, a load and an `or`) and a bitset in [`fill_any`];
-/// a probe never divides.
+/// most of the work, is an addition, a reduction below m, a load and an `or`) and a bitset
+/// in [`fill_any`]; a probe never divides.
 fn fill(perms: &[Perm], m: u32) -> Vec<u32> {
     fill_full_cycles(perms, m).unwrap_or_else(|| fill_any(perms, m))
 }
